@@ -1,0 +1,100 @@
+"""Pixels ↔ latents through the model's VAE (full or tiny), the way diffusers' pipelines do it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stylekit.engine.models import LoadedModel
+from stylekit.errors import StylekitError
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → (1, 3, H, W) float32 in [−1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0  # (1, 3, H, W)
+
+
+def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The VAE's per-channel latent mean/std when its config has them (some SDXL VAEs), else None."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    shape = (1, len(mean), 1, 1)
+    return (
+        torch.tensor(mean).view(shape).to(like.device, like.dtype),
+        torch.tensor(std).view(shape).to(like.device, like.dtype),
+    )
+
+
+def upcast_needed(model: LoadedModel) -> bool:
+    """SDXL's VAE overflows in fp16: diffusers runs it in fp32 when its config says force_upcast."""
+    vae = model.vae
+    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+
+
+def encode(
+    model: LoadedModel, image: Image.Image, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Image → scaled latent z0; a KL VAE samples its posterior with `generator` (one random draw)."""
+    vae, x = model.vae, to_tensor(image).to(model.device)
+    upcast = upcast_needed(model)
+    if upcast:
+        vae.to(torch.float32)
+    out = vae.encode(x.to(vae.dtype))
+    z = out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
+    if upcast:
+        vae.to(model.dtype)
+    z = z.to(model.dtype)
+    mean, std = latent_stats(vae, z)
+    if mean is not None:
+        return (z - mean) * vae.config.scaling_factor / std
+    return vae.config.scaling_factor * z
+
+
+def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """Scaled latent → (B, H, W, 3) float array in [0, 1], decoding in `dtype`."""
+    vae = model.vae
+    mean, std = latent_stats(vae, z)
+    z = (
+        z * std / vae.config.scaling_factor + mean
+        if mean is not None
+        else z / vae.config.scaling_factor
+    )
+    old = vae.dtype
+    if dtype != old:
+        vae.to(dtype)
+    try:
+        x = vae.decode(z.to(dtype), return_dict=False)[0]
+    finally:
+        if dtype != old:
+            vae.to(old)
+    x = (x / 2 + 0.5).clamp(0, 1)
+    return x.float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def degenerate(arr: np.ndarray) -> str | None:
+    """Why a decoded image is unusable (NaN, or black from an fp16 overflow), or None."""
+    if np.isnan(arr).any():
+        return "NaN"
+    if arr.max() <= 0.0:
+        return "all black"
+    return None
+
+
+def decode(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
+    """Decode; a NaN or black result from a half-precision VAE is decoded again in fp32, never saved."""
+    dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
+    arr = decode_raw(model, z, dtype)
+    if degenerate(arr) and dtype != torch.float32:
+        arr = decode_raw(model, z, torch.float32)
+    reason = degenerate(arr)
+    if reason:
+        raise StylekitError(f"decoded image is {reason} even in fp32 (the model produced no image)")
+    return arr
+
+
+def to_pil(arr: np.ndarray) -> Image.Image:
+    """(H, W, 3) float in [0, 1] → PIL, rounding like diffusers' numpy_to_pil."""
+    return Image.fromarray((arr * 255).round().astype(np.uint8))

@@ -1,0 +1,153 @@
+"""Presets: TOML data files → one frozen `Settings`; unknown keys and bad values name the key and file.
+
+Built-in presets live in the repository's `presets/` folder (installed as `stylekit.presets_data`);
+`--preset` also takes a path. Precedence: built-in defaults < preset < command-line flags.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from importlib import resources
+from pathlib import Path
+
+from stylekit.errors import PresetError
+
+DEFAULT_PRESET = "std-sdxl"
+STYLE_MODES = ("ipadapter", "ad", "both", "none")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a run; defaults are STD's released recipe (see `presets/std-sdxl.toml`)."""
+
+    model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    variant: str | None = None  # hub weight variant to prefer, e.g. "fp16" (halves the download)
+    accelerator: str = "auto"  # auto: STD LoRA (SDXL), LCM-LoRA (SD1.5), nothing (turbo)
+    loras: tuple[str, ...] = ()
+    scheduler: str = "tcd"
+    steps: int = 8  # UNet evaluations actually run (NFE); CFG doubles the batch, not the steps
+    strength: float = 0.75  # η: how far the content image is noised (STD trains one LoRA per η)
+    cfg: float = 6.0  # STD's best style/aesthetic trade-off in its CFG sweep (2–8)
+    gamma: float = 0.0  # TCD γ; STD's release samples deterministically
+    prompt: str = ""
+    negative: str | None = None
+    style_mode: str = "ipadapter"
+    style_scale: float = 1.0
+    ip_adapter: str = "auto"
+    image_encoder: str | None = None
+    tiny_vae: bool = False
+    ad_iters: int = 3  # AD refinement iterations per step (upstream SD1.5 default)
+    ad_lr: float = 0.015  # AD refinement Adam learning rate (upstream default)
+    ad_adain: bool = True
+    content_weight: float = 0.0  # content-loss weight during AD-guided image-to-image
+    description: str = ""
+
+    def with_overrides(self, **values) -> Settings:
+        """Return a copy with every non-None value replaced (command-line flags over the preset)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise PresetError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return check(replace(self, **given), source="command line")
+
+
+RANGES = {
+    "steps": (1, 50),
+    "strength": (0.0, 1.0),
+    "cfg": (0.0, 30.0),
+    "gamma": (0.0, 1.0),
+    "style_scale": (0.0, 10.0),
+    "ad_iters": (0, 100),
+    "ad_lr": (0.0, 10.0),
+    "content_weight": (0.0, 100.0),
+}
+CHOICES = {"scheduler": ("tcd", "lcm"), "style_mode": STYLE_MODES}
+
+
+def check(settings: Settings, *, source: str) -> Settings:
+    """Validate ranges and choices; the error names the key, the value and where it came from."""
+    for key, (lo, hi) in RANGES.items():
+        value = getattr(settings, key)
+        if not lo <= value <= hi or (key == "strength" and value == 0):
+            raise PresetError(f"{source}: {key} = {value!r} is outside {lo}..{hi}")
+    for key, allowed in CHOICES.items():
+        if getattr(settings, key) not in allowed:
+            raise PresetError(
+                f"{source}: {key} = {getattr(settings, key)!r}; choose one of {', '.join(allowed)}"
+            )
+    return settings
+
+
+def coerce(key: str, value, kind, source: str):
+    """Check one TOML value against the field's type (ints are accepted for floats)."""
+    text = str(kind)
+    if "tuple" in text:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PresetError(f"{source}: {key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if text.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif text.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif text.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise PresetError(f"{source}: {key} = {value!r} has the wrong type (expected {text})")
+    return value
+
+
+def from_dict(data: dict, *, source: str) -> Settings:
+    """Build Settings from a preset's table, rejecting unknown keys."""
+    kinds = {f.name: f.type for f in fields(Settings)}
+    unknown = sorted(set(data) - set(kinds))
+    if unknown:
+        raise PresetError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(kinds)}"
+        )
+    values = {k: coerce(k, v, kinds[k], source) for k, v in data.items()}
+    return check(Settings(**values), source=source)
+
+
+def builtin_dir():
+    """The folder of built-in presets."""
+    return resources.files("stylekit.presets_data")
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in presets."""
+    return sorted(p.name[:-5] for p in builtin_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def read_preset(name_or_path: str) -> tuple[dict, str]:
+    """Return (table, source) for a built-in name or a TOML file path."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise PresetError(f"preset {name_or_path}: no such file")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        entry = builtin_dir() / f"{name_or_path}.toml"
+        if not entry.is_file():
+            raise PresetError(
+                f"unknown preset {name_or_path!r}; built-in: {', '.join(builtin_names())}"
+            )
+        text, source = entry.read_text(encoding="utf-8"), f"preset {name_or_path}"
+    try:
+        return tomllib.loads(text), source
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"{source}: not valid TOML ({exc})") from exc
+
+
+def load_preset(name_or_path: str | None = None) -> Settings:
+    """Load a preset by built-in name or path (default: std-sdxl)."""
+    data, source = read_preset(name_or_path or DEFAULT_PRESET)
+    return from_dict(data, source=source)
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, one-line description) of every built-in preset."""
+    return [(name, load_preset(name).description) for name in builtin_names()]
