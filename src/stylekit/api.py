@@ -10,7 +10,7 @@ the prompt and style embeddings are computed once, then any number of images go 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from stylekit.errors import UsageError
 from stylekit.media.batch import Job
 from stylekit.media.images import load_image
 from stylekit.presets import Settings, load_preset
-from stylekit.runner import Events, Output, plan_files, run_jobs
+from stylekit.runner import Events, Output, base_seed, plan_files, run_jobs
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ def resolve_settings(settings: Settings | None, preset: str | None, overrides: d
 
 def wants_ip_adapter(settings: Settings, style: Sequence) -> bool:
     """Whether this run injects the style references through IP-Adapter."""
-    return bool(style) and settings.style_mode in ("ipadapter", "both")
+    return (
+        bool(style) and settings.style_mode in ("ipadapter", "both") and settings.mode == "sample"
+    )
 
 
 def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool):
@@ -65,13 +67,23 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool):
     )
 
 
+def with_seed(output: Output) -> Output:
+    """Fix the batch's base seed up front (random if not given) so every part of the run shares it."""
+    return replace(output, seed=base_seed(output.seed))
+
+
 def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     """Load the style references up front, so a bad one stops the run before the model loads."""
     return [load_image(Path(p)) for p in paths]
 
 
 class Stylizer:
-    """A loaded model plus once-per-batch conditioning: call it on PIL images."""
+    """A loaded model plus once-per-batch conditioning: call it on PIL images.
+
+    Style references reach the model through IP-Adapter (`style_mode` ipadapter), attention
+    distillation guidance (ad), or both; AD reference features are computed once per run from
+    `seed` and reused for every image.
+    """
 
     def __init__(
         self,
@@ -80,13 +92,14 @@ class Stylizer:
         style: Sequence[Image.Image] = (),
         runtime: Runtime = Runtime(),
         style_names: Sequence[str] = (),
+        seed: int = 0,
     ):
         from stylekit.engine import conditioning, models, sampling
         from stylekit.engine import style as style_engine
 
-        if settings.style_mode in ("ad", "both"):
-            raise UsageError("--style-mode ad/both needs attention distillation, not in this build")
         self.settings, self.style_names = settings, list(style_names)
+        if uses_ad(settings, style) is None and settings.mode == "optimize":
+            raise UsageError("--mode optimize needs at least one --style reference")
         use_ip = wants_ip_adapter(settings, style)
         self.model = models.load(model_spec(settings, runtime, ip_adapter=use_ip))
         self.sampler = sampling.make_sampler(
@@ -99,6 +112,29 @@ class Stylizer:
             style_engine.set_style_scale(self.model.unet, settings.style_scale)
             cond = conditioning.with_style_images(self.model, cond, style)
         self.cond = cond
+        self.guide = self.make_guide(style, seed) if uses_ad(settings, style) else None
+
+    def make_guide(self, style: Sequence[Image.Image], seed: int):
+        """AD guidance against the references (once per run: features cached per timestep)."""
+        from stylekit.engine.ad import ADOptions, make_guide
+
+        s = self.settings
+        weight = s.content_weight if s.content_weight is not None else content_default(s.mode)
+        options = ADOptions(
+            iters=s.ad_iters,
+            lr=s.ad_lr,
+            adain=s.ad_adain,
+            content_weight=weight,
+            checkpointing=s.ad_checkpointing,
+        )
+        return make_guide(
+            self.model,
+            self.sampler,
+            style,
+            seed=seed,
+            options=options,
+            image_embeds=self.cond.image_embeds,
+        )
 
     def __call__(
         self, image: Image.Image, *, seed: int, callback: Callable[[int, int], None] | None = None
@@ -108,6 +144,8 @@ class Stylizer:
         from stylekit.engine.latents import to_pil
 
         s = self.settings
+        if s.mode == "optimize":
+            return to_pil(self.optimize(image, callback=callback))
         arr = img2img(
             self.model,
             self.cond,
@@ -116,34 +154,103 @@ class Stylizer:
             steps=s.steps,
             strength=s.strength,
             generator=torch.Generator("cpu").manual_seed(seed),
+            guide=self.guide,
             callback=callback,
         )
         return to_pil(arr)
 
+    def generate(
+        self,
+        width: int,
+        height: int,
+        *,
+        seed: int,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Image.Image:
+        """Text-to-image from pure noise in `steps` evaluations (AD-guided when references are set)."""
+        from stylekit.engine.latents import to_pil
+        from stylekit.engine.txt2img import txt2img
+
+        if width % 8 or height % 8:
+            raise UsageError(f"size {width}x{height}: both sides must be multiples of 8")
+        arr = txt2img(
+            self.model,
+            self.cond,
+            self.sampler,
+            width,
+            height,
+            steps=self.settings.steps,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            guide=self.guide,
+            callback=callback,
+        )
+        return to_pil(arr)
+
+    def optimize(self, image: Image.Image, *, callback=None):
+        """AD's optimisation-based transfer from the content latent (deterministic, no seed)."""
+        from stylekit.engine.ad import clean_latent, optimize_transfer
+        from stylekit.engine.latents import decode
+
+        s, z = self.settings, clean_latent(self.model, image)
+        weight = s.content_weight if s.content_weight is not None else content_default(s.mode)
+        z = optimize_transfer(
+            self.guide,
+            z,
+            steps=s.opt_steps,
+            lr=s.opt_lr,
+            content=z,
+            content_weight=weight,
+            callback=callback,
+        )
+        return decode(self.model, z)[0]
+
     def metadata(self, *, seed: int, size: tuple[int, int], source: str | None = None) -> dict:
         """Everything needed to reproduce an output, for the PNG/EXIF settings chunk."""
         s, m = self.settings, self.model
+        ad = self.guide is not None
         return {
             "prompt": s.prompt,
             "negative_prompt": s.negative,
-            "steps": s.steps,
-            "sampler": s.scheduler.upper(),
+            "steps": s.steps if s.mode == "sample" else s.opt_steps,
+            "sampler": s.scheduler.upper() if s.mode == "sample" else "AD-optimize",
             "cfg_scale": s.cfg,
             "seed": seed,
             "size": f"{size[0]}x{size[1]}",
             "model": s.model,
-            "strength": s.strength,
-            "gamma": s.gamma if s.scheduler == "tcd" else None,
+            "strength": s.strength if s.mode == "sample" else None,
+            "gamma": s.gamma if s.scheduler == "tcd" and s.mode == "sample" else None,
             "accelerator": m.accelerator or "none",
             "loras": list(s.loras) or None,
             "style": self.style_names or None,
-            "style_mode": s.style_mode if self.style_names else None,
-            "style_scale": s.style_scale if self.style_names else None,
+            "style_mode": ("ad" if s.mode == "optimize" else s.style_mode)
+            if self.style_names
+            else None,
+            "style_scale": s.style_scale if self.cond.image_embeds is not None else None,
+            "ad_iters": s.ad_iters if ad and s.mode == "sample" else None,
+            "ad_lr": (s.ad_lr if s.mode == "sample" else s.opt_lr) if ad else None,
+            "ad_adain": s.ad_adain if ad and s.mode == "sample" else None,
+            "content_weight": self.guide.options.content_weight if ad else None,
             "tiny_vae": s.tiny_vae or None,
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
             "stylekit": __version__,
         }
+
+
+def uses_ad(settings: Settings, style: Sequence) -> bool | None:
+    """Whether AD guidance runs: needs references and style mode ad/both (or optimize mode).
+
+    Returns None when AD is asked for (optimize mode) but there is no reference.
+    """
+    wanted = settings.style_mode in ("ad", "both") or settings.mode == "optimize"
+    if wanted and not style:
+        return None if settings.mode == "optimize" else False
+    return wanted
+
+
+def content_default(mode: str) -> float:
+    """The AD release's content weight: 0.25 for optimisation transfer, none when sampling."""
+    return 0.25 if mode == "optimize" else 0.0
 
 
 def stylize(
@@ -161,7 +268,7 @@ def stylize(
 ):
     """Stylise image files, folders and globs; returns a BatchReport (see `stylekit.runner`)."""
     settings = resolve_settings(settings, preset, overrides)
-    output = output or Output()
+    output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
     style_images = load_style_images(style)
     state: dict[str, Stylizer] = {}
@@ -170,7 +277,11 @@ def stylize(
     def prepare() -> None:
         events.loading(settings.model)
         state["s"] = Stylizer(
-            settings, style=style_images, runtime=runtime, style_names=[Path(p).name for p in style]
+            settings,
+            style=style_images,
+            runtime=runtime,
+            style_names=[Path(p).name for p in style],
+            seed=output.seed,
         )
 
     def process(job: Job, seed: int):
@@ -178,5 +289,83 @@ def stylize(
         stylizer = state["s"]
         out = stylizer(image, seed=seed, callback=events.step)
         return out, stylizer.metadata(seed=seed, size=image.size, source=job.input.name)
+
+    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+
+
+def prompt_stem(prompt: str, limit: int = 40) -> str:
+    """A file-name stem from a prompt: lowercase words joined by '-', at most `limit` chars."""
+    words = "".join(c if c.isalnum() else " " for c in prompt.lower()).split()
+    return "-".join(words)[:limit].strip("-") or "image"
+
+
+def plan_generated(count: int, prompt: str, output: Output) -> list[Job]:
+    """Jobs for generated images (no input file): `<prompt-stem>-NNN.<fmt>` or exactly `-o FILE`."""
+    from stylekit.media.batch import DEFAULT_OUT_DIR, FORMAT_EXTS, IMAGE_EXTS, output_format
+
+    if count < 1:
+        raise UsageError(f"-n must be at least 1, got {count}")
+    out = Path(output.out) if output.out is not None else DEFAULT_OUT_DIR
+    if out.suffix.lower() in IMAGE_EXTS and not out.is_dir():
+        if count != 1:
+            raise UsageError(f"-o {out} names one file but -n is {count}")
+        output_format(out.suffix)
+        return [Job(None, out, Path(out.name), 0)]
+    ext = FORMAT_EXTS[output_format(output.fmt)]
+    stem = prompt_stem(prompt) + output.suffix
+    return [
+        Job(None, out / f"{stem}-{i:03d}{ext}", Path(f"{stem}-{i:03d}{ext}"), i)
+        for i in range(count)
+    ]
+
+
+def model_size(model, size: tuple[int, int] | None) -> tuple[int, int]:
+    """(W, H) to generate: the user's, else the UNet's native sample size."""
+    if size is not None:
+        return size
+    side = model.unet.config.sample_size * 8
+    return side, side
+
+
+def t2i_styled(
+    prompt: str,
+    *,
+    style: Sequence[str] = (),
+    count: int = 1,
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime = Runtime(),
+    size: tuple[int, int] | None = None,
+    max_size: int | None = None,
+    events: Events | None = None,
+    **overrides,
+):
+    """AD-guided few-step text-to-image from pure noise, in the style of the references."""
+    overrides.setdefault("style_mode", "ad")
+    if overrides["style_mode"] is None:
+        overrides["style_mode"] = "ad"
+    settings = resolve_settings(settings, preset, {**overrides, "prompt": prompt})
+    output = with_seed(output or Output())
+    jobs = plan_generated(count, prompt, output)
+    style_images = load_style_images(style)
+    state: dict[str, Stylizer] = {}
+    events = events or Events()
+
+    def prepare() -> None:
+        events.loading(settings.model)
+        state["s"] = Stylizer(
+            settings,
+            style=style_images,
+            runtime=runtime,
+            style_names=[Path(p).name for p in style],
+            seed=output.seed,
+        )
+
+    def process(job: Job, seed: int):
+        s = state["s"]
+        width, height = model_size(s.model, size)
+        image = s.generate(width, height, seed=seed, callback=events.step)
+        return image, s.metadata(seed=seed, size=(width, height))
 
     return run_jobs(jobs, output, process, prepare=prepare, events=events)

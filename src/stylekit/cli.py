@@ -180,6 +180,40 @@ StyleScale = Annotated[
         "--style-scale", help="IP-Adapter weight on the style block.", rich_help_panel=STYLE
     ),
 ]
+AdIters = Annotated[
+    int | None,
+    typer.Option(
+        "--ad-iters", help="AD refinement Adam iterations after each step.", rich_help_panel=STYLE
+    ),
+]
+AdLr = Annotated[
+    float | None,
+    typer.Option("--ad-lr", help="AD refinement learning rate.", rich_help_panel=STYLE),
+]
+AdAdain = Annotated[
+    bool | None,
+    typer.Option(
+        "--adain/--no-adain",
+        help="Match latent channel statistics to the reference before AD refinement.",
+        rich_help_panel=STYLE,
+    ),
+]
+ContentWeight = Annotated[
+    float | None,
+    typer.Option(
+        "--content-weight",
+        help="AD content-loss weight (keeps the input's structure); default 0, or 0.25 with --mode optimize.",
+        rich_help_panel=STYLE,
+    ),
+]
+AdCheckpointing = Annotated[
+    bool | None,
+    typer.Option(
+        "--ad-checkpointing/--no-ad-checkpointing",
+        help="Gradient checkpointing during AD refinement: less memory, slower.",
+        rich_help_panel=STYLE,
+    ),
+]
 Out = Annotated[
     Path | None,
     typer.Option(
@@ -269,6 +303,25 @@ def stylize(
     negative: Negative = None,
     style_mode: StyleMode = None,
     style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="sample (few-step, default) or optimize (AD's optimisation transfer: slow, highest fidelity).",
+            rich_help_panel=STYLE,
+        ),
+    ] = None,
+    opt_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--opt-steps", help="Timesteps of --mode optimize (default 200).", rich_help_panel=STYLE
+        ),
+    ] = None,
     seed: Seed = None,
     size: Size = None,
     max_size: MaxSize = None,
@@ -287,36 +340,69 @@ def stylize(
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     """
-    overrides = dict(
-        model=model,
-        loras=tuple(lora) if lora else None,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        ip_adapter=ip_adapter,
-        image_encoder=image_encoder,
-        scheduler=scheduler,
-        steps=steps,
-        strength=strength,
-        cfg=cfg,
-        gamma=gamma,
-        prompt=prompt,
-        negative=negative,
-        style_mode=style_mode,
-        style_scale=style_scale,
-    )
-    run_batch(
-        "stylize",
-        inputs=inputs,
-        style=[str(s) for s in style or []],
-        preset=preset,
-        overrides=overrides,
-        output=output_options(out, fmt, suffix, overwrite, seed, dry_run),
-        runtime=(device, dtype, allow_pickle, model_config),
-        size=size,
-        max_size=max_size,
-        as_json=as_json,
-        quiet=quiet,
-    )
+    run_batch("stylize", locals(), inputs=inputs)
+
+
+@app.command("t2i-styled")
+def t2i_styled(
+    prompt_text: Annotated[
+        str, typer.Argument(metavar="PROMPT", help="What to generate.", show_default=False)
+    ],
+    style: Style = None,
+    count: Annotated[
+        int, typer.Option("--count", "-n", help="How many images.", rich_help_panel=FILES)
+    ] = 1,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    negative: Negative = None,
+    style_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--style-mode",
+            help="ad (default here), ipadapter, both or none.",
+            rich_help_panel=STYLE,
+        ),
+    ] = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            help="WxH to generate (default: the model's native size).",
+            rich_help_panel=FILES,
+        ),
+    ] = None,
+    fmt: Format = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
+) -> None:
+    """Generate images from a prompt in the style of reference images (AD-guided, few steps).
+
+    Example: stylekit t2i-styled "a lighthouse at dusk" --style ref.jpg -n 4 --steps 4
+    """
+    run_batch("t2i_styled", locals(), prompt=prompt_text, count=count)
 
 
 @app.command()
@@ -330,33 +416,60 @@ def presets() -> None:
 
 
 # --- plumbing ----------------------------------------------------------------------------------
-def output_options(out, fmt, suffix, overwrite, seed, dry_run):
-    from stylekit.runner import Output
-
-    return Output(out=out, fmt=fmt, suffix=suffix, overwrite=overwrite, seed=seed, dry_run=dry_run)
+RENAMES = {"lora": "loras", "adain": "ad_adain"}
+COMMON = ("out", "fmt", "suffix", "overwrite", "seed", "dry_run", "device", "dtype", "allow_pickle")
 
 
-def run_batch(task: str, *, runtime, size, max_size, as_json, quiet, overrides, **kwargs) -> None:
-    """Run one batch task with progress on stderr and records on stdout; exit with its code."""
+def settings_overrides(values: dict) -> dict:
+    """The command's flags that are Settings fields (unset flags are None and left out)."""
+    from dataclasses import fields
+
+    from stylekit.presets import Settings
+
+    names = {f.name for f in fields(Settings)}
+    found = {RENAMES.get(k, k): v for k, v in values.items() if RENAMES.get(k, k) in names}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if v is not None}
+
+
+def run_batch(task: str, values: dict, **task_args) -> None:
+    """Run one batch task of `stylekit.api` with the command's flags; exit with its exit code.
+
+    Progress goes to stderr, `--json` records to stdout.
+    """
     from stylekit.progress import ConsoleEvents
 
     with cli_errors():
         from stylekit.media.images import parse_size
+        from stylekit.runner import Output
 
-        parsed = parse_size(size) if size else None
+        size = parse_size(values["size"]) if values.get("size") else None
+        max_size = values.get("max_size")
         if max_size is not None and max_size < 8:
             raise UsageError(f"--max-size must be at least 8, got {max_size}")
+        v = {k: values.get(k) for k in COMMON}
+        output = Output(
+            v["out"], v["fmt"], v["suffix"] or "", v["overwrite"], v["seed"], v["dry_run"]
+        )
+        if values.get("style") is not None:
+            task_args["style"] = [str(p) for p in values["style"]]
         from stylekit import api
 
-        events = ConsoleEvents(err, as_json=as_json, quiet=quiet)
+        runtime = api.Runtime(
+            v["device"], v["dtype"], v["allow_pickle"], values.get("model_config")
+        )
+        events = ConsoleEvents(
+            err, as_json=values.get("as_json", False), quiet=values.get("quiet", False)
+        )
         with events:
             report = getattr(api, task)(
-                runtime=api.Runtime(*runtime),
-                size=parsed,
+                preset=values.get("preset"),
+                output=output,
+                runtime=runtime,
+                size=size,
                 max_size=max_size,
                 events=events,
-                **kwargs,
-                **overrides,
+                **task_args,
+                **settings_overrides(values),
             )
         events.summary(report)
         raise typer.Exit(report.exit_code())

@@ -40,7 +40,11 @@ class Settings:
     ad_iters: int = 3  # AD refinement iterations per step (upstream SD1.5 default)
     ad_lr: float = 0.015  # AD refinement Adam learning rate (upstream default)
     ad_adain: bool = True
-    content_weight: float = 0.0  # content-loss weight during AD-guided image-to-image
+    content_weight: float | None = None  # AD content loss; default 0 when sampling, 0.25 optimising
+    ad_checkpointing: bool = False  # gradient checkpointing in AD refinement (less memory, slower)
+    mode: str = "sample"  # sample: few-step sampling; optimize: AD's optimisation-based transfer
+    opt_steps: int = 200  # optimisation timesteps (AD release: 200 style transfer, 300 texture)
+    opt_lr: float = 0.05  # the AD release's optimisation learning rate
     description: str = ""
 
     def with_overrides(self, **values) -> Settings:
@@ -61,14 +65,18 @@ RANGES = {
     "ad_iters": (0, 100),
     "ad_lr": (0.0, 10.0),
     "content_weight": (0.0, 100.0),
+    "opt_steps": (1, 5000),
+    "opt_lr": (0.0, 10.0),
 }
-CHOICES = {"scheduler": ("tcd", "lcm"), "style_mode": STYLE_MODES}
+CHOICES = {"scheduler": ("tcd", "lcm"), "style_mode": STYLE_MODES, "mode": ("sample", "optimize")}
 
 
 def check(settings: Settings, *, source: str) -> Settings:
     """Validate ranges and choices; the error names the key, the value and where it came from."""
     for key, (lo, hi) in RANGES.items():
         value = getattr(settings, key)
+        if value is None:
+            continue
         if not lo <= value <= hi or (key == "strength" and value == 0):
             raise PresetError(f"{source}: {key} = {value!r} is outside {lo}..{hi}")
     for key, allowed in CHOICES.items():

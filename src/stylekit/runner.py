@@ -59,6 +59,11 @@ class Output:
     dry_run: bool = False
 
 
+def source(job: Job) -> str | None:
+    """The job's input path as text (None for generated images)."""
+    return str(job.input) if job.input is not None else None
+
+
 def base_seed(seed: int | None) -> int:
     """The batch's base seed: the user's, or a fresh random one (recorded in every output)."""
     if seed is not None:
@@ -94,13 +99,11 @@ def run_jobs(
     events.planned(len(to_do), len(skipped))
     for job in skipped:
         report.add_skipped(job)
-        events.finished(Record(str(job.input), str(job.output), "skipped"))
+        events.finished(Record(source(job), str(job.output), "skipped"))
     seed0 = base_seed(output.seed)
     if output.dry_run:
         for job in to_do:
-            events.finished(
-                Record(str(job.input), str(job.output), "planned", seed=seed0 + job.index)
-            )
+            events.finished(Record(source(job), str(job.output), "planned", seed=seed0 + job.index))
         return report
     if to_do and prepare is not None:
         prepare()
@@ -127,10 +130,8 @@ def run_one(
             else f"{type(exc).__name__}: {exc}"
         )
         report.add_failed(job, reason)
-        events.finished(Record(str(job.input), str(job.output), "failed", error=reason, seed=seed))
+        events.finished(Record(source(job), str(job.output), "failed", error=reason, seed=seed))
         return
     report.add_done(job)
     seconds = time.perf_counter() - start
-    events.finished(
-        Record(str(job.input), str(job.output), "done", seconds, seed, settings=settings)
-    )
+    events.finished(Record(source(job), str(job.output), "done", seconds, seed, settings=settings))

@@ -35,6 +35,7 @@ def uses_cfg(model: LoadedModel, cfg: float) -> bool:
     return cfg > 1.0 and model.unet.config.time_cond_proj_dim is None
 
 
+@torch.no_grad()
 def encode_text(
     model: LoadedModel, prompt: str, negative: str | None, *, cfg: float
 ) -> Conditioning:
@@ -67,6 +68,7 @@ def guidance_embedding(model: LoadedModel, cfg: float) -> torch.Tensor | None:
     return emb.to(device=model.device, dtype=model.unet.dtype)
 
 
+@torch.no_grad()
 def with_style_images(model: LoadedModel, cond: Conditioning, images: Sequence) -> Conditioning:
     """Add IP-Adapter embeddings of the style references (several references join as one adapter input)."""
     embeds = model.pipe.prepare_ip_adapter_image_embeds(

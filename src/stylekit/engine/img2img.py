@@ -9,6 +9,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from stylekit.engine.ad import Guide
 from stylekit.engine.conditioning import Conditioning, noise_predictor
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
@@ -34,12 +35,16 @@ def img2img(
     steps: int,
     strength: float,
     generator: torch.Generator,
-    after_step: Callable | None = None,
+    guide: Guide | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Stylise one image in `steps` UNet evaluations at `strength`; returns (H, W, 3) floats in [0, 1]."""
+    """Stylise one image in `steps` UNet evaluations at `strength`; returns (H, W, 3) floats in [0, 1].
+
+    With an AD `guide`, every step is followed by attention-distillation refinement.
+    """
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
-    z, _, _ = start_latent(model, image, ts[0], sampler, generator)
+    z, z0, noise = start_latent(model, image, ts[0], sampler, generator)
+    hook = guide.after_step(ts, z0=z0, noise=noise) if guide is not None else None
     eps = noise_predictor(model, cond, image.height, image.width)
-    z = sample(eps, z, ts, sampler, generator=generator, after_step=after_step, callback=callback)
+    z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
     return decode(model, z)[0]

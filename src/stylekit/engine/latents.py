@@ -53,6 +53,7 @@ def encode(
     return vae.config.scaling_factor * z
 
 
+@torch.no_grad()
 def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """Scaled latent → (B, H, W, 3) float array in [0, 1], decoding in `dtype`."""
     vae = model.vae

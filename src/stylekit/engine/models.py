@@ -36,8 +36,8 @@ IP_ADAPTER = {  # (repo, subfolder, weight file, image encoder folder relative t
     ),
 }
 OFFLINE_HINT = (
-    "check the name, run once with network access to fill the Hugging Face cache, "
-    "or pass a local folder or .safetensors file"
+    "check the name, run once with network access to fill the Hugging Face cache "
+    "(HF_HUB_OFFLINE=1 then uses only the cache), or pass a local folder or .safetensors file"
 )
 
 

@@ -283,7 +283,7 @@ class BatchReport:
     def add_failed(self, job: Job, reason: str | BaseException) -> None:
         """Record a job that failed, with a one-line reason."""
         text = str(reason) or type(reason).__name__
-        self.failed.append((job.input, text))
+        self.failed.append((job.input if job.input is not None else job.output, text))
 
     def summary(self) -> str:
         """Return e.g. "3 done, 1 skipped, 2 failed"."""

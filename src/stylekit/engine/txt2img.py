@@ -1,0 +1,44 @@
+"""Few-step text-to-image from pure noise, optionally AD-guided (style-specific T2I)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from stylekit.engine.ad import Guide
+from stylekit.engine.conditioning import Conditioning, noise_predictor
+from stylekit.engine.latents import decode
+from stylekit.engine.models import LoadedModel
+from stylekit.engine.sampling import Sampler, consistency_timesteps, sample, trailing_timesteps
+
+
+def schedule(model: LoadedModel, steps: int) -> list[int]:
+    """The full-strength schedule: the 50-point consistency grid, or trailing for turbo models."""
+    return trailing_timesteps(steps) if model.turbo else consistency_timesteps(steps)
+
+
+@torch.no_grad()
+def txt2img(
+    model: LoadedModel,
+    cond: Conditioning,
+    sampler: Sampler,
+    width: int,
+    height: int,
+    *,
+    steps: int,
+    generator: torch.Generator,
+    guide: Guide | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Sample one image from noise drawn like diffusers (init sigma 1); (H, W, 3) floats in [0, 1]."""
+    ts = schedule(model, steps)
+    channels = model.unet.config.in_channels
+    shape = (1, channels, height // 8, width // 8)
+    z = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    hook = guide.after_step(ts) if guide is not None else None
+    eps = noise_predictor(model, cond, height, width)
+    z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
+    return decode(model, z)[0]
