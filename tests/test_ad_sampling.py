@@ -1,0 +1,151 @@
+"""Attention-distillation guidance on the few-step engine: effect, reuse, t2i parity, CLI."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from stylekit.api import Runtime, Stylizer
+from stylekit.cli import app
+from stylekit.engine import ad, guidance, sampling
+from stylekit.engine.attention import ad_loss
+from stylekit.engine.conditioning import noise_predictor
+from stylekit.engine.img2img import start_latent
+from stylekit.media.metadata import read_metadata
+from stylekit.presets import Settings
+
+CPU32 = Runtime(device="cpu", dtype="fp32")
+
+
+def noise_image(seed, w=64, h=64):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+
+
+def ad_settings(path, **kw):
+    base = dict(model=str(path), accelerator="none", scheduler="tcd", steps=4, strength=0.75,
+                cfg=1.0, style_mode="ad", ad_iters=3, ad_lr=0.05)
+    return Settings(**{**base, **kw})
+
+
+def final_latent(stylizer, image, seed, guided):
+    """Run the img2img loop and return the last latent (before decoding)."""
+    s = stylizer.settings
+    _, ts = sampling.img2img_schedule(s.steps, s.strength)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z, z0, noise = start_latent(stylizer.model, image, ts[0], stylizer.sampler, gen)
+        hook = stylizer.guide.after_step(ts, z0=z0, noise=noise) if guided else None
+        eps = noise_predictor(stylizer.model, stylizer.cond, image.height, image.width)
+        return sampling.sample(eps, z, ts, stylizer.sampler, generator=gen, after_step=hook)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_ad_guidance_lowers_the_ad_loss(request, family):
+    path = request.getfixturevalue(f"{family}_path")
+    stylizer = Stylizer(ad_settings(path), style=[noise_image(1)], runtime=CPU32, seed=5)
+    content = noise_image(2)
+    guide = stylizer.guide
+    losses = {}
+    for guided in (False, True):
+        z = final_latent(stylizer, content, seed=3, guided=guided)
+        feats = guidance.reference_features(
+            stylizer.model.unet, z, 0, guide.unet_inputs(z), guide.layers
+        )
+        losses[guided] = ad_loss(feats, guide.reference_features(0)).item()
+    assert losses[True] < losses[False]
+
+
+def count_unet_calls(unet):
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+def test_reference_features_are_computed_once_per_run(sd15_path, tmp_path, monkeypatch):
+    from stylekit import api
+
+    for i in range(3):
+        noise_image(10 + i).save(tmp_path / f"in{i}.png")
+    noise_image(1).save(tmp_path / "ref.png")
+    seen = {}
+    original = api.Stylizer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen["stylizer"] = self
+        seen["calls"] = count_unet_calls(self.model.unet)
+
+    monkeypatch.setattr(api.Stylizer, "__init__", spy)
+    settings = ad_settings(sd15_path, ad_iters=2)
+    report = api.stylize([str(tmp_path / f"in{i}.png") for i in range(3)],
+                         style=[str(tmp_path / "ref.png")], settings=settings, runtime=CPU32,
+                         output=api.Output(out=tmp_path / "out", seed=0))
+    assert len(report.done) == 3
+    steps, iters, images = 4, 2, 3
+    # one reference pass per distinct next-timestep, shared by all images
+    assert seen["stylizer"].guide.feature_passes == steps
+    # per image: `steps` sampling calls + steps * iters refinement calls; plus the shared passes
+    assert len(seen["calls"]) == images * steps * (1 + iters) + steps
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_t2i_without_guidance_matches_diffusers(request, family):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler
+
+    path = request.getfixturevalue(f"{family}_path")
+    settings = ad_settings(path, style_mode="none", cfg=3.0, gamma=0.3, prompt="a red house")
+    ours = Stylizer(settings, runtime=CPU32).generate(64, 64, seed=4)
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(path)
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red house", height=64, width=64, num_inference_steps=4, guidance_scale=3.0,
+               eta=0.3, generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert np.abs(np.asarray(ours, dtype=np.float32) / 255 - ref).mean() <= 1 / 255
+
+
+def test_t2i_styled_cli_writes_each_image(sd15_path, tmp_path):
+    noise_image(1).save(tmp_path / "ref.png")
+    out = tmp_path / "out"
+    args = ["t2i-styled", "a red house", "--style", str(tmp_path / "ref.png"), "-n", "2",
+            "--model", str(sd15_path), "--accelerator", "none", "--dtype", "fp32", "--device",
+            "cpu", "--steps", "2", "--size", "64x64", "--seed", "7", "-o", str(out), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["a-red-house-000.png", "a-red-house-001.png"]
+    meta = [read_metadata(out / f) for f in files]
+    assert [m["seed"] for m in meta] == [7, 8]
+    assert meta[0]["style_mode"] == "ad" and meta[0]["style"] == ["ref.png"]
+    with Image.open(out / files[0]) as im:
+        assert im.size == (64, 64)
+
+
+def test_optimize_mode_through_the_cli(sd15_path, tmp_path):
+    noise_image(1).save(tmp_path / "ref.png")
+    noise_image(2).save(tmp_path / "content.png")
+    out = tmp_path / "styled.png"
+    args = ["stylize", str(tmp_path / "content.png"), "--style", str(tmp_path / "ref.png"),
+            "--mode", "optimize", "--opt-steps", "4", "--model", str(sd15_path), "--accelerator",
+            "none", "--dtype", "fp32", "--device", "cpu", "-o", str(out), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["sampler"] == "AD-optimize" and meta["content_weight"] == 0.25
+
+
+def test_optimize_mode_needs_a_reference(sd15_path, tmp_path):
+    noise_image(2).save(tmp_path / "content.png")
+    args = ["stylize", str(tmp_path / "content.png"), "--mode", "optimize", "--model",
+            str(sd15_path), "--accelerator", "none", "--dtype", "fp32", "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--style" in result.output
+
+
+def test_optimization_timesteps_descend_from_999_to_1():
+    ts = ad.optimization_timesteps(200)
+    assert ts[0] == 999 and ts[-1] == 1 and len(ts) == 200
+    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
