@@ -1,0 +1,568 @@
+"""Random-weight models for tests and benchmarks; the CLI never uses it.
+
+Each builder writes a real diffusers-format folder (or file) with random weights, deterministic
+from `seed`, so tests go through the same `from_pretrained` / `load_lora_weights` /
+`load_ip_adapter` / `from_single_file` code a user's downloaded model does, with no network.
+Random weights show cost and correctness, never quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TOKENIZER_MAX_LENGTH = 77  # CLIP's context length; every SD text encoder expects it
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+IP_ADAPTER_WEIGHTS = "ip-adapter.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(dir) looks for
+
+# Words whose letters get BPE merges, so prompts tokenize into a few multi-letter tokens.
+_WORDS = (
+    "a an the of in on with and photo painting drawing sketch style portrait landscape city "
+    "street forest mountain river sea sky cloud sun night cat dog bird house tree flower "
+    "oil watercolor ink pencil anime pixel art texture brick stone wood grass red green blue "
+    "black white bright dark soft detailed high quality"
+).split()
+
+# Scheduler configs as the real SD1.5 / SDXL base repositories ship them (scaled_linear betas).
+_SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+_SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    """Return the printable character byte-level BPE uses for each byte 0..255 (GPT-2's table)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    unused = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(unused)) for b in range(256)]
+
+
+def _merges(words: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Return left-to-right merges that build each word (with CLIP's `</w>` end marker)."""
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            if (left, right) not in merges:
+                merges.append((left, right))
+            left += right
+    return merges
+
+
+def write_tokenizer(path: str | Path, *, pad_token: str = EOS) -> Path:
+    """Write a small byte-level BPE CLIP tokenizer that `CLIPTokenizer.from_pretrained` loads.
+
+    About 700 tokens: the 256 bytes, the same with `</w>`, merges for a few common prompt words,
+    then `<|startoftext|>` and `<|endoftext|>` last (as in CLIP). `model_max_length` is 77.
+    SD1.5 pads with `<|endoftext|>`, SDXL's second tokenizer with `"!"`.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    merges = _merges(_WORDS)
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges), BOS, EOS]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": TOKENIZER_MAX_LENGTH,
+        "do_lower_case": True,
+        **specials,
+    }
+    _write_json(path / "vocab.json", vocab)
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_json(path / "tokenizer_config.json", config)
+    _write_json(path / "special_tokens_map.json", specials)
+    return path
+
+
+def _load_tokenizer(path: Path, *, pad_token: str = EOS):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(write_tokenizer(path, pad_token=pad_token))
+
+
+# --- component configs ----------------------------------------------------------------------
+
+
+def _sd15_unet_config(size: str, in_channels: int) -> dict:
+    if size == "full":  # diffusers' defaults are SD1.5's UNet (320/640/1280/1280, 2 layers)
+        return {
+            "sample_size": 64,
+            "in_channels": in_channels,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+        }
+    return {
+        "sample_size": 32,
+        "in_channels": in_channels,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+    }
+
+
+def _sdxl_unet_config() -> dict:
+    # (Down, CrossAttnDown) / (CrossAttnUp, Up) with 2 layers, like SDXL's last levels: up block 0
+    # has 3 attentions, so InstantStyle's style layer `up_blocks.0.attentions.1` exists.
+    return {
+        "sample_size": 32,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "cross_attention_dim": 64,  # the two text encoders' hidden states, concatenated
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 80,  # 6 time ids x 8 + pooled text 32
+    }
+
+
+def _vae_config(size: str, scaling_factor: float) -> dict:
+    channels = (128, 256, 512, 512) if size == "full" else (32, 32, 32, 32)
+    return {
+        "block_out_channels": channels,  # four levels: scale factor 8 like SD
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2 if size == "full" else 1,
+        "latent_channels": 4,
+        "sample_size": 512 if size == "full" else 64,
+        "scaling_factor": scaling_factor,
+    }
+
+
+def _clip_text_config(size: str, vocab_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    dims = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+    if size == "tiny":
+        dims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    return CLIPTextConfig(
+        **dims,
+        num_attention_heads=12 if size == "full" else 4,
+        vocab_size=vocab_size,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        **extra,
+    )
+
+
+# --- pipelines ------------------------------------------------------------------------------
+
+
+def build_sd15(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    size: Literal["tiny", "full"] = "tiny",
+    in_channels: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write an SD1.5-layout pipeline folder with random weights and return its path.
+
+    `size="tiny"` builds in well under a second; `size="full"` is the real SD1.5 architecture
+    (859 M UNet parameters) for benchmarks. `in_channels=9` gives an inpainting UNet.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel
+
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    path = Path(path)
+    tokenizer = _load_tokenizer(path / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**_sd15_unet_config(size, in_channels))
+        vae = AutoencoderKL(**_vae_config(size, scaling_factor=0.18215))
+        text_encoder = CLIPTextModel(_clip_text_config(size, len(tokenizer)))
+    pipeline_class = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    if dtype != torch.float32:
+        for model in (unet, vae, text_encoder):
+            model.to(dtype)
+    pipe = pipeline_class(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(_SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    _save_pipeline(pipe, path, _SD15_SCHEDULER)
+    return path
+
+
+def build_sdxl(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny SDXL-layout pipeline folder (two text encoders) and return its path."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    tokenizer = _load_tokenizer(path / "tokenizer")
+    tokenizer_2 = _load_tokenizer(path / "tokenizer_2", pad_token="!")  # as SDXL's
+    vocab_size = len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**_sdxl_unet_config())
+        vae = AutoencoderKL(**_vae_config("tiny", scaling_factor=0.13025))
+        text_encoder = CLIPTextModel(_clip_text_config("tiny", vocab_size))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config("tiny", vocab_size, projection_dim=32)
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(_SDXL_SCHEDULER),
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,  # as stabilityai/stable-diffusion-xl-base-1.0
+    )
+    _save_pipeline(pipe, path, _SDXL_SCHEDULER)
+    return path
+
+
+def build_tiny_vae(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny `AutoencoderTiny` (TAESD layout: scale factor 8, 4 latent channels)."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderTiny(
+            encoder_block_out_channels=(16, 16, 16, 16),
+            decoder_block_out_channels=(16, 16, 16, 16),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+            latent_channels=4,
+        )
+    vae.save_pretrained(path)
+    return path
+
+
+def _scheduler(config: dict):
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _save_pipeline(pipe, path: Path, scheduler_config: dict) -> None:
+    pipe.save_pretrained(path, safe_serialization=True)
+    # Keep the real repositories' scheduler keys (e.g. clip_sample) that the class itself drops.
+    saved = path / "scheduler" / "scheduler_config.json"
+    _write_json(saved, {**json.loads(saved.read_text()), **scheduler_config})
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+
+
+def build_lora(
+    model_path: str | Path,
+    out_path: str | Path,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    strength: float = 0.5,
+) -> Path:
+    """Write a random UNet LoRA for the model at `model_path`; return the `.safetensors` file.
+
+    Each layer's update `up @ down` is scaled to `strength` times the norm of the weight it
+    modifies, so the effect is plain to see while outputs stay finite.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet")
+    base = {key: weight.float().norm() for key, weight in unet.state_dict().items()}
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=LORA_TARGETS
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    for key in [k for k in layers if k.endswith(".lora.up.weight")]:
+        down = layers[key.replace(".lora.up.", ".lora.down.")]
+        target = base[key.replace(".lora.up.weight", ".weight")]
+        layers[key] = layers[key] * (strength * target / (layers[key] @ down).norm())
+    out_path = Path(out_path)
+    _pipeline_class(model_path).save_lora_weights(
+        out_path, unet_lora_layers=layers, weight_name=LORA_WEIGHTS
+    )
+    return out_path / LORA_WEIGHTS
+
+
+def _pipeline_class(model_path: str | Path):
+    import diffusers
+
+    index = json.loads((Path(model_path) / "model_index.json").read_text())
+    return getattr(diffusers, index["_class_name"])
+
+
+# --- IP-Adapter -----------------------------------------------------------------------------
+
+
+def build_ip_adapter(
+    model_path: str | Path, out_dir: str | Path, *, seed: int = 0, image_embed_dim: int = 32
+) -> Path:
+    """Write a random plain IP-Adapter for the UNet at `model_path` into `out_dir`; return it.
+
+    Layout as the released adapters: `out_dir/ip-adapter.safetensors` (keys `image_proj.*` for
+    the image projection, `ip_adapter.{n}.to_{k,v}_ip.weight` for the n-th attention processor
+    counting self- and cross-attention, so cross-attention is 1, 3, 5, ...) and a tiny
+    `CLIPVisionModelWithProjection` in `out_dir/image_encoder`. Load with
+    `pipe.load_ip_adapter(out_dir, subfolder="", weight_name="ip-adapter.safetensors")`; the
+    pipeline then builds its own `CLIPImageProcessor` at the encoder's 32 px input size.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out_dir = Path(out_dir)
+    unet = _meta_unet(model_path)
+    cross_dim = unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(seed)
+    tokens = 4  # a plain IP-Adapter projects the image embedding to 4 text-like tokens
+    weights = {
+        "image_proj.proj.weight": _randn((cross_dim * tokens, image_embed_dim), generator),
+        "image_proj.proj.bias": torch.zeros(cross_dim * tokens),
+        "image_proj.norm.weight": torch.ones(cross_dim),
+        "image_proj.norm.bias": torch.zeros(cross_dim),
+    }
+    cross_attention = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    for i, name in enumerate(cross_attention):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        for projection in ("to_k_ip", "to_v_ip"):
+            key = f"ip_adapter.{2 * i + 1}.{projection}.weight"
+            weights[key] = _randn((hidden, cross_dim), generator)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out_dir / IP_ADAPTER_WEIGHTS)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=image_embed_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPVisionModelWithProjection(vision).save_pretrained(out_dir / "image_encoder")
+    return out_dir
+
+
+def _meta_unet(model_path: str | Path):
+    """Return the model's UNet built on the meta device: its layers and shapes, no weights."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def _randn(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Return a linear weight with unit-variance outputs for unit-variance inputs."""
+    return torch.randn(shape, generator=generator) / shape[1] ** 0.5
+
+
+# --- single-file checkpoint -----------------------------------------------------------------
+
+_UNET_RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION_NAMES = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def save_single_file(model_path: str | Path, out_file: str | Path) -> Path:
+    """Write an SD1.5 folder as one original-layout `.safetensors` checkpoint; return its path.
+
+    Keys as the original Stable Diffusion checkpoints have them (`model.diffusion_model.*`,
+    `first_stage_model.*`, `cond_stage_model.transformer.*`), so
+    `StableDiffusionPipeline.from_single_file(out_file, config=model_path)` loads it offline.
+    """
+    model_path, out_file = Path(model_path), Path(out_file)
+    unet_config = json.loads((model_path / "unet" / "config.json").read_text())
+    vae_config = json.loads((model_path / "vae" / "config.json").read_text())
+    if unet_config.get("addition_embed_type") is not None:
+        raise ValueError("save_single_file writes the SD1.5 layout; this model is SDXL-like")
+    parts = {
+        "model.diffusion_model.": _rename(
+            _folder_weights(model_path / "unet"), _unet_prefixes(unet_config), _UNET_RESNET_NAMES
+        ),
+        "first_stage_model.": _vae_to_ldm(_folder_weights(model_path / "vae"), vae_config),
+        "cond_stage_model.transformer.": {
+            k if k.startswith("text_model.") else f"text_model.{k}": v
+            for k, v in _folder_weights(model_path / "text_encoder").items()
+        },
+    }
+    checkpoint = {prefix + k: v for prefix, part in parts.items() for k, v in part.items()}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, out_file)
+    return out_file
+
+
+def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    return {k: v for file in files for k, v in load_file(file).items()}
+
+
+def _rename(
+    weights: dict[str, torch.Tensor], prefixes: dict[str, str], resnet_names: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Move each key to its original prefix; rename the leaf module inside resnets."""
+    renamed = {}
+    for key, value in weights.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"no original-layout name for {key!r}")
+        leaf = key[len(prefix) :]
+        if ".resnets." in prefix:
+            module, _, param = leaf.rpartition(".")
+            leaf = f"{resnet_names.get(module, module)}.{param}"
+        renamed[prefixes[prefix] + leaf] = value
+    return renamed
+
+
+def _unet_prefixes(config: dict) -> dict[str, str]:
+    """Map diffusers UNet module prefixes to LDM's input/middle/output block slots."""
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ValueError(f"layers_per_block must be one int for this layout, got {layers!r}")
+    prefixes = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.resnets.0.": "middle_block.0.",
+        "mid_block.attentions.0.": "middle_block.1.",
+        "mid_block.resnets.1.": "middle_block.2.",
+    }
+    slot = 1  # input_blocks.0 is conv_in; each resnet(+attention) or downsampler takes one slot
+    n_down = len(config["down_block_types"])
+    for b in range(n_down):
+        for j in range(layers):
+            prefixes[f"down_blocks.{b}.resnets.{j}."] = f"input_blocks.{slot}.0."
+            prefixes[f"down_blocks.{b}.attentions.{j}."] = f"input_blocks.{slot}.1."
+            slot += 1
+        if b < n_down - 1:
+            prefixes[f"down_blocks.{b}.downsamplers.0.conv."] = f"input_blocks.{slot}.0.op."
+            slot += 1
+    slot = 0  # up blocks have one layer more; the upsampler follows the last one's attention
+    for b, block_type in enumerate(config["up_block_types"]):
+        for j in range(layers + 1):
+            prefixes[f"up_blocks.{b}.resnets.{j}."] = f"output_blocks.{slot}.0."
+            prefixes[f"up_blocks.{b}.attentions.{j}."] = f"output_blocks.{slot}.1."
+            slot += 1
+        after = 2 if block_type.startswith("CrossAttn") else 1
+        prefixes[f"up_blocks.{b}.upsamplers.0.conv."] = f"output_blocks.{slot - 1}.{after}.conv."
+    return prefixes
+
+
+def _vae_to_ldm(weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename an `AutoencoderKL` state dict to LDM's; attention projections become 1x1 convs."""
+    n = len(config["down_block_types"])
+    prefixes = {
+        "quant_conv.": "quant_conv.",
+        "post_quant_conv.": "post_quant_conv.",
+    }
+    for part in ("encoder", "decoder"):
+        prefixes[f"{part}.conv_in."] = f"{part}.conv_in."
+        prefixes[f"{part}.conv_out."] = f"{part}.conv_out."
+        prefixes[f"{part}.conv_norm_out."] = f"{part}.norm_out."
+        prefixes[f"{part}.mid_block.resnets.0."] = f"{part}.mid.block_1."
+        prefixes[f"{part}.mid_block.resnets.1."] = f"{part}.mid.block_2."
+    for i in range(n):
+        up = n - 1 - i  # LDM numbers decoder levels from the lowest resolution up
+        prefixes[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (
+            f"encoder.down.{i}.downsample.conv."
+        )
+        prefixes[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{up}.upsample.conv."
+        for j in range(config["layers_per_block"] + 1):
+            prefixes[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+            prefixes[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{up}.block.{j}."
+    attention = {k: v for k, v in weights.items() if ".mid_block.attentions.0." in k}
+    renamed = _rename(
+        {k: v for k, v in weights.items() if k not in attention}, prefixes, _VAE_RESNET_NAMES
+    )
+    for key, value in attention.items():
+        part, leaf = key.split(".mid_block.attentions.0.")
+        module, _, param = leaf.rpartition(".")
+        if value.ndim == 2:
+            value = value[:, :, None, None]  # (C_out, C_in) -> (C_out, C_in, 1, 1)
+        renamed[f"{part}.mid.attn_1.{_VAE_ATTENTION_NAMES[module]}.{param}"] = value
+    return renamed
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
