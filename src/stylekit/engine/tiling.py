@@ -1,0 +1,329 @@
+"""MultiDiffusion tiling: windows over a large latent, the averaged step loop, seamless padding, tiled decoding.
+
+MultiDiffusion (Bar-Tal et al. 2023, arXiv 2302.08113) steps overlapping windows of a canvas
+independently and averages them after every step (`shared/specs/multidiffusion.md`). Windows may
+wrap around the canvas; with circular padding in the UNet and the VAE the output then tiles
+seamlessly. Large latents are decoded tile by tile, each with context taken around the canvas when
+it wraps, so memory stays bounded by the tile size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from stylekit.engine.latents import decode_raw, degenerate, upcast_needed
+from stylekit.engine.models import LoadedModel
+from stylekit.engine.sampling import Sampler
+from stylekit.errors import StylekitError, UsageError
+
+EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+Refine = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# --- windows -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """A height × width window of a (…, H, W) canvas at (top, left); a wrapped one runs on at index 0."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def axis_starts(size: int, *, window: int, stride: int, wrap: bool) -> tuple[list[int], int]:
+    """Window starts along one axis and the window length there.
+
+    A canvas no larger than the window gets one window of the canvas size. Otherwise windows start
+    every `stride`; without wrap the last one is clamped to end at the edge, so every index is
+    covered; with wrap they start at every stride step around the circle and run past the edge.
+    """
+    if window < 1 or not 1 <= stride <= window:
+        raise UsageError(f"window {window} and stride {stride}: need 1 <= stride <= window")
+    if size <= window:
+        return [0], size
+    if wrap:
+        return list(range(0, size, stride)), window
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts, window
+
+
+def views(
+    h: int, w: int, *, window: int, stride: int, wrap_x: bool = False, wrap_y: bool = False
+) -> list[View]:
+    """All windows over an h × w latent canvas, row-major (as diffusers' panorama pipeline orders them)."""
+    tops, height = axis_starts(h, window=window, stride=stride, wrap=wrap_y)
+    lefts, width = axis_starts(w, window=window, stride=stride, wrap=wrap_x)
+    return [View(top, left, height, width) for top in tops for left in lefts]
+
+
+def _indices(start: int, length: int, size: int, device: torch.device) -> torch.Tensor:
+    """Canvas indices start, start + 1, … taken modulo `size` (a wrapped window continues at 0)."""
+    return (start + torch.arange(length, device=device)) % size
+
+
+def crop(x: torch.Tensor, view: View) -> torch.Tensor:
+    """Cut `view` out of a (…, H, W) canvas, wrapping around its edges: (…, H, W) → (…, h, w)."""
+    rows = _indices(view.top, view.height, x.shape[-2], x.device)
+    cols = _indices(view.left, view.width, x.shape[-1], x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)  # (…, h, w)
+
+
+def paste_add(canvas: torch.Tensor, view: View, part: torch.Tensor) -> None:
+    """Add a (…, h, w) part into `view` of a (…, H, W) canvas in place, wrapping around its edges."""
+    if view.height > canvas.shape[-2] or view.width > canvas.shape[-1]:
+        raise ValueError(f"{view} is larger than the canvas {tuple(canvas.shape[-2:])}")
+    rows = _indices(view.top, view.height, canvas.shape[-2], canvas.device)
+    cols = _indices(view.left, view.width, canvas.shape[-1], canvas.device)
+    canvas[..., rows[:, None], cols] += part  # indices are distinct: no add is lost
+
+
+def coverage(h: int, w: int, windows: Sequence[View]) -> torch.Tensor:
+    """How many windows cover each latent position: (h, w) float32."""
+    count = torch.zeros(h, w)
+    for view in windows:
+        paste_add(count, view, torch.ones(view.height, view.width))
+    return count
+
+
+# --- the MultiDiffusion loop -------------------------------------------------------------------
+
+
+def _step_windows(
+    eps_fn: EpsFn,
+    z: torch.Tensor,
+    noise: torch.Tensor | None,
+    batch: Sequence[View],
+    ts: Sequence[int],
+    i: int,
+    sampler: Sampler,
+    refine: Refine | None,
+) -> list[torch.Tensor]:
+    """Step every window of `batch` from ts[i] to the next timestep; one (N, C, h, w) latent per window."""
+    crops = torch.cat([crop(z, v) for v in batch])  # (len(batch)·N, C, h, w), window-major
+    eps = eps_fn(crops, ts[i])
+    crop_noise = None if noise is None else torch.cat([crop(noise, v) for v in batch])
+    crops = sampler.step(eps, ts, i, crops, crop_noise)
+    if refine is not None:
+        with torch.enable_grad():  # AD guidance optimises the crops
+            crops = refine(crops, ts[i + 1] if i + 1 < len(ts) else 0)
+    return list(crops.split(z.shape[0]))
+
+
+@torch.no_grad()
+def multidiffusion(
+    eps_fn: EpsFn,
+    z: torch.Tensor,
+    ts: Sequence[int],
+    sampler: Sampler,
+    *,
+    window: int = 64,
+    stride: int = 8,
+    view_batch: int = 4,
+    generator: torch.Generator | None = None,
+    wrap_x: bool = False,
+    wrap_y: bool = False,
+    refine: Refine | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise a (N, C, H, W) canvas by stepping its windows separately and averaging them each step.
+
+    Window 64 and stride 8 latents are the panorama pipeline's (512 px windows for SD1.5); the UNet
+    sees ≤ `view_batch` windows at a time. When the sampler re-noises (LCM, TCD γ > 0) one noise is
+    drawn for the whole canvas per step, before its windows, and cropped per window: averaging
+    independent per-window noises would shrink it. `refine(crops, t_next)` may rewrite each batch
+    of stepped crops (AD guidance); `callback(done, total)` follows every batch of windows.
+
+    Seamless output: along a wrapped axis longer than the window the wrapped windows alone make
+    the result periodic; along one that fits in a single window the UNet needs `circular_padding`.
+    Either way the VAE needs it too (and `decode_tiled` with the same wrap).
+    """
+    if view_batch < 1:
+        raise UsageError(f"view batch {view_batch} must be at least 1")
+    h, w = z.shape[-2:]
+    windows = views(h, w, window=window, stride=stride, wrap_x=wrap_x, wrap_y=wrap_y)
+    count = coverage(h, w, windows).to(z.device)  # (H, W), > 0 everywhere
+    batches = [windows[j : j + view_batch] for j in range(0, len(windows), view_batch)]
+    n, total, done = len(ts), len(ts) * len(windows), 0
+    for i in range(n):
+        noise = None
+        if sampler.needs_noise(i, n):
+            noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        value = torch.zeros_like(z, dtype=torch.float32)  # (N, C, H, W), summed in fp32
+        for batch in batches:
+            parts = _step_windows(eps_fn, z, noise, batch, ts, i, sampler, refine)
+            for view, part in zip(batch, parts, strict=True):
+                paste_add(value, view, part.float())
+            done += len(batch)
+            if callback is not None:
+                callback(done, total)
+        z = (value / count).to(z.dtype)
+    return z
+
+
+# --- seamless padding --------------------------------------------------------------------------
+
+
+def _pad_input(
+    conv: nn.Conv2d, args: tuple, *, pads: tuple[int, ...], other: str, x: bool, y: bool
+):
+    """Forward pre-hook: pad the conv's input circularly along the chosen axes, `other` elsewhere."""
+    left, right, top, bottom = pads
+    inp = F.pad(
+        args[0], (left, right, 0, 0), mode="circular" if x else other
+    )  # (B, C, H, W + l + r)
+    inp = F.pad(inp, (0, 0, top, bottom), mode="circular" if y else other)  # (B, C, H + t + b, …)
+    return (inp, *args[1:])
+
+
+@contextmanager
+def circular_padding(module: nn.Module, *, x: bool, y: bool) -> Iterator[None]:
+    """Make every padded Conv2d of `module` pad circularly along x and/or y for the block.
+
+    The other axis keeps the conv's own padding (zeros for every diffusers conv). Each conv's
+    padding is moved into a forward pre-hook and restored, hooks removed, on exit. Padding done
+    outside a Conv2d (the `F.pad` in a VAE encoder's downsampler) is left as it is.
+    """
+    convs = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d) and any(m._reversed_padding_repeated_twice)
+    ]
+    if not (x or y) or not convs:
+        yield
+        return
+    saved = [(conv, conv.padding, conv.padding_mode) for conv in convs]
+    handles = []
+    try:
+        for conv in convs:
+            other = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            pads = tuple(conv._reversed_padding_repeated_twice)  # (left, right, top, bottom)
+            hook = partial(_pad_input, pads=pads, other=other, x=x, y=y)
+            handles.append(conv.register_forward_pre_hook(hook))
+            conv.padding, conv.padding_mode = (0, 0), "zeros"
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for conv, padding, mode in saved:
+            conv.padding, conv.padding_mode = padding, mode
+
+
+# --- tiled decoding ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One tile along an axis: the decoded latent range (context included) and the part kept."""
+
+    start: int  # first decoded latent index (negative or past the end when wrapping)
+    length: int
+    keep_offset: int  # where the kept part starts inside the decoded range
+    keep: int
+    fade: int  # latents cross-faded with each neighbour at both ends of the kept part
+
+
+def _spans(size: int, *, tile: int, overlap: int, wrap: bool) -> list[_Span]:
+    """Split an axis into ceil(size / tile) equal cores, each decoded with `overlap` latents of context.
+
+    The kept part is the core and half the context on each side, so neighbours overlap by `overlap`
+    latents and are cross-faded there; the outer half of the context is dropped. Without wrap,
+    context and kept part are clamped to the canvas; with wrap they are taken around it.
+    """
+    n = math.ceil(size / tile)
+    if n == 1:
+        return [_Span(0, size, 0, size, 0)]
+    half = overlap // 2
+    spans = []
+    for k in range(n):
+        a, b = k * size // n, (k + 1) * size // n  # the core [a, b)
+        lo, hi, keep_lo, keep_hi = a - overlap, b + overlap, a - half, b + half
+        if not wrap:
+            lo, hi, keep_lo, keep_hi = (
+                max(lo, 0),
+                min(hi, size),
+                max(keep_lo, 0),
+                min(keep_hi, size),
+            )
+        spans.append(_Span(lo, hi - lo, keep_lo - lo, keep_hi - keep_lo, 2 * half))
+    return spans
+
+
+def _ramp(length: int, fade: int) -> torch.Tensor:
+    """Weights 1 in the middle, rising linearly over `fade` samples at both ends (never 0): (length,)."""
+    j = torch.arange(length, dtype=torch.float32) + 0.5
+    if fade == 0:
+        return torch.ones(length)
+    return torch.minimum(torch.ones(length), torch.minimum(j, length - j) / fade)
+
+
+def _decode_blended(
+    model: LoadedModel, z: torch.Tensor, rows: list[_Span], cols: list[_Span], dtype: torch.dtype
+) -> np.ndarray:
+    """Decode every (row, col) tile in `dtype` and cross-fade the kept parts: (N, H·f, W·f, 3) in [0, 1]."""
+    value = weight = None
+    for r in rows:
+        for c in cols:
+            tile = crop(z, View(r.start, c.start, r.length, c.length))  # (N, C, h, w) with context
+            img = torch.from_numpy(decode_raw(model, tile, dtype)).permute(
+                0, 3, 1, 2
+            )  # (N, 3, hf, wf)
+            f = img.shape[-1] // c.length  # the VAE's scale factor
+            if value is None:
+                value = torch.zeros(img.shape[0], 3, z.shape[-2] * f, z.shape[-1] * f)
+                weight = torch.zeros(z.shape[-2] * f, z.shape[-1] * f)
+            kept = img[..., r.keep_offset * f :, c.keep_offset * f :][
+                ..., : r.keep * f, : c.keep * f
+            ]
+            ramp = _ramp(r.keep * f, r.fade * f)[:, None] * _ramp(
+                c.keep * f, c.fade * f
+            )  # (hk, wk)
+            view = View((r.start + r.keep_offset) * f, (c.start + c.keep_offset) * f, *ramp.shape)
+            paste_add(value, view, kept * ramp)
+            paste_add(weight, view, ramp)
+    return (value / weight).permute(0, 2, 3, 1).numpy()  # (N, H·f, W·f, 3)
+
+
+@torch.no_grad()
+def decode_tiled(
+    model: LoadedModel,
+    z: torch.Tensor,
+    *,
+    tile: int = 64,
+    overlap: int = 16,
+    wrap_x: bool = False,
+    wrap_y: bool = False,
+) -> np.ndarray:
+    """Decode a scaled (N, 4, H, W) latent tile by tile: (N, 8H, 8W, 3) floats in [0, 1].
+
+    Tiles of about `tile` latents are decoded with `overlap` latents of context on every side,
+    taken around the canvas along wrapped axes (so a seamless latent decodes seamlessly) and
+    clamped at the edges otherwise; neighbours are cross-faded over `overlap` latents. Memory is
+    bounded by (tile + 2 overlap)² latents. Falls back to fp32 like `latents.decode`.
+    """
+    if tile < 1 or not 0 <= 2 * overlap < tile:
+        raise UsageError(f"tile {tile} and overlap {overlap}: need 0 <= 2 * overlap < tile")
+    rows = _spans(z.shape[-2], tile=tile, overlap=overlap, wrap=wrap_y)
+    cols = _spans(z.shape[-1], tile=tile, overlap=overlap, wrap=wrap_x)
+    dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
+    arr = _decode_blended(model, z, rows, cols, dtype)
+    if degenerate(arr) and dtype != torch.float32:
+        arr = _decode_blended(model, z, rows, cols, torch.float32)
+    reason = degenerate(arr)
+    if reason:
+        raise StylekitError(f"decoded image is {reason} even in fp32 (the model produced no image)")
+    return arr
