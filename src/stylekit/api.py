@@ -369,3 +369,6 @@ def t2i_styled(
         return image, s.metadata(seed=seed, size=(width, height))
 
     return run_jobs(jobs, output, process, prepare=prepare, events=events)
+
+
+from stylekit.inpainting import inpaint  # noqa: E402, F401  (re-exported task)

@@ -415,6 +415,11 @@ def presets() -> None:
             print(f"{name:<12} {description}")
 
 
+from stylekit.inpainting import inpaint_command  # noqa: E402  (a command of its own module)
+
+app.command("inpaint")(inpaint_command)
+
+
 # --- plumbing ----------------------------------------------------------------------------------
 RENAMES = {"lora": "loras", "adain": "ad_adain"}
 COMMON = ("out", "fmt", "suffix", "overwrite", "seed", "dry_run", "device", "dtype", "allow_pickle")

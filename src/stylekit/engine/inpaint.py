@@ -1,0 +1,214 @@
+"""Few-step inpainting: repaint the white part of a mask, keep the rest, as diffusers' inpaint pipelines do.
+
+Facts from `shared/specs/inpaint.md`. A plain (4-channel) UNet denoises the whole latent and, after
+every step, the known region is put back as the original latent re-noised to the next timestep with
+the initial noise (the clean latent after the last step). A dedicated inpainting UNet (9 input
+channels) is told the mask instead: its input is [latent, mask, masked-image latent]. Random draws
+come in diffusers' order (image posterior, start noise, masked-image posterior, then the sampler's),
+so one seed gives diffusers' image. The pixels outside the mask are pasted back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageFilter
+
+from stylekit.engine.ad import Guide
+from stylekit.engine.conditioning import (
+    Conditioning,
+    added_kwargs,
+    expand,
+    expand_added,
+    noise_predictor,
+)
+from stylekit.engine.latents import decode, latent_stats, to_tensor, upcast_needed
+from stylekit.engine.models import LoadedModel
+from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, sample
+from stylekit.errors import UsageError
+
+
+def binarize(mask: Image.Image) -> torch.Tensor:
+    """Grey mask → (1, 1, H, W) float32 of 0/1, 1 = repaint (≥ 0.5 after /255, as diffusers' mask processor)."""
+    grey = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy((grey >= 0.5).astype(np.float32))[None, None]
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Downsample a pixel mask to the latent grid by nearest neighbour (each cell's top-left pixel)."""
+    return F.interpolate(mask, size=latent_size)  # (1, 1, h, w)
+
+
+def encode_pixels(
+    model: LoadedModel, x: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(1, 3, H, W) pixels in [−1, 1] → scaled latent, drawing from the posterior like `latents.encode`."""
+    vae = model.vae
+    upcast = upcast_needed(model)
+    if upcast:
+        vae.to(torch.float32)
+    out = vae.encode(x.to(device=model.device, dtype=vae.dtype))
+    z = out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
+    if upcast:
+        vae.to(model.dtype)
+    z = z.to(model.dtype)
+    mean, std = latent_stats(vae, z)
+    if mean is not None:
+        return (z - mean) * vae.config.scaling_factor / std
+    return vae.config.scaling_factor * z
+
+
+@dataclass(frozen=True)
+class InpaintLatents:
+    """The start latent and what the loop needs to keep or condition on the known region."""
+
+    z: torch.Tensor  # (1, 4, h, w) start latent
+    z0: torch.Tensor | None  # clean image latent (None only for a 9-channel UNet at strength 1)
+    noise: torch.Tensor  # the initial noise ε0, reused to re-noise the known region
+    mask: torch.Tensor  # (1, 1, h, w) 0/1 on the latent grid, 1 = repaint
+    masked: torch.Tensor  # (1, 4, h, w) latent of the image with the repaint region zeroed
+
+
+def prepare_latents(
+    model: LoadedModel,
+    image: Image.Image,
+    mask: torch.Tensor,
+    t0: int | None,
+    sampler: Sampler,
+    generator: torch.Generator,
+) -> InpaintLatents:
+    """Encode, noise and mask as diffusers' inpaint pipelines do, drawing in their order.
+
+    At strength 1 (`t0` is None) the start latent is pure noise and a 9-channel UNet skips encoding
+    the image; a 4-channel UNet still encodes it because blending needs it.
+    """
+    x = to_tensor(image).to(model.device)  # (1, 3, H, W) in [−1, 1]
+    full = t0 is None
+    z0 = None if full and model.inpainting_unet else encode_pixels(model, x, generator)
+    f = model.pipe.vae_scale_factor
+    shape = (1, model.vae.config.latent_channels, image.height // f, image.width // f)
+    noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    z = noise if full else add_noise(z0, noise, t0, sampler.ac)
+    pixels = mask.to(model.device)
+    masked = encode_pixels(model, x * (pixels < 0.5), generator)
+    small = latent_mask(pixels, shape[-2:]).to(model.dtype)
+    return InpaintLatents(z, z0, noise, small, masked)
+
+
+def keep_known(
+    lat: InpaintLatents, ts: list[int], ac: torch.Tensor
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """After step i: x = (1 − m) · add_noise(z0, ε0, t_{i+1}) + m · x; the clean z0 after the last step."""
+
+    def after_step(i: int, z: torch.Tensor) -> torch.Tensor:
+        known = add_noise(lat.z0, lat.noise, ts[i + 1], ac) if i + 1 < len(ts) else lat.z0
+        return (1 - lat.mask) * known + lat.mask * z
+
+    return after_step
+
+
+def chain(first: Callable, second: Callable) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Run two after-step hooks in turn."""
+    return lambda i, z: second(i, first(i, z))
+
+
+def masked_predictor(
+    model: LoadedModel, cond: Conditioning, lat: InpaintLatents, height: int, width: int
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """eps(z, t) for a 9-channel UNet: input rows [z, mask, masked latent], doubled under CFG."""
+    added = added_kwargs(model, cond, height, width)
+    extra = torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
+    unet = model.unet
+
+    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
+        batch = z.shape[0]
+        rows = torch.cat([z, extra.expand(batch, -1, -1, -1)], dim=1)  # (B, 9, h, w)
+        if cond.do_cfg:
+            rows = torch.cat([rows, rows])  # (2B, 9, h, w): uncond rows first
+        out = unet(
+            rows,
+            torch.tensor(t, device=z.device),
+            encoder_hidden_states=expand(cond.prompt_embeds, batch),
+            timestep_cond=cond.timestep_cond,
+            added_cond_kwargs=expand_added(added, batch),
+            return_dict=False,
+        )[0]
+        if not cond.do_cfg:
+            return out
+        e_u, e_c = out.chunk(2)
+        return e_u + cond.cfg * (e_c - e_u)
+
+    return eps
+
+
+@torch.no_grad()
+def inpaint(
+    model: LoadedModel,
+    cond: Conditioning,
+    sampler: Sampler,
+    image: Image.Image,
+    mask: torch.Tensor,
+    *,
+    steps: int,
+    strength: float,
+    generator: torch.Generator,
+    guide: Guide | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Repaint where `mask` (from `binarize`) is 1 in `steps` UNet evaluations; (H, W, 3) floats in [0, 1].
+
+    This is the decoded image before paste-back, the image diffusers' pipeline returns. With an AD
+    `guide` (4-channel UNets only) each step is refined first, then the known region put back.
+    """
+    if guide is not None and model.inpainting_unet:
+        raise UsageError("AD style guidance needs a plain 4-channel UNet, not an inpainting UNet")
+    _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
+    lat = prepare_latents(
+        model, image, mask, None if strength >= 1.0 else ts[0], sampler, generator
+    )
+    if model.inpainting_unet:
+        eps, after = masked_predictor(model, cond, lat, image.height, image.width), None
+    else:
+        eps = noise_predictor(model, cond, image.height, image.width)
+        after = keep_known(lat, ts, sampler.ac)
+        if guide is not None:
+            after = chain(guide.after_step(ts, z0=lat.z0, noise=lat.noise), after)
+    z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after, callback=callback)
+    return decode(model, z)[0]
+
+
+def grow(region: np.ndarray, radius: int) -> np.ndarray:
+    """Dilate a boolean (H, W) region by `radius` px in every direction (square neighbourhood)."""
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        windows = sliding_window_view(np.pad(region, pad), 2 * radius + 1, axis=axis)
+        region = windows.any(axis=-1)
+    return region
+
+
+def feather(mask: torch.Tensor, blur: int) -> np.ndarray:
+    """Soften a 0/1 mask into (H, W) paste-back weights that reach at most `blur` px outside it.
+
+    A Gaussian of σ = blur / 2, cut off beyond the mask grown by `blur` px, so every pixel farther
+    than that from the repaint region keeps its input value exactly.
+    """
+    hard = mask[0, 0].numpy() > 0.5  # (H, W)
+    if blur <= 0:
+        return hard.astype(np.float32)
+    grey = Image.fromarray(hard.astype(np.uint8) * 255)
+    soft = np.asarray(grey.filter(ImageFilter.GaussianBlur(blur / 2)), dtype=np.float32) / 255.0
+    return soft * grow(hard, blur)
+
+
+def paste_back(original: Image.Image, generated: np.ndarray, weights: np.ndarray) -> Image.Image:
+    """Compose input and generated pixels by `weights` (1 = generated); weight 0 gives the input byte for byte."""
+    base = np.asarray(original.convert("RGB"), dtype=np.float32)  # (H, W, 3) in 0..255
+    out = base + weights[..., None] * (generated * 255.0 - base)
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))

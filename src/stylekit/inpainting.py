@@ -1,0 +1,277 @@
+"""The `inpaint` task: repaint the white part of a mask in every input, keep every other pixel.
+
+    from stylekit.inpainting import inpaint
+    report = inpaint(["photos/"], mask="masks/", preset="lcm-sd15", prompt="a red door", seed=1)
+
+`mask` is one image used for every input or a folder of masks matched to the inputs by file stem
+(`photos/x/a.jpg` takes `masks/x/a.*`, else `masks/a.*`). White (≥ 50 % grey) is repainted; any
+image mode works, transparency counts as white. A mask of another size is resized (nearest) to
+its image and the output's settings say so (`mask_resized_from`). The model and the prompt/style
+conditioning load once per batch through `api.Stylizer`. This module imports no torch at import
+time: the CLI registers `inpaint_command` from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from PIL import Image, ImageOps
+
+from stylekit.errors import InputError, UsageError
+from stylekit.media.batch import BatchReport, Job, collect_inputs
+from stylekit.media.images import _open_rgb, load_image
+from stylekit.runner import Events, Output, plan_files, run_jobs
+
+if TYPE_CHECKING:
+    from stylekit.api import Runtime
+    from stylekit.presets import Settings
+
+DEFAULT_MASK_BLUR = 4  # px of feathering outside the mask: hides the seam, touches little else
+MAX_MASK_BLUR = 64
+
+
+def check_mask_blur(blur: int) -> int:
+    """Refuse a feather width that is not a whole number of pixels in 0..MAX_MASK_BLUR."""
+    if isinstance(blur, bool) or not isinstance(blur, int) or not 0 <= blur <= MAX_MASK_BLUR:
+        raise UsageError(
+            f"--mask-blur must be a whole number of px in 0..{MAX_MASK_BLUR}, got {blur!r}"
+        )
+    return blur
+
+
+def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
+    """Return (job → its mask file, every mask file) for a mask file or a folder of masks."""
+    path = Path(mask).expanduser()
+    if path.is_file():
+        return (lambda job: path), {path.resolve()}
+    if not path.is_dir():
+        raise UsageError(f"--mask {mask}: no such file or folder")
+    try:
+        items = collect_inputs([str(path)])
+    except UsageError as exc:
+        raise UsageError(f"--mask {mask}: folder holds no mask images") from exc
+    by_rel: dict[str, list[Path]] = {}
+    by_stem: dict[str, list[Path]] = {}
+    for item in items:
+        by_rel.setdefault(item.rel.with_suffix("").as_posix(), []).append(item.path)
+        by_stem.setdefault(item.rel.stem, []).append(item.path)
+
+    def find(job: Job) -> Path:
+        found = by_rel.get(job.rel.with_suffix("").as_posix()) or by_stem.get(job.rel.stem, [])
+        if not found:
+            raise InputError(f"{job.input}: no mask named {job.rel.stem}.* in {path}")
+        if len(found) > 1:
+            names = ", ".join(str(p) for p in found)
+            raise InputError(f"{job.input}: more than one mask matches ({names})")
+        return found[0]
+
+    return find, {item.path.resolve() for item in items}
+
+
+def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image.Image, str | None]:
+    """Read a mask as grey ("L") at `size`; returns (mask, its original size if it was resized)."""
+    grey = _open_rgb(path).convert("L")  # transparent parts were composited on white
+    resized = None
+    if grey.size != size:
+        resized = f"{grey.size[0]}x{grey.size[1]}"
+        grey = grey.resize(size, Image.Resampling.NEAREST)
+    return (ImageOps.invert(grey) if invert else grey), resized
+
+
+def inpaint(
+    inputs: Sequence[str],
+    *,
+    mask: str | Path,
+    style: Sequence[str] = (),
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime | None = None,
+    size: tuple[int, int] | None = None,
+    max_size: int | None = None,
+    invert_mask: bool = False,
+    mask_blur: int = DEFAULT_MASK_BLUR,
+    events: Events | None = None,
+    **overrides,
+) -> BatchReport:
+    """Repaint the masked part of image files, folders and globs; returns a BatchReport.
+
+    Each output equals its input outside the mask grown by `mask_blur` px, byte for byte; inside,
+    it is the model's image (diffusers' inpaint pipeline result), feathered over `mask_blur` px.
+    An input without a mask fails alone; the batch goes on and the exit code says so.
+    """
+    from stylekit.api import Runtime, Stylizer, load_style_images, resolve_settings, with_seed
+
+    settings = resolve_settings(settings, preset, overrides)
+    if settings.mode != "sample":
+        raise UsageError("inpaint samples in few steps; --mode optimize is not available here")
+    runtime = runtime or Runtime()
+    output = with_seed(output or Output())
+    check_mask_blur(mask_blur)
+    find_mask, mask_files = mask_finder(mask)
+    jobs = [
+        job for job in plan_files(list(inputs), output) if job.input.resolve() not in mask_files
+    ]
+    if not jobs:
+        raise UsageError("every input is one of the masks; put the masks in another folder")
+    style_images = load_style_images(style)
+    state: dict[str, Stylizer] = {}
+    events = events or Events()
+
+    def prepare() -> None:
+        events.loading(settings.model)
+        stylizer = Stylizer(
+            settings,
+            style=style_images,
+            runtime=runtime,
+            style_names=[Path(p).name for p in style],
+            seed=output.seed,
+        )
+        if stylizer.guide is not None and stylizer.model.inpainting_unet:
+            raise UsageError(
+                "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
+            )
+        state["s"] = stylizer
+
+    def process(job: Job, seed: int):
+        image = load_image(job.input, size=size, max_size=max_size)
+        mask_path = find_mask(job)
+        grey, resized = load_mask(mask_path, image.size, invert=invert_mask)
+        out = repaint(state["s"], image, grey, seed=seed, blur=mask_blur, callback=events.step)
+        meta = state["s"].metadata(seed=seed, size=image.size, source=job.input.name)
+        meta |= {
+            "mask": mask_path.name,
+            "mask_blur": mask_blur,
+            "invert_mask": invert_mask,
+            "mask_resized_from": resized,
+        }
+        return out, meta
+
+    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+
+
+def repaint(
+    stylizer,
+    image: Image.Image,
+    mask: Image.Image,
+    *,
+    seed: int,
+    blur: int,
+    callback: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """Inpaint one image with a loaded Stylizer's model and conditioning, then paste the rest back."""
+    import torch
+
+    from stylekit.engine import inpaint as engine
+
+    binary = engine.binarize(mask)
+    if not binary.any():
+        raise InputError(
+            "the mask has no white pixels, so nothing would be repainted (--invert-mask?)"
+        )
+    s = stylizer.settings
+    arr = engine.inpaint(
+        stylizer.model,
+        stylizer.cond,
+        stylizer.sampler,
+        image,
+        binary,
+        steps=s.steps,
+        strength=s.strength,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        guide=stylizer.guide,
+        callback=callback,
+    )
+    return engine.paste_back(image, arr, engine.feather(binary, blur))
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+MASK = "Mask"  # help panel of the options only this command has
+MaskPath = Annotated[
+    Path,
+    typer.Option(
+        "--mask",
+        help="Mask image for every input, or a folder of masks matched by file stem; white = repaint.",
+        show_default=False,
+        rich_help_panel=MASK,
+    ),
+]
+InvertMask = Annotated[
+    bool,
+    typer.Option("--invert-mask", help="Repaint the black part instead.", rich_help_panel=MASK),
+]
+MaskBlur = Annotated[
+    int,
+    typer.Option(
+        "--mask-blur",
+        help=f"Feather the seam over N px outside the mask (0..{MAX_MASK_BLUR}).",
+        rich_help_panel=MASK,
+    ),
+]
+
+
+def inpaint_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders (recursive) or globs.", show_default=False),
+    ],
+    mask: MaskPath,
+    invert_mask: InvertMask = False,
+    mask_blur: MaskBlur = DEFAULT_MASK_BLUR,
+    style: cli.Style = None,
+    out: cli.Out = None,
+    preset: cli.Preset = None,
+    model: cli.Model = None,
+    lora: cli.Lora = None,
+    accelerator: cli.Accelerator = None,
+    tiny_vae: cli.TinyVae = None,
+    ip_adapter: cli.IpAdapter = None,
+    image_encoder: cli.ImageEncoder = None,
+    scheduler: cli.Scheduler = None,
+    steps: cli.Steps = None,
+    strength: cli.Strength = None,
+    cfg: cli.Cfg = None,
+    gamma: cli.Gamma = None,
+    prompt: cli.Prompt = None,
+    negative: cli.Negative = None,
+    style_mode: cli.StyleMode = None,
+    style_scale: cli.StyleScale = None,
+    ad_iters: cli.AdIters = None,
+    ad_lr: cli.AdLr = None,
+    adain: cli.AdAdain = None,
+    content_weight: cli.ContentWeight = None,
+    ad_checkpointing: cli.AdCheckpointing = None,
+    seed: cli.Seed = None,
+    size: cli.Size = None,
+    max_size: cli.MaxSize = None,
+    fmt: cli.Format = None,
+    suffix: cli.Suffix = "",
+    overwrite: cli.Overwrite = False,
+    dry_run: cli.DryRun = False,
+    as_json: cli.Json = False,
+    quiet: cli.Quiet = False,
+    device: cli.Device = "auto",
+    dtype: cli.Dtype = "auto",
+    allow_pickle: cli.AllowPickle = False,
+    model_config: cli.ModelConfig = None,
+) -> None:
+    """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
+
+    Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
+    """
+    cli.run_batch(
+        "inpaint",
+        locals(),
+        inputs=inputs,
+        mask=str(mask),
+        invert_mask=invert_mask,
+        mask_blur=mask_blur,
+    )
+
+
+# Last, so that `stylekit.cli` can import this module while it is itself being imported (and the
+# other way round): the command's annotations name `cli.*` and are only read when Typer runs.
+from stylekit import cli  # noqa: E402
