@@ -24,8 +24,17 @@ def noise_image(seed, w=64, h=64):
 
 
 def ad_settings(path, **kw):
-    base = dict(model=str(path), accelerator="none", scheduler="tcd", steps=4, strength=0.75,
-                cfg=1.0, style_mode="ad", ad_iters=3, ad_lr=0.05)
+    base = dict(
+        model=str(path),
+        accelerator="none",
+        scheduler="tcd",
+        steps=4,
+        strength=0.75,
+        cfg=1.0,
+        style_mode="ad",
+        ad_iters=3,
+        ad_lr=0.05,
+    )
     return Settings(**{**base, **kw})
 
 
@@ -63,7 +72,8 @@ def count_unet_calls(unet):
     return calls
 
 
-def test_reference_features_are_computed_once_per_run(sd15_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_reference_features_are_computed_once_per_run(sd15_path, tmp_path, monkeypatch, batch_size):
     from stylekit import api
 
     for i in range(3):
@@ -79,15 +89,21 @@ def test_reference_features_are_computed_once_per_run(sd15_path, tmp_path, monke
 
     monkeypatch.setattr(api.Stylizer, "__init__", spy)
     settings = ad_settings(sd15_path, ad_iters=2)
-    report = api.stylize([str(tmp_path / f"in{i}.png") for i in range(3)],
-                         style=[str(tmp_path / "ref.png")], settings=settings, runtime=CPU32,
-                         output=api.Output(out=tmp_path / "out", seed=0))
+    report = api.stylize(
+        [str(tmp_path / f"in{i}.png") for i in range(3)],
+        style=[str(tmp_path / "ref.png")],
+        settings=settings,
+        runtime=CPU32,
+        output=api.Output(out=tmp_path / "out", seed=0),
+        batch_size=batch_size,
+    )
     assert len(report.done) == 3
     steps, iters, images = 4, 2, 3
+    batches = -(-images // batch_size)
     # one reference pass per distinct next-timestep, shared by all images
     assert seen["stylizer"].guide.feature_passes == steps
-    # per image: `steps` sampling calls + steps * iters refinement calls; plus the shared passes
-    assert len(seen["calls"]) == images * steps * (1 + iters) + steps
+    # per UNet batch: `steps` sampling calls + steps * iters refinement calls; plus the shared passes
+    assert len(seen["calls"]) == batches * steps * (1 + iters) + steps
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -101,17 +117,47 @@ def test_t2i_without_guidance_matches_diffusers(request, family):
     pipe = cls.from_pretrained(path)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe("a red house", height=64, width=64, num_inference_steps=4, guidance_scale=3.0,
-               eta=0.3, generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    ref = pipe(
+        "a red house",
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        eta=0.3,
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+    ).images[0]
     assert np.abs(np.asarray(ours, dtype=np.float32) / 255 - ref).mean() <= 1 / 255
 
 
 def test_t2i_styled_cli_writes_each_image(sd15_path, tmp_path):
     noise_image(1).save(tmp_path / "ref.png")
     out = tmp_path / "out"
-    args = ["t2i-styled", "a red house", "--style", str(tmp_path / "ref.png"), "-n", "2",
-            "--model", str(sd15_path), "--accelerator", "none", "--dtype", "fp32", "--device",
-            "cpu", "--steps", "2", "--size", "64x64", "--seed", "7", "-o", str(out), "-q"]
+    args = [
+        "t2i-styled",
+        "a red house",
+        "--style",
+        str(tmp_path / "ref.png"),
+        "-n",
+        "2",
+        "--model",
+        str(sd15_path),
+        "--accelerator",
+        "none",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--seed",
+        "7",
+        "-o",
+        str(out),
+        "-q",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in out.iterdir())
@@ -127,9 +173,27 @@ def test_optimize_mode_through_the_cli(sd15_path, tmp_path):
     noise_image(1).save(tmp_path / "ref.png")
     noise_image(2).save(tmp_path / "content.png")
     out = tmp_path / "styled.png"
-    args = ["stylize", str(tmp_path / "content.png"), "--style", str(tmp_path / "ref.png"),
-            "--mode", "optimize", "--opt-steps", "4", "--model", str(sd15_path), "--accelerator",
-            "none", "--dtype", "fp32", "--device", "cpu", "-o", str(out), "-q"]
+    args = [
+        "stylize",
+        str(tmp_path / "content.png"),
+        "--style",
+        str(tmp_path / "ref.png"),
+        "--mode",
+        "optimize",
+        "--opt-steps",
+        "4",
+        "--model",
+        str(sd15_path),
+        "--accelerator",
+        "none",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+        "-q",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)
@@ -138,8 +202,20 @@ def test_optimize_mode_through_the_cli(sd15_path, tmp_path):
 
 def test_optimize_mode_needs_a_reference(sd15_path, tmp_path):
     noise_image(2).save(tmp_path / "content.png")
-    args = ["stylize", str(tmp_path / "content.png"), "--mode", "optimize", "--model",
-            str(sd15_path), "--accelerator", "none", "--dtype", "fp32", "-o", str(tmp_path / "o")]
+    args = [
+        "stylize",
+        str(tmp_path / "content.png"),
+        "--mode",
+        "optimize",
+        "--model",
+        str(sd15_path),
+        "--accelerator",
+        "none",
+        "--dtype",
+        "fp32",
+        "-o",
+        str(tmp_path / "o"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "--style" in result.output

@@ -73,6 +73,14 @@ TinyVae = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+TinyVaeModel = Annotated[
+    str | None,
+    typer.Option(
+        "--tiny-vae-model",
+        help="Hub id or folder of the tiny VAE for --tiny-vae (default madebyollin/taesd or taesdxl).",
+        rich_help_panel=MODEL,
+    ),
+]
 IpAdapter = Annotated[
     str | None,
     typer.Option(
@@ -283,7 +291,9 @@ def main_options(
 def stylize(
     inputs: Annotated[
         list[str],
-        typer.Argument(help="Image files, folders (recursive) or globs.", show_default=False),
+        typer.Argument(
+            metavar="INPUT", help="Image files, folders (recursive) or globs.", show_default=False
+        ),
     ],
     style: Style = None,
     out: Out = None,
@@ -292,6 +302,7 @@ def stylize(
     lora: Lora = None,
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
     ip_adapter: IpAdapter = None,
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
@@ -325,6 +336,14 @@ def stylize(
     seed: Seed = None,
     size: Size = None,
     max_size: MaxSize = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Same-size images per UNet batch (default 2; results do not depend on it).",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -340,7 +359,7 @@ def stylize(
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     """
-    run_batch("stylize", locals(), inputs=inputs)
+    run_batch("stylize", locals(), inputs=inputs, batch_size=batch_size)
 
 
 @app.command("t2i-styled")
@@ -358,6 +377,7 @@ def t2i_styled(
     lora: Lora = None,
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
     ip_adapter: IpAdapter = None,
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
@@ -488,7 +508,7 @@ class cli_errors:
 
     def __exit__(self, kind, exc, tb):
         if isinstance(exc, StylekitError):
-            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code)
         if isinstance(exc, KeyboardInterrupt):
             err.print("[yellow]interrupted[/yellow]: finished outputs are kept; rerun to resume")
@@ -509,6 +529,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+
+
+# `stylekit video` lives in videos.py, which uses the option aliases above: import it last.
+from stylekit.videos import video_command  # noqa: E402
+
+app.command("video")(video_command)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,9 @@ MaskBlur = Annotated[
 def inpaint_command(
     inputs: Annotated[
         list[str],
-        typer.Argument(help="Image files, folders (recursive) or globs.", show_default=False),
+        typer.Argument(
+            metavar="INPUT", help="Image files, folders (recursive) or globs.", show_default=False
+        ),
     ],
     mask: MaskPath,
     invert_mask: InvertMask = False,

@@ -37,6 +37,7 @@ class Settings:
     ip_adapter: str = "auto"
     image_encoder: str | None = None
     tiny_vae: bool = False
+    tiny_vae_model: str | None = None  # hub id or folder of the tiny VAE (default: TAESD / TAESDXL)
     ad_iters: int = 3  # AD refinement iterations per step (upstream SD1.5 default)
     ad_lr: float = 0.015  # AD refinement Adam learning rate (upstream default)
     ad_adain: bool = True

@@ -37,6 +37,7 @@ class ConsoleEvents(Events):
             console=console,
             disable=quiet,
             transient=False,
+            redirect_stdout=False,  # stdout carries the --json records, even in a terminal
         )
         self.items = self.steps = None
 
@@ -71,11 +72,13 @@ class ConsoleEvents(Events):
             print(json.dumps(asdict(record), default=str), flush=True)
         if record.status == "failed":
             self.console.print(
-                f"[red]failed[/red] {escape(with_path(record.input or record.output, record.error))}"
+                f"[red]failed[/red] {escape(with_path(record.input or record.output, record.error))}",
+                soft_wrap=True,
             )
         if record.status == "planned" and not self.as_json:
             self.console.print(
-                f"would write {escape(record.output)}  (from {escape(record.input or '-')}, seed {record.seed})"
+                f"would write {escape(record.output)}  (from {escape(record.input or '-')}, seed {record.seed})",
+                soft_wrap=True,
             )
         if record.status in ("done", "failed") and self.items is not None:
             self.progress.advance(self.items)
@@ -85,11 +88,16 @@ class ConsoleEvents(Events):
                     self.items, rate=f"{task.completed / task.elapsed:.2f} {self.unit}/s"
                 )
 
+    def warning(self, message: str) -> None:
+        self.console.print(f"[yellow]warning[/yellow] {escape(message)}", soft_wrap=True)
+
     def summary(self, report) -> None:
         style = "red" if report.failed else "green"
         self.console.print(f"[{style}]{report.summary()}[/{style}]")
         for path, reason in report.failed:
-            self.console.print(f"  [red]✗[/red] {escape(with_path(str(path), reason))}")
+            self.console.print(
+                f"  [red]✗[/red] {escape(with_path(str(path), reason))}", soft_wrap=True
+            )
 
 
 def with_path(path: str, reason: str | None) -> str:

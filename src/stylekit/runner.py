@@ -46,6 +46,8 @@ class Events:
 
     def finished(self, record: Record) -> None: ...
 
+    def warning(self, message: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Output:
@@ -80,6 +82,22 @@ def plan_files(inputs: list[str], output: Output) -> list[Job]:
     )
 
 
+def begin(jobs: list[Job], output: Output, events: Events) -> tuple[BatchReport, list[Job], int]:
+    """Report skipped jobs, fix the base seed, and return what is left to do (nothing on --dry-run)."""
+    report = BatchReport()
+    to_do, skipped = split_existing(jobs, overwrite=output.overwrite)
+    events.planned(len(to_do), len(skipped))
+    for job in skipped:
+        report.add_skipped(job)
+        events.finished(Record(source(job), str(job.output), "skipped"))
+    seed0 = base_seed(output.seed)
+    if output.dry_run:
+        for job in to_do:
+            events.finished(Record(source(job), str(job.output), "planned", seed=seed0 + job.index))
+        return report, [], seed0
+    return report, to_do, seed0
+
+
 def run_jobs(
     jobs: list[Job],
     output: Output,
@@ -94,44 +112,98 @@ def run_jobs(
     Job i gets seed base + i, so a resumed batch gives every image the seed it would have had.
     """
     events = events or Events()
-    report = BatchReport()
-    to_do, skipped = split_existing(jobs, overwrite=output.overwrite)
-    events.planned(len(to_do), len(skipped))
-    for job in skipped:
-        report.add_skipped(job)
-        events.finished(Record(source(job), str(job.output), "skipped"))
-    seed0 = base_seed(output.seed)
-    if output.dry_run:
-        for job in to_do:
-            events.finished(Record(source(job), str(job.output), "planned", seed=seed0 + job.index))
-        return report
+    report, to_do, seed0 = begin(jobs, output, events)
     if to_do and prepare is not None:
         prepare()
     for job in to_do:
-        run_one(job, seed0 + job.index, output, process, report, events)
+        events.started(job)
+        start = time.perf_counter()
+        try:
+            result = process(job, seed0 + job.index)
+        except Exception as exc:  # one bad file must not end the batch; the reason is reported
+            fail(job, seed0 + job.index, exc, report, events)
+            continue
+        save(job, seed0 + job.index, result, time.perf_counter() - start, output, report, events)
     return report
 
 
-def run_one(
-    job: Job, seed: int, output: Output, process, report: BatchReport, events: Events
-) -> None:
-    """Process and save one job; a StylekitError or OS error fails this job only."""
-    events.started(job)
-    start = time.perf_counter()
+def run_batched(
+    jobs: list[Job],
+    output: Output,
+    *,
+    load: Callable[[Job], object],
+    process: Callable[[list[tuple[Job, int, object]]], list[tuple[Image.Image, dict]]],
+    batch_size: int,
+    key: Callable[[object], object] = lambda item: None,
+    prepare: Callable[[], None] | None = None,
+    events: Events | None = None,
+) -> BatchReport:
+    """Like `run_jobs`, but loaded inputs with equal `key` (e.g. size) go `batch_size` at a time.
+
+    `load(job)` fails only its job; `process` gets [(job, seed, item)] and returns one
+    (image, settings) per entry, in order; if it raises, every job of that batch fails.
+    """
+    events = events or Events()
+    report, to_do, seed0 = begin(jobs, output, events)
+    if to_do and prepare is not None:
+        prepare()
+    pending: list[tuple[Job, int, object]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        start = time.perf_counter()
+        try:
+            results = process(list(pending))
+        except Exception as exc:  # the batch failed as a whole; each of its files says why
+            for job, seed, _ in pending:
+                fail(job, seed, exc, report, events)
+        else:
+            seconds = (time.perf_counter() - start) / len(pending)
+            for (job, seed, _), result in zip(pending, results, strict=True):
+                save(job, seed, result, seconds, output, report, events)
+        pending.clear()
+
+    for job in to_do:
+        seed = seed0 + job.index
+        events.started(job)
+        try:
+            item = load(job)
+        except Exception as exc:
+            fail(job, seed, exc, report, events)
+            continue
+        if pending and key(pending[0][2]) != key(item):
+            flush()
+        pending.append((job, seed, item))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return report
+
+
+def reason_of(exc: BaseException) -> str:
+    """One line for the user: our errors and OS errors as they are, others with their type."""
+    if isinstance(exc, (StylekitError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def fail(job: Job, seed: int, exc: BaseException, report: BatchReport, events: Events) -> None:
+    """Record a failed job."""
+    reason = reason_of(exc)
+    report.add_failed(job, reason)
+    events.finished(Record(source(job), str(job.output), "failed", error=reason, seed=seed))
+
+
+def save(job: Job, seed: int, result, seconds: float, output: Output, report, events) -> None:
+    """Write one result atomically with its settings; a write error fails this job only."""
+    image, settings = result
     try:
-        image, settings = process(job, seed)
         save_image(
             image, job.output, fmt=None if job.output.suffix else output.fmt, metadata=settings
         )
-    except Exception as exc:  # one bad file must not end the batch; the reason is reported
-        reason = (
-            str(exc)
-            if isinstance(exc, (StylekitError, OSError))
-            else f"{type(exc).__name__}: {exc}"
-        )
-        report.add_failed(job, reason)
-        events.finished(Record(source(job), str(job.output), "failed", error=reason, seed=seed))
+    except Exception as exc:
+        fail(job, seed, exc, report, events)
         return
     report.add_done(job)
-    seconds = time.perf_counter() - start
     events.finished(Record(source(job), str(job.output), "done", seconds, seed, settings=settings))

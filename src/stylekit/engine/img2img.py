@@ -17,10 +17,13 @@ from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, sampl
 
 
 def start_latent(
-    model: LoadedModel, image: Image.Image, t0: int, sampler: Sampler, generator: torch.Generator
+    model: LoadedModel, images, t0: int, sampler: Sampler, generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode and noise the content image to t0: returns (z_t0, z0, ε), drawing like diffusers."""
-    z0 = encode(model, image, generator)
+    """Encode and noise the content image(s) to t0: returns (z_t0, z0, ε), drawing like diffusers.
+
+    `images` is one image or a list of same-size images with one generator each.
+    """
+    z0 = encode(model, images, generator)
     noise = randn_tensor(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     return add_noise(z0, noise, t0, sampler.ac), z0, noise
 
@@ -30,21 +33,24 @@ def img2img(
     model: LoadedModel,
     cond: Conditioning,
     sampler: Sampler,
-    image: Image.Image,
+    images: Image.Image | list[Image.Image],
     *,
     steps: int,
     strength: float,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     guide: Guide | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Stylise one image in `steps` UNet evaluations at `strength`; returns (H, W, 3) floats in [0, 1].
+    """Stylise images in `steps` UNet evaluations at `strength`: (B, H, W, 3) floats in [0, 1].
 
-    With an AD `guide`, every step is followed by attention-distillation refinement.
+    A list of same-size images runs as one UNet batch, each image with its own generator, so
+    every image comes out as it would alone. With an AD `guide`, every step is followed by
+    attention-distillation refinement.
     """
+    first = images[0] if isinstance(images, (list, tuple)) else images
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
-    z, z0, noise = start_latent(model, image, ts[0], sampler, generator)
+    z, z0, noise = start_latent(model, images, ts[0], sampler, generator)
     hook = guide.after_step(ts, z0=z0, noise=noise) if guide is not None else None
-    eps = noise_predictor(model, cond, image.height, image.width)
+    eps = noise_predictor(model, cond, first.height, first.width)
     z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
-    return decode(model, z)[0]
+    return decode(model, z)

@@ -28,7 +28,7 @@ from stylekit.engine.conditioning import (
     expand_added,
     noise_predictor,
 )
-from stylekit.engine.latents import decode, latent_stats, to_tensor, upcast_needed
+from stylekit.engine.latents import decode, encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, sample
 from stylekit.errors import UsageError
@@ -43,25 +43,6 @@ def binarize(mask: Image.Image) -> torch.Tensor:
 def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """Downsample a pixel mask to the latent grid by nearest neighbour (each cell's top-left pixel)."""
     return F.interpolate(mask, size=latent_size)  # (1, 1, h, w)
-
-
-def encode_pixels(
-    model: LoadedModel, x: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """(1, 3, H, W) pixels in [−1, 1] → scaled latent, drawing from the posterior like `latents.encode`."""
-    vae = model.vae
-    upcast = upcast_needed(model)
-    if upcast:
-        vae.to(torch.float32)
-    out = vae.encode(x.to(device=model.device, dtype=vae.dtype))
-    z = out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
-    if upcast:
-        vae.to(model.dtype)
-    z = z.to(model.dtype)
-    mean, std = latent_stats(vae, z)
-    if mean is not None:
-        return (z - mean) * vae.config.scaling_factor / std
-    return vae.config.scaling_factor * z
 
 
 @dataclass(frozen=True)

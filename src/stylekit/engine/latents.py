@@ -34,15 +34,17 @@ def upcast_needed(model: LoadedModel) -> bool:
     return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
 
 
-def encode(
-    model: LoadedModel, image: Image.Image, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Image → scaled latent z0; a KL VAE samples its posterior with `generator` (one random draw)."""
-    vae, x = model.vae, to_tensor(image).to(model.device)
+@torch.no_grad()
+def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [−1, 1] → scaled latents; a KL VAE samples its posterior.
+
+    `generator` is one generator or one per row (each row then draws exactly as it would alone).
+    """
+    vae = model.vae
     upcast = upcast_needed(model)
     if upcast:
         vae.to(torch.float32)
-    out = vae.encode(x.to(vae.dtype))
+    out = vae.encode(x.to(device=model.device, dtype=vae.dtype))
     z = out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
     if upcast:
         vae.to(model.dtype)
@@ -51,6 +53,12 @@ def encode(
     if mean is not None:
         return (z - mean) * vae.config.scaling_factor / std
     return vae.config.scaling_factor * z
+
+
+def encode(model: LoadedModel, images, generator) -> torch.Tensor:
+    """Image (or list of same-size images) → scaled latents (B, 4, H/8, W/8)."""
+    images = images if isinstance(images, (list, tuple)) else [images]
+    return encode_pixels(model, torch.cat([to_tensor(im) for im in images]), generator)
 
 
 @torch.no_grad()

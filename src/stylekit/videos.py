@@ -1,0 +1,648 @@
+"""`stylekit video`: stylise video files frame by frame into videos or PNG frame folders.
+
+    from stylekit.videos import stylize_video
+    report = stylize_video(["clips/"], preset="lcm-sd15", consistency="anchor", seed=1)
+
+Same batch contract as `stylize`: outputs go to `-o OUT` (default ./stylized/), mirroring
+folder inputs, as `<stem><suffix>.mp4` (`fmt` picks mp4, m4v, mov, mkv or webm; one input
+and `-o clip.mp4` names the file); with `frames_out=DIR` each video becomes a folder
+`DIR/<stem><suffix>/` of `<stem><suffix>_000000.png`, ... instead. Existing outputs are skipped
+(resume) unless `overwrite`; outputs appear only when complete (a video through `VideoWriter`'s
+hidden part file, a frame folder as a hidden `.NAME.part` folder renamed at the end), so an
+error or Ctrl-C leaves nothing half-written. A broken or non-video input fails alone and the
+batch goes on (exit code 1); usage errors stop it before the model loads (exit code 2).
+
+The model loads once per batch and the prompt/style conditioning is computed once; video i gets
+seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
+frames: `events.step(done, total)` once per output frame, so a caller can show fps and an ETA;
+variable-frame-rate warnings go to `events.warning(message)` when the events object has one,
+and always into the record's settings (`--json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import numpy as np
+import typer
+from PIL import Image
+from rich.markup import escape
+
+from stylekit.errors import StylekitError, UsageError
+from stylekit.media.batch import (
+    DEFAULT_OUT_DIR,
+    BatchReport,
+    Job,
+    _refuse_overwriting_inputs,
+    _unique_outputs,
+    collect_inputs,
+)
+from stylekit.media.video import (
+    VIDEO_SUFFIXES,
+    VideoWriter,
+    _check_selection,
+    probe,
+    read_frames,
+    select_frames,
+    write_frame_png,
+)
+from stylekit.progress import ConsoleEvents
+from stylekit.runner import Events, Output, Record, base_seed
+
+if TYPE_CHECKING:
+    from stylekit.api import Runtime, Stylizer
+    from stylekit.engine.stream import StreamOptions
+    from stylekit.presets import Settings
+
+VIDEO_FORMATS = {"mp4": ".mp4", "m4v": ".m4v", "mov": ".mov", "mkv": ".mkv", "webm": ".webm"}
+ANCHOR_EVERY = 30  # a fresh anchor about once a second at 30 fps (see StreamOptions)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Which frames of each video, at what size, encoded how."""
+
+    start: float | None = None
+    end: float | None = None
+    max_frames: int | None = None
+    every: int = 1
+    size: tuple[int, int] | None = None  # (W, H): resize every frame exactly
+    max_size: int | None = None  # scale the longer side down to this (never up)
+    codec: str | None = None
+    crf: int | None = None
+
+    def check(self) -> Clip:
+        _check_selection(self.start, self.end, self.max_frames, self.every)
+        if self.size is not None and min(self.size) < 1:
+            raise UsageError(f"size must be positive, got {self.size[0]}x{self.size[1]}")
+        if self.max_size is not None and self.max_size < 8:
+            raise UsageError(f"max_size must be at least 8, got {self.max_size}")
+        return self
+
+    def selection_args(self) -> dict:
+        return dict(start=self.start, end=self.end, max_frames=self.max_frames, every=self.every)
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def video_extension(fmt: str | None) -> str:
+    """The container extension for `fmt` (None: mp4)."""
+    name = (fmt or "mp4").lower().lstrip(".")
+    if name not in VIDEO_FORMATS:
+        raise UsageError(f"unknown video format {fmt!r}; use one of: {', '.join(VIDEO_FORMATS)}")
+    return VIDEO_FORMATS[name]
+
+
+def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None = None) -> list[Job]:
+    """Collect video inputs and name their outputs (videos, or frame folders with `frames_out`)."""
+    items = collect_inputs(list(inputs), kinds=VIDEO_SUFFIXES)
+    if frames_out is not None:
+        if output.out is not None:
+            raise UsageError("give either -o (videos) or --frames-out (PNG frames), not both")
+        if output.fmt not in (None, "png"):
+            raise UsageError(
+                f"--frames-out writes PNG frames; --format {output.fmt} does not apply"
+            )
+        root, ext = Path(frames_out), ""
+    else:
+        root = DEFAULT_OUT_DIR if output.out is None else Path(output.out)
+        if root.suffix.lower() in VIDEO_SUFFIXES and not root.is_dir():
+            if len(items) != 1:
+                raise UsageError(f"-o {root} names one file but there are {len(items)} inputs")
+            jobs = [Job(items[0].path, root, items[0].rel, 0)]
+            _refuse_overwriting_inputs(jobs)
+            return jobs
+        ext = video_extension(output.fmt)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root}: is a file, not a folder")
+    paths = _unique_outputs(items, root, ext, output.suffix)
+    jobs = [Job(i.path, p, i.rel, n) for n, (i, p) in enumerate(zip(items, paths, strict=True))]
+    _refuse_overwriting_inputs(jobs)
+    return jobs
+
+
+def check_encoding(jobs: Sequence[Job], clip: Clip, frames_out: Path | None) -> None:
+    """Refuse a bad codec/crf for the outputs' containers before any model loads."""
+    if frames_out is not None:
+        if clip.codec is not None or clip.crf is not None:
+            raise UsageError("--codec and --crf do not apply to --frames-out (PNG frames)")
+        return
+    for suffix in sorted({job.output.suffix.lower() for job in jobs}):
+        VideoWriter(Path(f"check{suffix}"), fps=1, codec=clip.codec, crf=clip.crf)  # validates
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def video_sink(job: Job, selection, clip: Clip) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `write(frame)` into a video that appears at `job.output` only when complete."""
+    with VideoWriter(
+        job.output, fps=selection.fps, codec=clip.codec, crf=clip.crf, audio=selection.audio
+    ) as writer:
+        yield writer.write
+
+
+@contextlib.contextmanager
+def frames_sink(target: Path) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `write(frame)` into a hidden part folder renamed to `target` when complete."""
+    part = target.with_name(f".{target.name}.part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    count = 0
+
+    def write(frame: np.ndarray) -> None:
+        nonlocal count
+        write_frame_png(frame, part, target.name, count)
+        count += 1
+
+    try:
+        yield write
+        replace_dir(part, target)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+
+
+def replace_dir(part: Path, target: Path) -> None:
+    """Move a finished folder into place, replacing an old one (--overwrite)."""
+    if not target.exists():
+        os.replace(part, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(part, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resized(frames: Iterable[np.ndarray], clip: Clip) -> Iterator[np.ndarray]:
+    """Resize frames to `clip.size`, or down to `clip.max_size` on the longer side (Lanczos)."""
+    for frame in frames:
+        h, w = frame.shape[:2]
+        target = clip.size
+        if target is None and clip.max_size is not None and max(w, h) > clip.max_size:
+            scale = clip.max_size / max(w, h)
+            target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if target is not None and target != (w, h):
+            frame = np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.LANCZOS))
+        yield frame
+
+
+# --- one video ---------------------------------------------------------------------------------
+
+
+def stylize_one(
+    job: Job,
+    seed: int,
+    stylizer: Stylizer,
+    options: StreamOptions,
+    clip: Clip,
+    *,
+    frames_out: Path | None,
+    events: Events,
+) -> dict:
+    """Stylise one video into its output; returns the settings for its record."""
+    from stylekit.engine.stream import FrameStream
+
+    info = probe(job.input)
+    selection = select_frames(info, **clip.selection_args())
+    for message in info.warnings:
+        warn(events, message)
+    stream = FrameStream(
+        stylizer.model,
+        stylizer.cond,
+        stylizer.sampler,
+        replace(options, seed=seed),
+        guide=stylizer.guide,
+    )
+    done, size = 0, None
+    with contextlib.ExitStack() as stack:
+        sink = (
+            frames_sink(job.output) if frames_out is not None else video_sink(job, selection, clip)
+        )
+        write = stack.enter_context(sink)
+        source = stack.enter_context(
+            contextlib.closing(read_frames(job.input, info=info, **clip.selection_args()))
+        )
+        outputs = stack.enter_context(contextlib.closing(stream.run(resized(source, clip))))
+        for frame in outputs:
+            write(frame)
+            done += 1
+            size = size or (frame.shape[1], frame.shape[0])
+            events.step(done, selection.count)
+        if done != selection.count:
+            raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
+    settings = stylizer.metadata(seed=seed, size=size, source=job.input.name)
+    return settings | video_settings(options, stream, selection, info.warnings)
+
+
+def video_settings(options: StreamOptions, stream, selection, warnings) -> dict:
+    """The video knobs and what the stream did, for the record (`--json`)."""
+    stats = stream.stats
+    return {
+        "frames": selection.count,
+        "fps": str(selection.fps),
+        "consistency": options.consistency,
+        "anchor_every": options.anchor_every if options.consistency == "anchor" else None,
+        "skip_similar": options.skip_similar,
+        "max_skip": options.max_skip if options.skip_similar is not None else None,
+        "stream_batch": stream.batched,
+        "frames_processed": stats.processed,
+        "frames_skipped": stats.skipped,
+        "unet_calls": stats.unet_calls,
+        "warnings": list(warnings) or None,
+    }
+
+
+def warn(events: Events, message: str) -> None:
+    """Pass a warning to events that show warnings (`warning(message)`); others have the record."""
+    show = getattr(events, "warning", None)
+    if show is not None:
+        show(message)
+
+
+# --- the batch ---------------------------------------------------------------------------------
+
+
+def stylize_video(
+    inputs: Sequence[str],
+    *,
+    style: Sequence[str] = (),
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime | None = None,
+    codec: str | None = None,
+    crf: int | None = None,
+    frames_out: str | os.PathLike | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    max_frames: int | None = None,
+    every: int = 1,
+    consistency: str = "noise",
+    anchor_every: int = ANCHOR_EVERY,
+    skip_similar: float | None = None,
+    max_skip: int = 10,
+    stream_batch: bool | None = None,
+    size: tuple[int, int] | None = None,
+    max_size: int | None = None,
+    events: Events | None = None,
+    **overrides,
+) -> BatchReport:
+    """Stylise video files and folders into videos (or PNG frame folders); returns a BatchReport."""
+    from stylekit.api import Runtime, Stylizer, load_style_images, resolve_settings, with_seed
+    from stylekit.engine.stream import StreamOptions
+
+    settings = resolve_settings(settings, preset, overrides)
+    if settings.mode != "sample":
+        raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
+    output, events = with_seed(output or Output()), events or Events()
+    frames_out = Path(frames_out) if frames_out is not None else None
+    clip = Clip(start, end, max_frames, every, size, max_size, codec, crf).check()
+    options = StreamOptions(
+        steps=settings.steps,
+        strength=settings.strength,
+        consistency=consistency,
+        anchor_every=anchor_every,
+        skip_similar=skip_similar,
+        max_skip=max_skip,
+        stream_batch=stream_batch,
+    ).check()
+    jobs = plan_videos(inputs, output, frames_out)
+    check_encoding(jobs, clip, frames_out)
+    style_images = load_style_images(style)
+    state: dict[str, Stylizer] = {}
+
+    def prepare() -> None:
+        events.loading(settings.model)
+        names = [Path(p).name for p in style]
+        state["s"] = Stylizer(
+            settings,
+            style=style_images,
+            runtime=runtime or Runtime(),
+            style_names=names,
+            seed=output.seed,
+        )
+
+    def process(job: Job, seed: int) -> dict:
+        return stylize_one(
+            job, seed, state["s"], options, clip, frames_out=frames_out, events=events
+        )
+
+    return run_videos(jobs, output, process, prepare=prepare, events=events)
+
+
+def run_videos(
+    jobs: list[Job],
+    output: Output,
+    process: Callable[[Job, int], dict],
+    *,
+    prepare: Callable[[], None],
+    events: Events,
+) -> BatchReport:
+    """`runner.run_jobs` for outputs that `process` writes itself: skip, seed, report, go on."""
+    report = BatchReport()
+    to_do = [job for job in jobs if output.overwrite or not job.output.exists()]
+    skipped = [job for job in jobs if job not in to_do]
+    events.planned(len(to_do), len(skipped))
+    for job in skipped:
+        report.add_skipped(job)
+        events.finished(Record(str(job.input), str(job.output), "skipped"))
+    seed0 = base_seed(output.seed)
+    if output.dry_run:
+        for job in to_do:
+            seed = seed0 + job.index
+            events.finished(Record(str(job.input), str(job.output), "planned", seed=seed))
+        return report
+    if to_do:
+        prepare()
+    for job in to_do:
+        run_video(job, seed0 + job.index, process, report, events)
+    return report
+
+
+def run_video(job: Job, seed: int, process, report: BatchReport, events: Events) -> None:
+    """Process one video; a StylekitError or any other error fails this video only."""
+    events.started(job)
+    start = time.perf_counter()
+    try:
+        settings = process(job, seed)
+    except UsageError:
+        raise  # the same for every video: stop the batch
+    except Exception as exc:  # one bad video must not end the batch; the reason is reported
+        reason = (
+            str(exc)
+            if isinstance(exc, (StylekitError, OSError))
+            else f"{type(exc).__name__}: {exc}"
+        )
+        report.add_failed(job, reason)
+        events.finished(Record(str(job.input), str(job.output), "failed", error=reason, seed=seed))
+        return
+    report.add_done(job)
+    seconds = time.perf_counter() - start
+    events.finished(
+        Record(str(job.input), str(job.output), "done", seconds, seed, settings=settings)
+    )
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+class VideoConsoleEvents(ConsoleEvents):
+    """`ConsoleEvents` counting videos, with a per-video frames bar showing fps and an ETA."""
+
+    def __init__(self, console, *, as_json: bool = False, quiet: bool = False):
+        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos")
+
+    def started(self, job) -> None:
+        super().started(job)
+        self.progress.reset(self.steps, total=1, rate="")  # fresh speed estimate per video
+
+    def step(self, done: int, total: int) -> None:
+        super().step(done, total)
+        task = self.progress.tasks[self.steps]
+        if task.elapsed:
+            self.progress.update(self.steps, rate=f"{done / task.elapsed:.2f} fps")
+
+    def warning(self, message: str) -> None:
+        self.console.print(f"[yellow]warning[/yellow] {escape(message)}")
+
+
+# --- command line ------------------------------------------------------------------------------
+
+VIDEO = "Video"
+VideoFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format", "-f", help="mp4, m4v, mov, mkv or webm (default mp4).", rich_help_panel="Files"
+    ),
+]
+FramesOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--frames-out",
+        help="Write PNG frames to DIR/<name>/ instead of videos.",
+        rich_help_panel="Files",
+    ),
+]
+Codec = Annotated[
+    str | None,
+    typer.Option(
+        "--codec",
+        help="Video encoder (default libx264; libvpx-vp9 for .webm).",
+        rich_help_panel=VIDEO,
+    ),
+]
+Crf = Annotated[
+    int | None,
+    typer.Option(
+        "--crf", help="Constant quality (lower is better; x264 default 18).", rich_help_panel=VIDEO
+    ),
+]
+Start = Annotated[
+    float | None, typer.Option("--start", help="First second to keep.", rich_help_panel=VIDEO)
+]
+End = Annotated[
+    float | None, typer.Option("--end", help="Stop before this second.", rich_help_panel=VIDEO)
+]
+MaxFrames = Annotated[
+    int | None,
+    typer.Option("--max-frames", help="Stylise at most N frames per video.", rich_help_panel=VIDEO),
+]
+Every = Annotated[
+    int,
+    typer.Option(
+        "--every",
+        help="Keep every N-th frame (the output rate drops N times).",
+        rich_help_panel=VIDEO,
+    ),
+]
+Consistency = Annotated[
+    str,
+    typer.Option(
+        "--consistency",
+        help="none (fresh noise each frame), noise (fixed noise), anchor (also attend to an anchor frame).",
+        rich_help_panel=VIDEO,
+    ),
+]
+AnchorEvery = Annotated[
+    int,
+    typer.Option(
+        "--anchor-every",
+        help="Refresh the anchor frame every N frames; 0 keeps the first.",
+        rich_help_panel=VIDEO,
+    ),
+]
+SkipSimilar = Annotated[
+    float | None,
+    typer.Option(
+        "--skip-similar",
+        help="Skip frames this similar to the last one stylised (e.g. 0.98); off if omitted.",
+        rich_help_panel=VIDEO,
+    ),
+]
+MaxSkip = Annotated[
+    int,
+    typer.Option("--max-skip", help="At most N skipped frames in a row.", rich_help_panel=VIDEO),
+]
+StreamBatch = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream-batch/--no-stream-batch",
+        help="Batch all denoising stages in one UNet call (default: on for CUDA).",
+        rich_help_panel=VIDEO,
+    ),
+]
+VideoMaxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size", help="Shrink frames so the longer side is at most N.", rich_help_panel="Files"
+    ),
+]
+
+
+def video_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT", help="Video files or folders (recursive).", show_default=False
+        ),
+    ],
+    style: Style = None,
+    out: Out = None,
+    frames_out: FramesOut = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    strength: Strength = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: StyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    consistency: Consistency = "noise",
+    anchor_every: AnchorEvery = ANCHOR_EVERY,
+    skip_similar: SkipSimilar = None,
+    max_skip: MaxSkip = 10,
+    stream_batch: StreamBatch = None,
+    start: Start = None,
+    end: End = None,
+    max_frames: MaxFrames = None,
+    every: Every = 1,
+    size: Size = None,
+    max_size: VideoMaxSize = None,
+    fmt: VideoFormat = None,
+    codec: Codec = None,
+    crf: Crf = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
+) -> None:
+    """Stylise videos frame by frame; audio and the exact frame rate are kept.
+
+    Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
+    """
+    from stylekit import cli
+
+    values = locals()
+    with cli.cli_errors():
+        from stylekit.api import Runtime
+        from stylekit.media.images import parse_size
+
+        events = VideoConsoleEvents(cli.err, as_json=as_json, quiet=quiet)
+        with events:
+            report = stylize_video(
+                inputs,
+                style=[str(s) for s in style or []],
+                preset=preset,
+                output=Output(out, fmt, suffix, overwrite, seed, dry_run),
+                runtime=Runtime(device, dtype, allow_pickle, model_config),
+                codec=codec,
+                crf=crf,
+                frames_out=frames_out,
+                start=start,
+                end=end,
+                max_frames=max_frames,
+                every=every,
+                consistency=consistency,
+                anchor_every=anchor_every,
+                skip_similar=skip_similar,
+                max_skip=max_skip,
+                stream_batch=stream_batch,
+                size=parse_size(size) if size else None,
+                max_size=max_size,
+                events=events,
+                **cli.settings_overrides(values),
+            )
+        events.summary(report)
+    raise typer.Exit(report.exit_code())
+
+
+# The option aliases live in cli.py, which registers `video_command` when it is imported; this
+# import comes last so that either module can be imported first (cli.py imports this one).
+from stylekit.cli import (  # noqa: E402
+    Accelerator,
+    AdAdain,
+    AdCheckpointing,
+    AdIters,
+    AdLr,
+    AllowPickle,
+    Cfg,
+    ContentWeight,
+    Device,
+    DryRun,
+    Dtype,
+    Gamma,
+    ImageEncoder,
+    IpAdapter,
+    Json,
+    Lora,
+    Model,
+    ModelConfig,
+    Negative,
+    Out,
+    Overwrite,
+    Preset,
+    Prompt,
+    Quiet,
+    Scheduler,
+    Seed,
+    Size,
+    Steps,
+    Strength,
+    Style,
+    StyleMode,
+    StyleScale,
+    Suffix,
+    TinyVae,
+    TinyVaeModel,
+)

@@ -1,0 +1,320 @@
+"""The model loader's decisions: family, accelerator, LoRA specs, dtype, sources, style block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from stylekit.engine import models
+from stylekit.engine.models import (
+    LCM_LORA,
+    STD_REPO,
+    LoraSpec,
+    ModelSpec,
+    accelerator_source,
+    check_source,
+    detect_family,
+    resolve_dtype,
+)
+from stylekit.engine.style import ip_adapter_layers, set_style_scale, style_block
+from stylekit.errors import ModelError, UsageError
+
+CPU = torch.device("cpu")
+
+# Configs of the real UNets: stabilityai/stable-diffusion-xl-base-1.0 and SD1.5 (diffusers'
+# defaults with 768-wide cross-attention), built on the meta device: layers, no weights.
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
+
+
+def meta_unet(config: dict) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        return UNet2DConditionModel(**config)
+
+
+def tiny_spec(path: Path, **kwargs) -> ModelSpec:
+    return ModelSpec(str(path), accelerator="none", device="cpu", dtype="fp32", **kwargs)
+
+
+# --- family ----------------------------------------------------------------------------------
+
+
+def test_detect_family_of_folders(sd15_path, sdxl_path):
+    assert detect_family(str(sd15_path)) == "sd15"
+    assert detect_family(str(sdxl_path)) == "sdxl"
+
+
+def test_detect_family_of_single_files(sd15_single_file, tmp_path):
+    assert detect_family(str(sd15_single_file)) == "sd15"
+    xl = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, xl)
+    assert detect_family(str(xl)) == "sdxl"
+
+
+def test_detect_family_refuses_what_is_not_a_model(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ModelError, match="no model_index.json"):
+        detect_family(str(tmp_path / "folder"))
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.ones(2)}, other)
+    with pytest.raises(ModelError, match="not a Stable Diffusion or SDXL checkpoint"):
+        detect_family(str(other))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="not a readable .safetensors"):
+        detect_family(str(garbage))
+
+
+# --- accelerator -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strength", "eta"),
+    [
+        (0.3, "0.65"),
+        (0.65, "0.65"),
+        (0.72, "0.75"),
+        (0.75, "0.75"),
+        (0.85, "0.85"),
+        (0.88, "0.85"),
+        (0.95, "0.95"),
+        (1.0, "0.95"),
+    ],
+)
+def test_sdxl_accelerator_is_std_lora_for_the_strength(strength, eta):
+    spec = ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", strength=strength)
+    expected = f"{STD_REPO}/std_sdxl_i2i_eta{eta}.safetensors"
+    assert accelerator_source(spec, "sdxl", turbo=False) == expected
+
+
+def test_accelerator_for_sd15_turbo_none_and_explicit():
+    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert accelerator_source(sd15, "sd15", turbo=False) == LCM_LORA["sd15"]
+    for name, family in [("stabilityai/sd-turbo", "sd15"), ("stabilityai/sdxl-turbo", "sdxl")]:
+        assert models.is_turbo(name)
+        assert accelerator_source(ModelSpec(name), family, turbo=True) is None
+    none = ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", accelerator="none")
+    assert accelerator_source(none, "sdxl", turbo=False) is None
+    own = ModelSpec("x/y", accelerator="me/my-lora/fast.safetensors")
+    assert accelerator_source(own, "sd15", turbo=False) == "me/my-lora/fast.safetensors"
+    assert accelerator_source(own, "sd15", turbo=True) == "me/my-lora/fast.safetensors"
+
+
+# --- LoRA specs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "scale"),
+    [
+        ("a.safetensors:0.5", "a.safetensors", 0.5),
+        ("a.safetensors", "a.safetensors", 1.0),
+        ("a.safetensors:-1", "a.safetensors", -1.0),
+        ("a.safetensors:.25", "a.safetensors", 0.25),
+        ("a.safetensors:2.", "a.safetensors", 2.0),
+        ("owner/repo/file.safetensors", "owner/repo/file.safetensors", 1.0),
+        ("owner/repo/sub/file.safetensors:0.8", "owner/repo/sub/file.safetensors", 0.8),
+        ("C:/loras/x.safetensors", "C:/loras/x.safetensors", 1.0),  # a drive letter, no scale
+        ("x.safetensors:high", "x.safetensors:high", 1.0),
+    ],
+)
+def test_lora_spec_parse(text, source, scale):
+    assert LoraSpec.parse(text) == LoraSpec(source, scale)
+
+
+def test_lora_spec_parse_keeps_an_existing_path_with_a_colon(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "style:2").mkdir()
+    assert LoraSpec.parse("style:2") == LoraSpec("style:2", 1.0)
+    assert LoraSpec.parse("style:2:0.5") == LoraSpec("style:2", 0.5)
+
+
+# --- dtype and device ------------------------------------------------------------------------
+
+
+def test_resolve_dtype(monkeypatch):
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("mps")) == torch.float16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype("auto", CPU) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert resolve_dtype("auto", CPU) == torch.float32
+    for name, dtype in [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]:
+        assert resolve_dtype(name, CPU) == dtype
+        assert resolve_dtype(name, torch.device("cuda")) == dtype  # explicit beats the device
+    with pytest.raises(UsageError, match="unknown dtype 'float8'; choose auto, fp32"):
+        resolve_dtype("float8", CPU)
+
+
+def test_resolve_device():
+    assert models.resolve_device("cpu") == CPU
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        models.resolve_device("tpu")
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_check_source_refuses_pickle_unless_allowed(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="--allow-pickle") as info:
+        check_source(str(path), what="model", allow_pickle=False)
+    assert str(path) in str(info.value)
+    check_source(str(path), what="model", allow_pickle=True)
+
+
+def test_check_source_refuses_missing_local_paths(tmp_path):
+    missing = [tmp_path / "nope", tmp_path / "nope.safetensors", "./nope", "~/nope-stylekit"]
+    for source in [*map(str, missing), "nope.safetensors", "loras/nope.safetensors"]:
+        with pytest.raises(ModelError, match="no such file or folder") as info:
+            check_source(source, what="LoRA", allow_pickle=False)
+        assert str(info.value).startswith(f"LoRA {source}:")
+
+
+def test_check_source_refuses_what_is_neither_path_nor_hub_id():
+    for bad in ["just-a-name", "owner/repo name", "a b/c"]:
+        with pytest.raises(ModelError, match="not a local path or a hub id"):
+            check_source(bad, what="model", allow_pickle=False)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "latent-consistency/lcm-lora-sdv1-5",
+        "owner/repo/file.safetensors",
+        f"{STD_REPO}/std_sdxl_i2i_eta0.75.safetensors",  # the SDXL accelerator `auto` picks
+        "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",  # `--ip-adapter owner/repo/file`
+    ],
+)
+def test_check_source_accepts_hub_ids_and_hub_files(source):
+    check_source(source, what="LoRA", allow_pickle=False)
+
+
+def test_check_source_accepts_existing_paths(sd15_path, sd15_lora, sd15_single_file):
+    for path in (sd15_path, sd15_lora, sd15_single_file):
+        check_source(str(path), what="model", allow_pickle=False)
+
+
+def test_hub_lora_file_fails_offline_naming_it(sd15_path):
+    """A LoRA named as owner/repo/file goes to the hub (offline here), not to the disk."""
+    spec = tiny_spec(sd15_path, loras=(LoraSpec("nobody/no-lora/x.safetensors"),))
+    with pytest.raises(ModelError, match="could not load") as info:
+        models.load(spec)
+    assert "LoRA nobody/no-lora/x.safetensors" in str(info.value)
+
+
+# --- style block -----------------------------------------------------------------------------
+
+
+def test_style_block_on_full_size_unets():
+    assert style_block(meta_unet(SDXL_UNET)) == "up_blocks.0.attentions.1"
+    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1.attentions.1"
+
+
+def test_style_block_on_tiny_fixtures(sd15_path, sdxl_path):
+    for path, block in [
+        (sd15_path, "up_blocks.1.attentions.1"),
+        (sdxl_path, "up_blocks.0.attentions.1"),
+    ]:
+        config = UNet2DConditionModel.load_config(path, subfolder="unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        assert style_block(unet) == block
+
+
+def test_style_block_needs_an_attention_up_block():
+    config = {
+        **SD15_UNET,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "mid_block_type": None,
+    }
+    with pytest.raises(ModelError, match="no up block with attention"):
+        style_block(meta_unet(config))
+
+
+@pytest.fixture(scope="module")
+def sd15_with_adapter(sd15_path, sd15_ip_adapter):
+    return models.load(tiny_spec(sd15_path, ip_adapter=str(sd15_ip_adapter)))
+
+
+@pytest.fixture(scope="module")
+def sdxl_with_adapter(sdxl_path, sdxl_ip_adapter):
+    return models.load(tiny_spec(sdxl_path, ip_adapter=str(sdxl_ip_adapter)))
+
+
+@pytest.mark.parametrize(
+    ("which", "block"),
+    [
+        ("sd15_with_adapter", "up_blocks.1.attentions.1"),
+        ("sdxl_with_adapter", "up_blocks.0.attentions.1"),
+    ],
+)
+def test_set_style_scale_only_on_the_style_block(request, which, block):
+    model = request.getfixturevalue(which)
+    assert model.has_ip_adapter and model.pipe.image_encoder is not None
+    unet = model.unet
+    layers = ip_adapter_layers(unet)
+    active = set_style_scale(unet, 0.7)
+    assert active and all(name.startswith(block + ".") for name in active)
+    for name, proc in layers.items():
+        expected = 0.7 if name.startswith(block + ".") else 0.0
+        assert proc.scale == [expected] * len(proc.scale), name
+    assert sorted(active) == sorted(n for n in layers if n.startswith(block + "."))
+    assert len(active) < len(layers)
+
+    everywhere = set_style_scale(unet, 0.3, block="")
+    assert sorted(everywhere) == sorted(layers)
+    assert all(proc.scale == [0.3] * len(proc.scale) for proc in layers.values())
+
+
+def test_set_style_scale_refuses_a_block_without_ip_layers(sd15_with_adapter):
+    with pytest.raises(ModelError, match="'down_blocks.1' has no IP-Adapter layer"):
+        set_style_scale(sd15_with_adapter.unet, 1.0, block="down_blocks.1")
+    with pytest.raises(ModelError, match="has no IP-Adapter layer"):
+        set_style_scale(sd15_with_adapter.unet, 1.0, block="up_blocks.0")
+
+
+def test_set_style_scale_needs_an_adapter(sd15_path):
+    model = models.load(tiny_spec(sd15_path))
+    with pytest.raises(ModelError, match="no IP-Adapter is loaded"):
+        set_style_scale(model.unet, 1.0)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_load_local_tiny_vae_path(sd15_path, tiny_vae_path):
+    from diffusers import AutoencoderTiny
+
+    model = models.load(tiny_spec(sd15_path, tiny_vae=str(tiny_vae_path)))
+    assert isinstance(model.vae, AutoencoderTiny)
+    assert model.family == "sd15" and model.dtype == torch.float32 and not model.turbo
+
+
+def test_load_single_file(sd15_single_file, sd15_path):
+    model = models.load(tiny_spec(sd15_single_file, model_config=str(sd15_path)))
+    assert model.family == "sd15"
+    assert model.unet.config.cross_attention_dim == 32
