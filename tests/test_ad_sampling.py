@@ -225,3 +225,24 @@ def test_optimization_timesteps_descend_from_999_to_1():
     ts = ad.optimization_timesteps(200)
     assert ts[0] == 999 and ts[-1] == 1 and len(ts) == 200
     assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+
+
+def test_style_mode_both_uses_ip_adapter_and_ad(sd15_path, sd15_ip_adapter):
+    ref = noise_image(1)
+    settings = ad_settings(sd15_path, style_mode="both", ip_adapter=str(sd15_ip_adapter), ad_iters=1)
+    both = Stylizer(settings, style=[ref], runtime=CPU32, seed=0)
+    assert both.guide is not None and both.cond.image_embeds is not None
+    out_both = np.asarray(both(noise_image(2), seed=1), dtype=np.float32)
+    ad_only = Stylizer(ad_settings(sd15_path, ad_iters=1), style=[ref], runtime=CPU32, seed=0)
+    assert ad_only.cond.image_embeds is None
+    out_ad = np.asarray(ad_only(noise_image(2), seed=1), dtype=np.float32)
+    assert np.abs(out_both - out_ad).mean() > 0.5  # the adapter's contribution shows
+
+
+def test_several_references_join_in_one_guide(sd15_path):
+    refs = [noise_image(1), noise_image(3, w=72)]
+    stylizer = Stylizer(ad_settings(sd15_path, ad_iters=1), style=refs, runtime=CPU32, seed=0)
+    assert len(stylizer.guide.refs) == 2
+    feats = stylizer.guide.reference_features(0)
+    assert len(feats) == 2  # one feature set per reference, joined along tokens in the loss
+    stylizer(noise_image(2), seed=1)

@@ -103,18 +103,32 @@ def added_kwargs(model: LoadedModel, cond: Conditioning, height: int, width: int
 
 
 def noise_predictor(
-    model: LoadedModel, cond: Conditioning, height: int, width: int
-) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """Return eps(z, t): one UNet call on [z, z] under CFG, combined as e_u + g (e_c − e_u)."""
+    model: LoadedModel,
+    cond: Conditioning,
+    height: int,
+    width: int,
+    *,
+    extra: torch.Tensor | None = None,
+) -> Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]:
+    """Return eps(z, t): one UNet call on [z, z] under CFG, combined as e_u + g (e_c − e_u).
+
+    `t` is one timestep or one per latent row (stream batch). `extra` (1, C, h, w) is concatenated
+    to every latent as more input channels (an inpainting UNet's mask and masked-image latent).
+    """
     added = added_kwargs(model, cond, height, width)
     unet = model.unet
 
-    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
+    def eps(z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         batch = z.shape[0]
-        rows = torch.cat([z, z]) if cond.do_cfg else z  # (2B, 4, h, w) under CFG
+        if extra is not None:
+            z = torch.cat([z, extra.expand(batch, -1, -1, -1)], dim=1)  # (B, 4 + C, h, w)
+        rows = torch.cat([z, z]) if cond.do_cfg else z  # (2B, ·, h, w) under CFG, uncond first
+        t = torch.as_tensor(t, device=z.device)
+        if t.ndim and cond.do_cfg:
+            t = torch.cat([t, t])  # (2B,) per-row timesteps follow their rows
         out = unet(
             rows,
-            torch.tensor(t, device=z.device),
+            t,
             encoder_hidden_states=expand(cond.prompt_embeds, batch),
             timestep_cond=cond.timestep_cond,
             added_cond_kwargs=expand_added(added, batch),

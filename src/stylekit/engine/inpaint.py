@@ -23,9 +23,6 @@ from PIL import Image, ImageFilter
 from stylekit.engine.ad import Guide
 from stylekit.engine.conditioning import (
     Conditioning,
-    added_kwargs,
-    expand,
-    expand_added,
     noise_predictor,
 )
 from stylekit.engine.latents import decode, encode_pixels, to_tensor
@@ -103,29 +100,8 @@ def masked_predictor(
     model: LoadedModel, cond: Conditioning, lat: InpaintLatents, height: int, width: int
 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """eps(z, t) for a 9-channel UNet: input rows [z, mask, masked latent], doubled under CFG."""
-    added = added_kwargs(model, cond, height, width)
     extra = torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
-    unet = model.unet
-
-    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
-        batch = z.shape[0]
-        rows = torch.cat([z, extra.expand(batch, -1, -1, -1)], dim=1)  # (B, 9, h, w)
-        if cond.do_cfg:
-            rows = torch.cat([rows, rows])  # (2B, 9, h, w): uncond rows first
-        out = unet(
-            rows,
-            torch.tensor(t, device=z.device),
-            encoder_hidden_states=expand(cond.prompt_embeds, batch),
-            timestep_cond=cond.timestep_cond,
-            added_cond_kwargs=expand_added(added, batch),
-            return_dict=False,
-        )[0]
-        if not cond.do_cfg:
-            return out
-        e_u, e_c = out.chunk(2)
-        return e_u + cond.cfg * (e_c - e_u)
-
-    return eps
+    return noise_predictor(model, cond, height, width, extra=extra)
 
 
 @torch.no_grad()

@@ -47,9 +47,6 @@ from stylekit.engine.ad import Guide
 from stylekit.engine.attention import Features, FeatureStore, record_attention
 from stylekit.engine.conditioning import (
     Conditioning,
-    added_kwargs,
-    expand,
-    expand_added,
     noise_predictor,
 )
 from stylekit.engine.latents import decode, encode
@@ -163,25 +160,7 @@ class _Item:
 
 def batch_predictor(model: LoadedModel, cond: Conditioning, height: int, width: int):
     """Return eps(z, t) for latents at different timesteps: z (B, 4, h, w), t (B,); CFG as usual."""
-    added = added_kwargs(model, cond, height, width)
-
-    def eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        batch = z.shape[0]
-        rows = torch.cat([z, z]) if cond.do_cfg else z  # (2B, 4, h, w) under CFG, uncond first
-        out = model.unet(
-            rows,
-            torch.cat([t, t]) if cond.do_cfg else t,  # (2B,) or (B,)
-            encoder_hidden_states=expand(cond.prompt_embeds, batch),
-            timestep_cond=cond.timestep_cond,
-            added_cond_kwargs=expand_added(added, batch),
-            return_dict=False,
-        )[0]
-        if not cond.do_cfg:
-            return out
-        e_u, e_c = out.chunk(2)
-        return e_u + cond.cfg * (e_c - e_u)
-
-    return eps
+    return noise_predictor(model, cond, height, width)
 
 
 def stack_kv(rows: Sequence[Features]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

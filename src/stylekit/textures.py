@@ -1,0 +1,806 @@
+"""Textures of any size from an exemplar: MultiDiffusion over the few-step UNet with AD guidance.
+
+    from stylekit.textures import texture_expand
+    report = texture_expand(["brick.png"], size=(1536, 512), preset="lcm-sd15", seed=1)
+
+`texture_expand` samples a canvas of any size (multiples of 8 px) from pure noise: MultiDiffusion
+(Bar-Tal et al. 2023, `shared/specs/multidiffusion.md`) steps windows of the canvas with the
+stateless few-step sampler and averages them, and after every step each batch of stepped windows
+is refined by attention distillation against the whole exemplar (AD, arXiv 2502.20235; reference
+features cached per timestep). The latent is decoded tile by tile (`tiling.decode_tiled`), so
+memory grows with the canvas, not with the model's activations; time grows with the windows.
+
+`texture` is synthesis at the exemplar's scale: the canvas defaults to the exemplar's size, AD's
+guided-sampling defaults apply (3 iterations), label maps steer which part of the exemplar goes
+where (`source_mask`/`target_mask`: equal colours are the same label), and `mode="optimize"` runs
+AD's optimisation from noise instead (300 timesteps, no content term). It is the same code path
+as `texture_expand` with other defaults, so a canvas larger than a window is tiled the same way.
+
+Choices, with their reasons:
+
+- Texture defaults (style mode ad, CFG 1, empty prompt, AD lr 0.05, AdaIN on; iterations 2 for
+  expansion, 3 for synthesis; 300 optimisation steps) are the AD release's texture settings.
+  They replace the preset's values for these keys (a preset's CFG 6 and IP-Adapter style mode are
+  image-to-image choices); explicit options replace them. Style modes: ad, or none (AD off).
+- Window (latents): the UNet's native latent size (64 for SD1.5, 128 for SDXL), clamped to the
+  canvas. Stride: half the window, so every latent lies in about 4 windows (2 per axis), enough to
+  blend the window borders away; the panorama pipeline's stride 8 costs 16 times the UNet calls at
+  window 64. Windows: ((H - w) / s + 1)((W - w) / s + 1) per step, rounded up.
+- View batch 4: windows per UNet call; small enough for a CPU, cheap to raise on a GPU.
+- Seamless ("x", "y", "xy"): windows wrap around the canvas along those axes and the VAE pads
+  circularly there; the UNet pads circularly only along a wrapped axis that fits in one window
+  (a longer axis is made periodic by the wrapped windows themselves, and a crop is not periodic).
+- Exemplars larger than the model's native size (512 px SD1.5, 1024 px SDXL) are shrunk to it
+  (unless `max_size` says otherwise): AD's reference features are computed on the whole exemplar.
+- Label masks (controlled synthesis) need the canvas to fit in one window: the AD mask pairs
+  target-map tokens with exemplar tokens, and a window would need its own crop of the target map.
+- The reference noise of AD guidance is drawn from a seed derived from the job's seed, not the
+  seed itself: with equal shapes the canvas noise would otherwise equal the reference noise and
+  pull the canvas towards a copy of the exemplar's layout.
+
+Same batch contract as `stylize`: outputs `<exemplar-stem><suffix>.<fmt>` under `-o` (default
+./stylized/), existing outputs skipped, atomic writes, settings in the file, a bad exemplar fails
+alone (exit 1). This module imports no torch at import time: the CLI registers its commands.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import typer
+from PIL import Image
+
+from stylekit import __version__
+from stylekit.errors import InputError, UsageError
+from stylekit.media.batch import BatchReport, Job
+from stylekit.media.images import _open_rgb, load_image
+from stylekit.runner import Events, Output, plan_files, run_jobs
+
+if TYPE_CHECKING:
+    import torch
+
+    from stylekit.api import Runtime
+    from stylekit.engine.ad import Guide
+    from stylekit.engine.attention import LabelMaps
+    from stylekit.engine.models import LoadedModel
+    from stylekit.engine.sampling import Sampler
+    from stylekit.presets import Settings
+
+SEAMLESS = {"none": (False, False), "x": (True, False), "y": (False, True), "xy": (True, True)}
+DEFAULT_VIEW_BATCH = 4  # windows per UNet call: small for CPUs, raise it on a GPU
+DECODE_TILE, DECODE_OVERLAP = 64, 16  # latents: 512 px tiles with 128 px of context
+STYLE_MODES = ("ad", "none")
+# The AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN); see the module docstring.
+EXPAND_DEFAULTS = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
+TEXTURE_DEFAULTS = {**EXPAND_DEFAULTS, "ad_iters": 3, "opt_steps": 300}
+REFERENCE_SEED_SALT = 0x9E3779B97F4A7C15  # reference noise seed = (seed + salt) mod 2^64
+
+
+# --- the canvas plan ---------------------------------------------------------------------------
+
+
+def seamless_axes(seamless: str | None) -> tuple[bool, bool]:
+    """(wrap x, wrap y) for a seamless mode: None/"none", "x", "y" or "xy"."""
+    if seamless not in (None, *SEAMLESS):
+        raise UsageError(f"--seamless {seamless!r}; choose one of {', '.join(SEAMLESS)}")
+    return SEAMLESS[seamless or "none"]
+
+
+def check_window_options(
+    window: int | None, stride: int | None, view_batch: int, seamless: str | None
+) -> None:
+    """Refuse bad window options before any model loads (the native window needs the model)."""
+    if window is not None and window < 1:
+        raise UsageError(f"--window must be at least 1 latent, got {window}")
+    if stride is not None and not 1 <= stride <= (window or stride):
+        raise UsageError(f"--stride {stride} must be in 1..{window} (the window)")
+    if view_batch < 1:
+        raise UsageError(f"--view-batch must be at least 1, got {view_batch}")
+    seamless_axes(seamless)
+
+
+@dataclass(frozen=True)
+class CanvasPlan:
+    """How one canvas is sampled: its latent size, MultiDiffusion windows, wrapping; all in latents."""
+
+    height: int
+    width: int
+    window: int
+    stride: int
+    view_batch: int
+    seamless: str  # none | x | y | xy
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) in pixels."""
+        return self.width * 8, self.height * 8
+
+    @property
+    def wrap(self) -> tuple[bool, bool]:
+        """(x, y): the axes whose windows wrap around and whose VAE padding is circular."""
+        return SEAMLESS[self.seamless]
+
+    @property
+    def unet_wrap(self) -> tuple[bool, bool]:
+        """(x, y): circular UNet padding, only along a wrapped axis that fits in one window."""
+        wrap_x, wrap_y = self.wrap
+        return wrap_x and self.width <= self.window, wrap_y and self.height <= self.window
+
+    def windows(self) -> list:
+        """The MultiDiffusion windows (`tiling.View`), row-major."""
+        from stylekit.engine.tiling import views
+
+        wrap_x, wrap_y = self.wrap
+        return views(
+            self.height,
+            self.width,
+            window=self.window,
+            stride=self.stride,
+            wrap_x=wrap_x,
+            wrap_y=wrap_y,
+        )
+
+    def decode_tiles(self) -> int:
+        """How many tiles `decode_tiled` decodes (each ≤ (tile + 2 overlap)² latents)."""
+        return math.ceil(self.height / DECODE_TILE) * math.ceil(self.width / DECODE_TILE)
+
+
+def plan_canvas(
+    size: tuple[int, int],
+    *,
+    native: int,
+    window: int | None = None,
+    stride: int | None = None,
+    view_batch: int = DEFAULT_VIEW_BATCH,
+    seamless: str | None = None,
+) -> CanvasPlan:
+    """Plan a (W, H) px canvas: window defaults to `native` latents, stride to half the window.
+
+    Both are clamped to the canvas's longer latent side (a canvas no larger than the window is
+    one window); a stride given larger than the window given is refused.
+    """
+    width, height = size
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise UsageError(f"size {width}x{height}: width and height must be multiples of 8")
+    check_window_options(window, stride, view_batch, seamless)
+    h, w = height // 8, width // 8
+    window = min(native if window is None else window, max(h, w))
+    stride = min(max(window // 2, 1) if stride is None else stride, window)
+    return CanvasPlan(h, w, window, stride, view_batch, seamless or "none")
+
+
+# --- the engine: one canvas --------------------------------------------------------------------
+
+
+@dataclass
+class TextureModel:
+    """A loaded model with the run's sampler and prompt conditioning, made once per batch."""
+
+    settings: Settings
+    model: LoadedModel
+    sampler: Sampler
+    cond: Any  # engine.conditioning.Conditioning
+
+    @property
+    def native(self) -> int:
+        """The UNet's native latent size (64 for SD1.5): the default window."""
+        return int(self.model.unet.config.sample_size)
+
+
+def load_texture_model(settings: Settings, runtime: Runtime) -> TextureModel:
+    """Load the model (no IP-Adapter), the sampler and the prompt conditioning."""
+    from stylekit.api import model_spec
+    from stylekit.engine import conditioning, models, sampling
+
+    model = models.load(model_spec(settings, runtime, ip_adapter=False))
+    sampler = sampling.make_sampler(
+        settings.scheduler, dict(model.pipe.scheduler.config), gamma=settings.gamma
+    )
+    cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
+    return TextureModel(settings, model, sampler, cond)
+
+
+def reference_seed(seed: int) -> int:
+    """The seed of AD's reference noise: derived from, never equal to, the canvas seed."""
+    return (seed + REFERENCE_SEED_SALT) % 2**64
+
+
+def make_texture_guide(
+    tm: TextureModel, exemplar: Image.Image, *, seed: int, masks: LabelMaps | None = None
+) -> Guide | None:
+    """AD guidance against the whole exemplar (None with style mode none, unless optimising)."""
+    from stylekit.engine.ad import ADOptions, make_guide
+
+    s = tm.settings
+    if s.style_mode == "none" and s.mode == "sample":
+        return None
+    options = ADOptions(
+        iters=s.ad_iters, lr=s.ad_lr, adain=s.ad_adain, checkpointing=s.ad_checkpointing
+    )
+    return make_guide(
+        tm.model, tm.sampler, [exemplar], seed=reference_seed(seed), options=options, masks=masks
+    )
+
+
+def initial_noise(tm: TextureModel, plan: CanvasPlan, generator: torch.Generator) -> torch.Tensor:
+    """The canvas's starting noise (1, C, h, w), drawn like diffusers' pipelines draw it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    m = tm.model
+    shape = (1, m.unet.config.in_channels, plan.height, plan.width)
+    return randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype)
+
+
+def sample_canvas(
+    tm: TextureModel,
+    plan: CanvasPlan,
+    z: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    guide: Guide | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """MultiDiffusion from noise `z`, every window stepped and then AD-refined against the exemplar.
+
+    The reference features are computed before the UNet's padding turns circular (the exemplar
+    does not tile); `callback(done, total)` counts windows over all steps.
+    """
+    from stylekit.engine.conditioning import noise_predictor
+    from stylekit.engine.tiling import circular_padding, multidiffusion
+    from stylekit.engine.txt2img import schedule
+
+    ts = schedule(tm.model, tm.settings.steps)
+    first = plan.windows()[0]
+    eps = noise_predictor(tm.model, tm.cond, 8 * first.height, 8 * first.width)
+    if guide is not None:
+        for i in range(len(ts)):
+            guide.reference_features(ts[i + 1] if i + 1 < len(ts) else 0)
+    unet_x, unet_y = plan.unet_wrap
+    wrap_x, wrap_y = plan.wrap
+    with circular_padding(tm.model.unet, x=unet_x, y=unet_y):
+        return multidiffusion(
+            eps,
+            z,
+            ts,
+            tm.sampler,
+            window=plan.window,
+            stride=plan.stride,
+            view_batch=plan.view_batch,
+            generator=generator,
+            wrap_x=wrap_x,
+            wrap_y=wrap_y,
+            refine=None if guide is None else guide.refine,
+            callback=callback,
+        )
+
+
+def optimize_canvas(
+    tm: TextureModel,
+    plan: CanvasPlan,
+    z: torch.Tensor,
+    guide: Guide,
+    *,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """AD's optimisation-based synthesis from noise `z`, on the whole canvas at once (no windows)."""
+    from stylekit.engine.ad import optimize_transfer
+    from stylekit.engine.tiling import circular_padding
+
+    wrap_x, wrap_y = plan.wrap  # the canvas is one piece: the UNet wraps wherever it is seamless
+    with circular_padding(tm.model.unet, x=wrap_x, y=wrap_y):
+        return optimize_transfer(
+            guide, z, steps=tm.settings.opt_steps, lr=tm.settings.opt_lr, callback=callback
+        )
+
+
+def decode_canvas(model: LoadedModel, z: torch.Tensor, plan: CanvasPlan) -> np.ndarray:
+    """Decode tile by tile (never the whole canvas at once): (H, W, 3) floats in [0, 1]."""
+    from stylekit.engine.tiling import circular_padding, decode_tiled
+
+    wrap_x, wrap_y = plan.wrap
+    with circular_padding(model.vae, x=wrap_x, y=wrap_y):
+        return decode_tiled(
+            model, z, tile=DECODE_TILE, overlap=DECODE_OVERLAP, wrap_x=wrap_x, wrap_y=wrap_y
+        )[0]
+
+
+def check_masks_fit(plan: CanvasPlan, settings: Settings) -> None:
+    """Label masks in guided sampling need one window: the AD mask is made for the whole canvas."""
+    if settings.mode == "sample" and len(plan.windows()) > 1:
+        raise UsageError(
+            f"label masks need a canvas within one window ({plan.window * 8} px here); "
+            "use a smaller --size or a larger --window"
+        )
+
+
+def synthesize(
+    tm: TextureModel,
+    exemplar: Image.Image,
+    plan: CanvasPlan,
+    *,
+    seed: int,
+    masks: LabelMaps | None = None,
+    noise: torch.Tensor | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """One texture: noise (from `seed` unless given) → guided canvas → tiled decode, (H, W, 3)."""
+    import torch
+
+    if masks is not None:
+        check_masks_fit(plan, tm.settings)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    z = initial_noise(tm, plan, generator) if noise is None else noise
+    guide = make_texture_guide(tm, exemplar, seed=seed, masks=masks)
+    if tm.settings.mode == "optimize":
+        z = optimize_canvas(tm, plan, z, guide, callback=callback)
+    else:
+        z = sample_canvas(tm, plan, z, generator=generator, guide=guide, callback=callback)
+    return decode_canvas(tm.model, z, plan)
+
+
+# --- label maps --------------------------------------------------------------------------------
+
+
+def label_ids(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A label map image at `size` (nearest) as (H, W) labels: equal colours, equal labels.
+
+    The label is the colour as one number, r·2¹⁶ + g·2⁸ + b < 2²⁴, so float32 holds it exactly.
+    """
+    import torch
+
+    rgb = np.asarray(image.convert("RGB").resize(size, Image.Resampling.NEAREST), dtype=np.int64)
+    ids = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]  # (H, W)
+    return torch.from_numpy(ids.astype(np.float32))
+
+
+def label_maps(
+    source: Image.Image, target: Image.Image, exemplar_size: tuple[int, int], size: tuple[int, int]
+) -> LabelMaps:
+    """AD label masks: the source map over the exemplar, the target map over the canvas."""
+    from stylekit.engine.attention import LabelMaps
+
+    return LabelMaps(label_ids(target, size), [label_ids(source, exemplar_size)])
+
+
+def read_label_map(path: str | Path, flag: str) -> Image.Image:
+    """Read a label map image; a missing or unreadable one is a usage error of the whole run."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        return _open_rgb(path)
+    except InputError as exc:
+        raise UsageError(f"{flag} {exc}") from exc
+
+
+# --- the batch tasks ---------------------------------------------------------------------------
+
+
+def texture_settings(
+    settings: Settings | None, preset: str | None, overrides: dict, defaults: dict
+) -> Settings:
+    """Defaults < preset < texture defaults < explicit overrides (None means not given)."""
+    from stylekit.api import resolve_settings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    resolved = resolve_settings(settings, preset, {**defaults, **given})
+    if resolved.style_mode not in STYLE_MODES:
+        raise UsageError(
+            f"--style-mode {resolved.style_mode!r}: textures are guided by attention "
+            f"distillation; choose one of {', '.join(STYLE_MODES)}"
+        )
+    return resolved
+
+
+def texture_metadata(
+    tm: TextureModel,
+    plan: CanvasPlan,
+    *,
+    task: str,
+    seed: int,
+    exemplar: str,
+    exemplar_size: tuple[int, int],
+    masks: tuple[str, str] | None = None,
+) -> dict:
+    """Everything needed to reproduce a texture, for the PNG/EXIF settings chunk."""
+    s, m = tm.settings, tm.model
+    optimize = s.mode == "optimize"
+    ad = optimize or s.style_mode == "ad"
+    return {
+        "task": task,
+        "prompt": s.prompt,
+        "negative_prompt": s.negative,
+        "steps": s.opt_steps if optimize else s.steps,
+        "sampler": "AD-optimize" if optimize else s.scheduler.upper(),
+        "cfg_scale": None if optimize else s.cfg,
+        "gamma": s.gamma if s.scheduler == "tcd" and not optimize else None,
+        "seed": seed,
+        "size": f"{plan.size[0]}x{plan.size[1]}",
+        "model": s.model,
+        "accelerator": m.accelerator or "none",
+        "loras": list(s.loras) or None,
+        "exemplar": exemplar,
+        "exemplar_size": f"{exemplar_size[0]}x{exemplar_size[1]}",
+        "style_mode": "ad" if ad else "none",
+        "ad_iters": s.ad_iters if ad and not optimize else None,
+        "ad_lr": (s.opt_lr if optimize else s.ad_lr) if ad else None,
+        "ad_adain": s.ad_adain if ad and not optimize else None,
+        "window": None if optimize else plan.window,
+        "stride": None if optimize else plan.stride,
+        "view_batch": None if optimize else plan.view_batch,
+        "windows": None if optimize else len(plan.windows()),
+        "seamless": plan.seamless,
+        "source_mask": masks[0] if masks else None,
+        "target_mask": masks[1] if masks else None,
+        "tiny_vae": s.tiny_vae or None,
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "stylekit": __version__,
+    }
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The canvas options of a batch; `size` None means each exemplar's own size (texture only)."""
+
+    size: tuple[int, int] | None
+    window: int | None
+    stride: int | None
+    view_batch: int
+    seamless: str | None
+
+    def plan(self, size: tuple[int, int], native: int) -> CanvasPlan:
+        return plan_canvas(
+            size,
+            native=native,
+            window=self.window,
+            stride=self.stride,
+            view_batch=self.view_batch,
+            seamless=self.seamless,
+        )
+
+
+def run_textures(
+    task: str,
+    inputs: Sequence[str],
+    canvas: Canvas,
+    settings: Settings,
+    *,
+    output: Output | None,
+    runtime: Runtime | None,
+    max_size: int | None,
+    masks: tuple[str | Path, str | Path] | None = None,
+    events: Events | None = None,
+) -> BatchReport:
+    """The batch loop both tasks share: one model load, then one texture per exemplar."""
+    from stylekit.api import Runtime, with_seed
+
+    check_window_options(canvas.window, canvas.stride, canvas.view_batch, canvas.seamless)
+    output = with_seed(output or Output())
+    jobs = plan_files(list(inputs), output)
+    maps = None
+    if masks is not None:
+        maps = (
+            read_label_map(masks[0], "--source-mask"),
+            read_label_map(masks[1], "--target-mask"),
+        )
+    size = canvas.size or (maps[1].size if maps else None)
+    state: dict[str, TextureModel] = {}
+    events = events or Events()
+
+    def prepare() -> None:
+        events.loading(settings.model)
+        tm = load_texture_model(settings, runtime or Runtime())
+        if size is not None:  # bad window options fail the run here, not every job
+            plan = canvas.plan(size, tm.native)
+            if maps is not None:
+                check_masks_fit(plan, settings)
+        state["tm"] = tm
+
+    def process(job: Job, seed: int):
+        tm = state["tm"]
+        exemplar = load_image(job.input, max_size=max_size or 8 * tm.native)
+        plan = canvas.plan(size or exemplar.size, tm.native)
+        lm = label_maps(*maps, exemplar.size, plan.size) if maps else None
+        arr = synthesize(tm, exemplar, plan, seed=seed, masks=lm, callback=events.step)
+        names = (Path(masks[0]).name, Path(masks[1]).name) if masks else None
+        meta = texture_metadata(
+            tm,
+            plan,
+            task=task,
+            seed=seed,
+            exemplar=job.input.name,
+            exemplar_size=exemplar.size,
+            masks=names,
+        )
+        return Image.fromarray((arr * 255).round().astype(np.uint8)), meta
+
+    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+
+
+def texture_expand(
+    inputs: Sequence[str],
+    *,
+    size: tuple[int, int] | None,
+    window: int | None = None,
+    stride: int | None = None,
+    view_batch: int = DEFAULT_VIEW_BATCH,
+    seamless: str | None = None,
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime | None = None,
+    max_size: int | None = None,
+    events: Events | None = None,
+    **overrides,
+) -> BatchReport:
+    """Expand every exemplar to a `size` = (W, H) px texture; returns a BatchReport.
+
+    Window and stride are in latents (8 px); `seamless` is None, "x", "y" or "xy"; `max_size`
+    caps the exemplar's longer side (default: the model's native size). See the module docstring.
+    """
+    if size is None:
+        raise UsageError("texture-expand needs --size WxH (the texture to make)")
+    settings = texture_settings(settings, preset, overrides, EXPAND_DEFAULTS)
+    if settings.mode != "sample":
+        raise UsageError("texture-expand samples; use `stylekit texture --mode optimize`")
+    canvas = Canvas(size, window, stride, view_batch, seamless)
+    return run_textures(
+        "texture-expand",
+        inputs,
+        canvas,
+        settings,
+        output=output,
+        runtime=runtime,
+        max_size=max_size,
+        events=events,
+    )
+
+
+def texture(
+    inputs: Sequence[str],
+    *,
+    size: tuple[int, int] | None = None,
+    source_mask: str | Path | None = None,
+    target_mask: str | Path | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    view_batch: int = DEFAULT_VIEW_BATCH,
+    seamless: str | None = None,
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime | None = None,
+    max_size: int | None = None,
+    events: Events | None = None,
+    **overrides,
+) -> BatchReport:
+    """Synthesise a texture like each exemplar, at its size unless `size`; returns a BatchReport.
+
+    `mode="optimize"` runs AD's optimisation from noise instead of guided sampling. With
+    `source_mask` (over the exemplar) and `target_mask` (over the canvas, whose size it gives when
+    `size` is None) the canvas's regions copy the exemplar's regions of the same colour.
+    """
+    if (source_mask is None) != (target_mask is None):
+        raise UsageError("controlled synthesis needs both --source-mask and --target-mask")
+    settings = texture_settings(settings, preset, overrides, TEXTURE_DEFAULTS)
+    masks = (source_mask, target_mask) if source_mask is not None else None
+    canvas = Canvas(size, window, stride, view_batch, seamless)
+    return run_textures(
+        "texture",
+        inputs,
+        canvas,
+        settings,
+        output=output,
+        runtime=runtime,
+        max_size=max_size,
+        masks=masks,
+        events=events,
+    )
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+CANVAS = "Canvas"  # help panel of the options only these commands have
+Exemplars = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="EXEMPLAR...",
+        help="Exemplar images, folders (recursive) or globs; one texture each.",
+        show_default=False,
+    ),
+]
+Window = Annotated[
+    int | None,
+    typer.Option(
+        "--window",
+        help="MultiDiffusion window in latents (8 px); default the model's native size (64 SD1.5).",
+        rich_help_panel=CANVAS,
+    ),
+]
+Stride = Annotated[
+    int | None,
+    typer.Option(
+        "--stride",
+        help="Step between windows in latents; default half the window.",
+        rich_help_panel=CANVAS,
+    ),
+]
+ViewBatch = Annotated[
+    int,
+    typer.Option("--view-batch", help="Windows per UNet call.", rich_help_panel=CANVAS),
+]
+Seamless = Annotated[
+    str | None,
+    typer.Option(
+        "--seamless", help="Make the texture tile along x, y or xy.", rich_help_panel=CANVAS
+    ),
+]
+ExemplarMaxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size",
+        help="Shrink exemplars so the longer side is at most N (default: the model's native size).",
+        rich_help_panel="Files",  # cli.FILES (cli is imported last)
+    ),
+]
+OPTIMIZE_HELP = "sample (few-step, AD-guided) or optimize (AD's optimisation from noise: slow)."
+
+
+def texture_expand_command(
+    inputs: Exemplars,
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size", help="Texture size WxH in px (multiples of 8).", rich_help_panel=CANVAS
+        ),
+    ],
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = DEFAULT_VIEW_BATCH,
+    seamless: Seamless = None,
+    out: cli.Out = None,
+    preset: cli.Preset = None,
+    model: cli.Model = None,
+    lora: cli.Lora = None,
+    accelerator: cli.Accelerator = None,
+    tiny_vae: cli.TinyVae = None,
+    scheduler: cli.Scheduler = None,
+    steps: cli.Steps = None,
+    cfg: cli.Cfg = None,
+    gamma: cli.Gamma = None,
+    prompt: cli.Prompt = None,
+    negative: cli.Negative = None,
+    style_mode: Annotated[
+        str | None,
+        typer.Option("--style-mode", help="ad (default) or none.", rich_help_panel=cli.STYLE),
+    ] = None,
+    ad_iters: cli.AdIters = None,
+    ad_lr: cli.AdLr = None,
+    adain: cli.AdAdain = None,
+    ad_checkpointing: cli.AdCheckpointing = None,
+    seed: cli.Seed = None,
+    max_size: ExemplarMaxSize = None,
+    fmt: cli.Format = None,
+    suffix: cli.Suffix = "",
+    overwrite: cli.Overwrite = False,
+    dry_run: cli.DryRun = False,
+    as_json: cli.Json = False,
+    quiet: cli.Quiet = False,
+    device: cli.Device = "auto",
+    dtype: cli.Dtype = "auto",
+    allow_pickle: cli.AllowPickle = False,
+    model_config: cli.ModelConfig = None,
+) -> None:
+    """Expand exemplars into textures of any size (MultiDiffusion + AD guidance, few steps).
+
+    Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
+    """
+    cli.run_batch(
+        "texture_expand",
+        locals(),
+        window=window,
+        stride=stride,
+        view_batch=view_batch,
+        seamless=seamless,
+    )
+
+
+def texture_command(
+    inputs: Exemplars,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            help="Texture size WxH in px (default: the target mask's, else the exemplar's).",
+            rich_help_panel=CANVAS,
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help=OPTIMIZE_HELP, rich_help_panel=cli.STYLE)
+    ] = None,
+    opt_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--opt-steps",
+            help="Timesteps of --mode optimize (default 300).",
+            rich_help_panel=cli.STYLE,
+        ),
+    ] = None,
+    source_mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--source-mask",
+            help="Label map over the exemplar (equal colours = one label); needs --target-mask.",
+            show_default=False,
+            rich_help_panel=CANVAS,
+        ),
+    ] = None,
+    target_mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--target-mask",
+            help="Label map over the texture: each colour takes the exemplar's region of that colour.",
+            show_default=False,
+            rich_help_panel=CANVAS,
+        ),
+    ] = None,
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = DEFAULT_VIEW_BATCH,
+    seamless: Seamless = None,
+    out: cli.Out = None,
+    preset: cli.Preset = None,
+    model: cli.Model = None,
+    lora: cli.Lora = None,
+    accelerator: cli.Accelerator = None,
+    tiny_vae: cli.TinyVae = None,
+    scheduler: cli.Scheduler = None,
+    steps: cli.Steps = None,
+    cfg: cli.Cfg = None,
+    gamma: cli.Gamma = None,
+    prompt: cli.Prompt = None,
+    negative: cli.Negative = None,
+    style_mode: Annotated[
+        str | None,
+        typer.Option("--style-mode", help="ad (default) or none.", rich_help_panel=cli.STYLE),
+    ] = None,
+    ad_iters: cli.AdIters = None,
+    ad_lr: cli.AdLr = None,
+    adain: cli.AdAdain = None,
+    ad_checkpointing: cli.AdCheckpointing = None,
+    seed: cli.Seed = None,
+    max_size: ExemplarMaxSize = None,
+    fmt: cli.Format = None,
+    suffix: cli.Suffix = "",
+    overwrite: cli.Overwrite = False,
+    dry_run: cli.DryRun = False,
+    as_json: cli.Json = False,
+    quiet: cli.Quiet = False,
+    device: cli.Device = "auto",
+    dtype: cli.Dtype = "auto",
+    allow_pickle: cli.AllowPickle = False,
+    model_config: cli.ModelConfig = None,
+) -> None:
+    """Synthesise textures like exemplars (AD-guided sampling, or --mode optimize), with label masks.
+
+    Example: stylekit texture moss.png --source-mask moss-labels.png --target-mask layout.png
+    """
+    cli.run_batch(
+        "texture",
+        locals(),
+        source_mask=None if source_mask is None else str(source_mask),
+        target_mask=None if target_mask is None else str(target_mask),
+        window=window,
+        stride=stride,
+        view_batch=view_batch,
+        seamless=seamless,
+    )
+
+
+# Last, so that `stylekit.cli` can import this module while it is itself being imported (and the
+# other way round): the commands' annotations name `cli.*` and are only read when Typer runs.
+from stylekit import cli  # noqa: E402
