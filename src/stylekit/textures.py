@@ -20,8 +20,9 @@ Choices, with their reasons:
 
 - Texture defaults (style mode ad, CFG 1, empty prompt, AD lr 0.05, AdaIN on; iterations 2 for
   expansion, 3 for synthesis; 300 optimisation steps) are the AD release's texture settings.
-  They replace the preset's values for these keys (a preset's CFG 6 and IP-Adapter style mode are
-  image-to-image choices); explicit options replace them. Style modes: ad, or none (AD off).
+  They replace the preset's (or `settings`') values for these keys, since a preset's CFG 6 and
+  IP-Adapter style mode are image-to-image choices; explicit options replace them in turn.
+  Style modes: ad, or none (AD off).
 - Window (latents): the UNet's native latent size (64 for SD1.5, 128 for SDXL), clamped to the
   canvas. Stride: half the window, so every latent lies in about 4 windows (2 per axis), enough to
   blend the window borders away; the panorama pipeline's stride 8 costs 16 times the UNet calls at
@@ -97,8 +98,10 @@ def check_window_options(
     """Refuse bad window options before any model loads (the native window needs the model)."""
     if window is not None and window < 1:
         raise UsageError(f"--window must be at least 1 latent, got {window}")
-    if stride is not None and not 1 <= stride <= (window or stride):
-        raise UsageError(f"--stride {stride} must be in 1..{window} (the window)")
+    if stride is not None and stride < 1:
+        raise UsageError(f"--stride must be at least 1 latent, got {stride}")
+    if stride is not None and window is not None and stride > window:
+        raise UsageError(f"--stride {stride} is larger than --window {window}")
     if view_batch < 1:
         raise UsageError(f"--view-batch must be at least 1, got {view_batch}")
     seamless_axes(seamless)
@@ -161,16 +164,19 @@ def plan_canvas(
 ) -> CanvasPlan:
     """Plan a (W, H) px canvas: window defaults to `native` latents, stride to half the window.
 
-    Both are clamped to the canvas's longer latent side (a canvas no larger than the window is
-    one window); a stride given larger than the window given is refused.
+    A stride larger than the window is refused. Both are then clamped to the canvas's longer
+    latent side: along an axis no longer than the window the canvas is one window.
     """
     width, height = size
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise UsageError(f"size {width}x{height}: width and height must be multiples of 8")
     check_window_options(window, stride, view_batch, seamless)
     h, w = height // 8, width // 8
-    window = min(native if window is None else window, max(h, w))
-    stride = min(max(window // 2, 1) if stride is None else stride, window)
+    window = native if window is None else window
+    if stride is not None and stride > window:
+        raise UsageError(f"--stride {stride} is larger than the window ({window} latents)")
+    window = min(window, max(h, w))
+    stride = max(window // 2, 1) if stride is None else min(stride, window)
     return CanvasPlan(h, w, window, stride, view_batch, seamless or "none")
 
 
@@ -367,6 +373,24 @@ def label_maps(
     return LabelMaps(label_ids(target, size), [label_ids(source, exemplar_size)])
 
 
+def multiple_of_8(size: tuple[int, int], flag: str) -> tuple[int, int]:
+    """A label map's size rounded down to multiples of 8, as exemplars are."""
+    width, height = size[0] // 8 * 8, size[1] // 8 * 8
+    if not width or not height:
+        raise UsageError(f"{flag} is {size[0]}x{size[1]}: smaller than 8 px")
+    return width, height
+
+
+def to_image(arr: np.ndarray) -> Image.Image:
+    """(H, W, 3) floats in [0, 1] → 8-bit RGB, rounding like diffusers; `arr` is overwritten.
+
+    In place, because at 4096² every float copy of the canvas is 200 MB.
+    """
+    np.multiply(arr, 255, out=arr)
+    np.round(arr, out=arr)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
 def read_label_map(path: str | Path, flag: str) -> Image.Image:
     """Read a label map image; a missing or unreadable one is a usage error of the whole run."""
     path = Path(path).expanduser()
@@ -488,7 +512,7 @@ def run_textures(
             read_label_map(masks[0], "--source-mask"),
             read_label_map(masks[1], "--target-mask"),
         )
-    size = canvas.size or (maps[1].size if maps else None)
+    size = canvas.size or (multiple_of_8(maps[1].size, "--target-mask") if maps else None)
     state: dict[str, TextureModel] = {}
     events = events or Events()
 
@@ -517,7 +541,7 @@ def run_textures(
             exemplar_size=exemplar.size,
             masks=names,
         )
-        return Image.fromarray((arr * 255).round().astype(np.uint8)), meta
+        return to_image(arr), meta
 
     return run_jobs(jobs, output, process, prepare=prepare, events=events)
 
@@ -702,6 +726,7 @@ def texture_expand_command(
     cli.run_batch(
         "texture_expand",
         locals(),
+        inputs=inputs,
         window=window,
         stride=stride,
         view_batch=view_batch,
@@ -792,6 +817,7 @@ def texture_command(
     cli.run_batch(
         "texture",
         locals(),
+        inputs=inputs,
         source_mask=None if source_mask is None else str(source_mask),
         target_mask=None if target_mask is None else str(target_mask),
         window=window,
