@@ -24,8 +24,6 @@ from stylekit.media.images import load_image
 from stylekit.presets import Settings, load_preset
 from stylekit.runner import Events, Output, base_seed, plan_files, run_batched, run_jobs
 
-DEFAULT_BATCH = 2  # images per UNet call: a batch of 2 cost 0.78x two single calls on a 2-core CPU
-
 
 @dataclass(frozen=True)
 class Runtime:
@@ -35,6 +33,15 @@ class Runtime:
     dtype: str = "auto"
     allow_pickle: bool = False
     model_config: str | None = None  # diffusers config for a single-file checkpoint
+
+
+def default_batch(runtime: Runtime) -> int:
+    """Images per UNet call: 4 on a CPU (SD1.5 at 256 px: 0.41 s per image in a batch of 4 vs
+    0.56 s alone, 2 threads, bf16), 2 on an accelerator, where batching gains less and memory is
+    scarcer."""
+    from stylekit.engine.models import resolve_device
+
+    return 4 if resolve_device(runtime.device).type == "cpu" else 2
 
 
 def resolve_settings(settings: Settings | None, preset: str | None, overrides: dict) -> Settings:
@@ -317,7 +324,7 @@ def stylize(
         output,
         load=load,
         process=process,
-        batch_size=batch_size or DEFAULT_BATCH,
+        batch_size=batch_size or default_batch(runtime),
         key=lambda im: im.size,
         prepare=prepare,
         events=events,
