@@ -203,7 +203,7 @@ def test_interrupt_keeps_finished_outputs_and_leaves_no_part_files(
 ):
     out = tmp_path / "out"
     interrupt_second(monkeypatch, during_save=during_save)
-    result = stylize(folder, "-o", out, model=sd15_path, seed=10)
+    result = stylize(folder, "-o", out, "--batch-size", "1", model=sd15_path, seed=10)
     assert result.exit_code == 130, (result.stderr, result.exception)
     assert "interrupted" in result.stderr
     kept = files_under(out)  # no sub/.b.png.*.part, no half-written image
@@ -607,7 +607,9 @@ def test_model_and_conditioning_once_per_batch(tmp_path, sd15_path, sd15_ip_adap
     images = [write_image(tmp_path / "in" / f"{i}.png", i) for i in range(3)]
     style = ["--style", ref, "--ip-adapter", sd15_ip_adapter, "--style-mode", "ipadapter"]
     for batch in ([images[0]], images):
-        result = stylize(*batch, "-o", tmp_path / f"out{len(batch)}", *style, model=sd15_path)
+        result = stylize(
+            *batch, "-o", tmp_path / f"out{len(batch)}", "--batch-size", "1", *style, model=sd15_path
+        )
         assert result.exit_code == 0, (result.stderr, result.exception)
     one, three = loads  # one model load per batch
     assert one["text_encoder"] > 0 and one["image_encoder"] > 0
