@@ -257,6 +257,51 @@ class Stylizer:
         }
 
 
+class RunModel:
+    """The run's Stylizer, built once and only when there is work (`prepare` of the batch loop).
+
+    Style references are loaded up front by the constructor, so a bad one stops the run before any
+    model loads; `check(stylizer)` may refuse a combination only the loaded model reveals.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        style: Sequence[str | Path],
+        *,
+        runtime: Runtime | None,
+        seed: int,
+        events: Events,
+        check: Callable[[Stylizer], None] | None = None,
+    ):
+        self.settings, self.runtime, self.seed, self.events = (
+            settings,
+            runtime or Runtime(),
+            seed,
+            events,
+        )
+        self.style_names = [Path(p).name for p in style]
+        self.style_images = load_style_images(style)
+        self.check = check
+        self.stylizer: Stylizer | None = None
+
+    def prepare(self) -> None:
+        self.events.loading(self.settings.model)
+        stylizer = Stylizer(
+            self.settings,
+            style=self.style_images,
+            runtime=self.runtime,
+            style_names=self.style_names,
+            seed=self.seed,
+        )
+        if self.check is not None:
+            self.check(stylizer)
+        self.stylizer = stylizer
+
+    def __call__(self) -> Stylizer:
+        return self.stylizer
+
+
 def uses_ad(settings: Settings, style: Sequence) -> bool | None:
     """Whether AD guidance runs: needs references and style mode ad/both (or optimize mode).
 
@@ -293,25 +338,14 @@ def stylize(
     settings = resolve_settings(settings, preset, overrides)
     output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
-    style_images = load_style_images(style)
-    state: dict[str, Stylizer] = {}
     events = events or Events()
-
-    def prepare() -> None:
-        events.loading(settings.model)
-        state["s"] = Stylizer(
-            settings,
-            style=style_images,
-            runtime=runtime,
-            style_names=[Path(p).name for p in style],
-            seed=output.seed,
-        )
+    model = RunModel(settings, style, runtime=runtime, seed=output.seed, events=events)
 
     def load(job: Job) -> Image.Image:
         return load_image(job.input, size=size, max_size=max_size)
 
     def process(batch: list[tuple[Job, int, Image.Image]]):
-        stylizer = state["s"]
+        stylizer = model()
         images, seeds = [b[2] for b in batch], [b[1] for b in batch]
         outs = stylizer.batch(images, seeds, callback=events.step)
         return [
@@ -326,7 +360,7 @@ def stylize(
         process=process,
         batch_size=batch_size or default_batch(runtime),
         key=lambda im: im.size,
-        prepare=prepare,
+        prepare=model.prepare,
         events=events,
     )
 
@@ -386,27 +420,16 @@ def t2i_styled(
     settings = resolve_settings(settings, preset, {**overrides, "prompt": prompt})
     output = with_seed(output or Output())
     jobs = plan_generated(count, prompt, output)
-    style_images = load_style_images(style)
-    state: dict[str, Stylizer] = {}
     events = events or Events()
-
-    def prepare() -> None:
-        events.loading(settings.model)
-        state["s"] = Stylizer(
-            settings,
-            style=style_images,
-            runtime=runtime,
-            style_names=[Path(p).name for p in style],
-            seed=output.seed,
-        )
+    model = RunModel(settings, style, runtime=runtime, seed=output.seed, events=events)
 
     def process(job: Job, seed: int):
-        s = state["s"]
+        s = model()
         width, height = model_size(s.model, size)
         image = s.generate(width, height, seed=seed, callback=events.step)
         return image, s.metadata(seed=seed, size=(width, height))
 
-    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+    return run_jobs(jobs, output, process, prepare=model.prepare, events=events)
 
 
 def stylize_video(inputs: Sequence[str], **options):

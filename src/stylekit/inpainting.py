@@ -81,6 +81,14 @@ def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image
     return (ImageOps.invert(grey) if invert else grey), resized
 
 
+def refuse_ad_on_9ch(stylizer) -> None:
+    """AD guidance needs a plain UNet: an inpainting UNet's inputs are not what AD records."""
+    if stylizer.guide is not None and stylizer.model.inpainting_unet:
+        raise UsageError(
+            "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
+        )
+
+
 def inpaint(
     inputs: Sequence[str],
     *,
@@ -103,12 +111,11 @@ def inpaint(
     it is the model's image (diffusers' inpaint pipeline result), feathered over `mask_blur` px.
     An input without a mask fails alone; the batch goes on and the exit code says so.
     """
-    from stylekit.api import Runtime, Stylizer, load_style_images, resolve_settings, with_seed
+    from stylekit.api import RunModel, resolve_settings, with_seed
 
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError("inpaint samples in few steps; --mode optimize is not available here")
-    runtime = runtime or Runtime()
     output = with_seed(output or Output())
     check_mask_blur(mask_blur)
     find_mask, mask_files = mask_finder(mask)
@@ -117,31 +124,17 @@ def inpaint(
     ]
     if not jobs:
         raise UsageError("every input is one of the masks; put the masks in another folder")
-    style_images = load_style_images(style)
-    state: dict[str, Stylizer] = {}
     events = events or Events()
-
-    def prepare() -> None:
-        events.loading(settings.model)
-        stylizer = Stylizer(
-            settings,
-            style=style_images,
-            runtime=runtime,
-            style_names=[Path(p).name for p in style],
-            seed=output.seed,
-        )
-        if stylizer.guide is not None and stylizer.model.inpainting_unet:
-            raise UsageError(
-                "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
-            )
-        state["s"] = stylizer
+    model = RunModel(
+        settings, style, runtime=runtime, seed=output.seed, events=events, check=refuse_ad_on_9ch
+    )
 
     def process(job: Job, seed: int):
         image = load_image(job.input, size=size, max_size=max_size)
         mask_path = find_mask(job)
         grey, resized = load_mask(mask_path, image.size, invert=invert_mask)
-        out = repaint(state["s"], image, grey, seed=seed, blur=mask_blur, callback=events.step)
-        meta = state["s"].metadata(seed=seed, size=image.size, source=job.input.name)
+        out = repaint(model(), image, grey, seed=seed, blur=mask_blur, callback=events.step)
+        meta = model().metadata(seed=seed, size=image.size, source=job.input.name)
         meta |= {
             "mask": mask_path.name,
             "mask_blur": mask_blur,
@@ -150,7 +143,7 @@ def inpaint(
         }
         return out, meta
 
-    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+    return run_jobs(jobs, output, process, prepare=model.prepare, events=events)
 
 
 def repaint(

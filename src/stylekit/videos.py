@@ -299,7 +299,7 @@ def stylize_video(
     **overrides,
 ) -> BatchReport:
     """Stylise video files and folders into videos (or PNG frame folders); returns a BatchReport."""
-    from stylekit.api import Runtime, Stylizer, load_style_images, resolve_settings, with_seed
+    from stylekit.api import RunModel, resolve_settings, with_seed
     from stylekit.engine.stream import StreamOptions
 
     settings = resolve_settings(settings, preset, overrides)
@@ -319,26 +319,12 @@ def stylize_video(
     ).check()
     jobs = plan_videos(inputs, output, frames_out)
     check_encoding(jobs, clip, frames_out)
-    style_images = load_style_images(style)
-    state: dict[str, Stylizer] = {}
-
-    def prepare() -> None:
-        events.loading(settings.model)
-        names = [Path(p).name for p in style]
-        state["s"] = Stylizer(
-            settings,
-            style=style_images,
-            runtime=runtime or Runtime(),
-            style_names=names,
-            seed=output.seed,
-        )
+    model = RunModel(settings, style, runtime=runtime, seed=output.seed, events=events)
 
     def process(job: Job, seed: int) -> dict:
-        return stylize_one(
-            job, seed, state["s"], options, clip, frames_out=frames_out, events=events
-        )
+        return stylize_one(job, seed, model(), options, clip, frames_out=frames_out, events=events)
 
-    return run_videos(jobs, output, process, prepare=prepare, events=events)
+    return run_videos(jobs, output, process, prepare=model.prepare, events=events)
 
 
 def run_videos(
