@@ -229,7 +229,9 @@ def test_optimization_timesteps_descend_from_999_to_1():
 
 def test_style_mode_both_uses_ip_adapter_and_ad(sd15_path, sd15_ip_adapter):
     ref = noise_image(1)
-    settings = ad_settings(sd15_path, style_mode="both", ip_adapter=str(sd15_ip_adapter), ad_iters=1)
+    settings = ad_settings(
+        sd15_path, style_mode="both", ip_adapter=str(sd15_ip_adapter), ad_iters=1
+    )
     both = Stylizer(settings, style=[ref], runtime=CPU32, seed=0)
     assert both.guide is not None and both.cond.image_embeds is not None
     out_both = np.asarray(both(noise_image(2), seed=1), dtype=np.float32)

@@ -608,7 +608,13 @@ def test_model_and_conditioning_once_per_batch(tmp_path, sd15_path, sd15_ip_adap
     style = ["--style", ref, "--ip-adapter", sd15_ip_adapter, "--style-mode", "ipadapter"]
     for batch in ([images[0]], images):
         result = stylize(
-            *batch, "-o", tmp_path / f"out{len(batch)}", "--batch-size", "1", *style, model=sd15_path
+            *batch,
+            "-o",
+            tmp_path / f"out{len(batch)}",
+            "--batch-size",
+            "1",
+            *style,
+            model=sd15_path,
         )
         assert result.exit_code == 0, (result.stderr, result.exception)
     one, three = loads  # one model load per batch

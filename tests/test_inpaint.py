@@ -269,14 +269,8 @@ def test_bad_mask_arguments_stop_before_loading(tmp_path):
 def test_cli_inpaint_command(tmp_path, sd15_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from stylekit import api
     from stylekit.cli import app
-    from stylekit.inpainting import inpaint, inpaint_command
 
-    monkeypatch.setattr(api, "inpaint", inpaint, raising=False)
-    if not any(c.name == "inpaint" for c in app.registered_commands):
-        monkeypatch.setattr(app, "registered_commands", list(app.registered_commands))
-        app.command("inpaint")(inpaint_command)
     photo(1).save(tmp_path / "a.png")
     photo(2).save(tmp_path / "b.png")
     square_mask().save(tmp_path / "m.png")

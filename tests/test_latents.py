@@ -10,7 +10,9 @@ from stylekit.errors import StylekitError
 
 @pytest.fixture(scope="module")
 def model(sd15_path):
-    return models.load(models.ModelSpec(str(sd15_path), accelerator="none", dtype="bf16", device="cpu"))
+    return models.load(
+        models.ModelSpec(str(sd15_path), accelerator="none", dtype="bf16", device="cpu")
+    )
 
 
 def broken_in(model, monkeypatch, dtypes, value):

@@ -19,9 +19,6 @@ from stylekit.errors import UsageError
 from stylekit.textures import (
     DECODE_TILE,
     plan_canvas,
-    reference_seed,
-    texture_command,
-    texture_expand_command,
 )
 
 W, H = 192, 64  # px: latents 8 × 24, three 16-latent windows along x with stride 8
@@ -82,21 +79,10 @@ def texture_model(sd15_path):
 
 
 @pytest.fixture
-def app(monkeypatch):
-    """The CLI app with both texture commands (registered here if cli.py does not yet)."""
-    from stylekit import api
+def app():
+    """The CLI app."""
     from stylekit.cli import app
-    from stylekit.textures import texture, texture_expand
 
-    monkeypatch.setattr(api, "texture_expand", texture_expand, raising=False)
-    monkeypatch.setattr(api, "texture", texture, raising=False)
-    names = {c.name for c in app.registered_commands}
-    if not {"texture-expand", "texture"} <= names:
-        monkeypatch.setattr(app, "registered_commands", list(app.registered_commands))
-        if "texture-expand" not in names:
-            app.command("texture-expand")(texture_expand_command)
-        if "texture" not in names:
-            app.command("texture")(texture_command)
     return app
 
 
@@ -152,7 +138,11 @@ def test_bad_canvas_options_are_refused(kwargs, match):
 
 
 def test_reference_noise_seed_differs_from_the_canvas_seed():
-    assert reference_seed(1) != 1 and 0 <= reference_seed(2**63 - 1) < 2**64
+    from stylekit.engine.ad import reference_seed
+
+    for seed in (0, 1, 12345, 2**63 - 1):
+        assert reference_seed(seed) not in range(seed, seed + 16)  # image i uses seed + i
+        assert 0 <= reference_seed(seed) < 2**63
 
 
 def test_a_4096_request_counts_windows_and_decodes_in_tiles(tmp_path, sd15_path, monkeypatch):
@@ -179,6 +169,9 @@ def test_a_4096_request_counts_windows_and_decodes_in_tiles(tmp_path, sd15_path,
 
     def no_whole_decode(*args, **kwargs):
         raise AssertionError("a 4096² canvas must not be decoded in one piece")
+
+    # modules that bind `latents.decode` by name must be imported before it is patched here
+    from stylekit.engine import img2img, inpaint, stream, txt2img  # noqa: F401
 
     monkeypatch.setattr(tiling, "multidiffusion", fake_multidiffusion)
     monkeypatch.setattr(tiling, "decode_tiled", fake_decode_tiled)

@@ -283,10 +283,7 @@ def test_bad_options_are_usage_errors():
 
 def test_broken_input_is_reported_and_the_batch_goes_on(videos, sd15_path, tmp_path):
     from stylekit import cli
-    from stylekit.videos import video_command
 
-    if not any(c.name == "video" for c in cli.app.registered_commands):
-        cli.app.command("video")(video_command)
     notes = tmp_path / "notes.txt"
     notes.write_text("not a video")
     args = ["video", str(videos["broken"]), str(notes), str(videos["static"]), "-o", str(tmp_path)]

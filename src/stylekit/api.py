@@ -439,4 +439,5 @@ def stylize_video(inputs: Sequence[str], **options):
     return run(inputs, **options)
 
 
-from stylekit.inpainting import inpaint  # noqa: E402, F401  (re-exported task)
+from stylekit.inpainting import inpaint  # noqa: E402, F401  (re-exported tasks)
+from stylekit.textures import texture, texture_expand  # noqa: E402, F401

@@ -5,6 +5,8 @@ Exit codes: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -286,143 +288,494 @@ def main_options(
     """Batch image and video stylization and texture synthesis with few-step diffusion models."""
 
 
+# --- options of single commands ---------------------------------------------------------------
+MASK, VIDEO, CANVAS = "Mask", "Video", "Canvas"
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="INPUT", help="Image files, folders (recursive) or globs.", show_default=False
+    ),
+]
+Mode = Annotated[
+    str | None,
+    typer.Option(
+        "--mode",
+        help="sample (few-step, default) or optimize (AD's optimisation transfer: slow, highest fidelity).",
+        rich_help_panel=STYLE,
+    ),
+]
+OptSteps = Annotated[
+    int | None,
+    typer.Option(
+        "--opt-steps",
+        help="Timesteps of --mode optimize (default 200; 300 for textures).",
+        rich_help_panel=STYLE,
+    ),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Same-size images per UNet batch (default 4 on CPU, 2 on GPU); each image keeps its own seed and result.",
+        rich_help_panel=RUN,
+    ),
+]
+AdStyleMode = Annotated[
+    str | None,
+    typer.Option(
+        "--style-mode",
+        help="ad (default here) or none; with references, ipadapter and both too.",
+        rich_help_panel=STYLE,
+    ),
+]
+MaskPath = Annotated[
+    Path,
+    typer.Option(
+        "--mask",
+        help="Mask image for every input, or a folder of masks matched by file stem; white = repaint.",
+        show_default=False,
+        rich_help_panel=MASK,
+    ),
+]
+InvertMask = Annotated[
+    bool,
+    typer.Option("--invert-mask", help="Repaint the black part instead.", rich_help_panel=MASK),
+]
+MaskBlur = Annotated[
+    int,
+    typer.Option(
+        "--mask-blur",
+        help="Feather the seam over N px outside the mask (0..64).",
+        rich_help_panel=MASK,
+    ),
+]
+Videos = Annotated[
+    list[str],
+    typer.Argument(metavar="INPUT", help="Video files or folders (recursive).", show_default=False),
+]
+VideoFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format", "-f", help="mp4, m4v, mov, mkv or webm (default mp4).", rich_help_panel=FILES
+    ),
+]
+FramesOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--frames-out",
+        help="Write PNG frames to DIR/<name>/ instead of videos.",
+        rich_help_panel=FILES,
+    ),
+]
+Codec = Annotated[
+    str | None,
+    typer.Option(
+        "--codec",
+        help="Video encoder (default libx264; libvpx-vp9 for .webm).",
+        rich_help_panel=VIDEO,
+    ),
+]
+Crf = Annotated[
+    int | None,
+    typer.Option(
+        "--crf", help="Constant quality (lower is better; x264 default 18).", rich_help_panel=VIDEO
+    ),
+]
+Start = Annotated[
+    float | None, typer.Option("--start", help="First second to keep.", rich_help_panel=VIDEO)
+]
+End = Annotated[
+    float | None, typer.Option("--end", help="Stop before this second.", rich_help_panel=VIDEO)
+]
+MaxFrames = Annotated[
+    int | None,
+    typer.Option("--max-frames", help="Stylise at most N frames per video.", rich_help_panel=VIDEO),
+]
+Every = Annotated[
+    int,
+    typer.Option(
+        "--every",
+        help="Keep every N-th frame (the output rate drops N times).",
+        rich_help_panel=VIDEO,
+    ),
+]
+Consistency = Annotated[
+    str,
+    typer.Option(
+        "--consistency",
+        help="none (fresh noise each frame), noise (fixed noise), anchor (also attend to an anchor frame).",
+        rich_help_panel=VIDEO,
+    ),
+]
+AnchorEvery = Annotated[
+    int,
+    typer.Option(
+        "--anchor-every",
+        help="Refresh the anchor frame every N frames; 0 keeps the first.",
+        rich_help_panel=VIDEO,
+    ),
+]
+SkipSimilar = Annotated[
+    float | None,
+    typer.Option(
+        "--skip-similar",
+        help="Skip frames this similar to the last one stylised (e.g. 0.98); off if omitted.",
+        rich_help_panel=VIDEO,
+    ),
+]
+MaxSkip = Annotated[
+    int,
+    typer.Option("--max-skip", help="At most N skipped frames in a row.", rich_help_panel=VIDEO),
+]
+StreamBatch = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream-batch/--no-stream-batch",
+        help="Batch all denoising stages of several frames in one UNet call (default: on for CUDA).",
+        rich_help_panel=VIDEO,
+    ),
+]
+FrameMaxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size", help="Shrink frames so the longer side is at most N.", rich_help_panel=FILES
+    ),
+]
+Exemplars = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="EXEMPLAR",
+        help="Exemplar images, folders (recursive) or globs; one texture each.",
+        show_default=False,
+    ),
+]
+Window = Annotated[
+    int | None,
+    typer.Option(
+        "--window",
+        help="MultiDiffusion window in latents (8 px); default the model's native size (64 SD1.5).",
+        rich_help_panel=CANVAS,
+    ),
+]
+Stride = Annotated[
+    int | None,
+    typer.Option(
+        "--stride",
+        help="Step between windows in latents; default half the window.",
+        rich_help_panel=CANVAS,
+    ),
+]
+ViewBatch = Annotated[
+    int, typer.Option("--view-batch", help="Windows per UNet call.", rich_help_panel=CANVAS)
+]
+Seamless = Annotated[
+    str | None,
+    typer.Option(
+        "--seamless", help="Make the texture tile along x, y or xy.", rich_help_panel=CANVAS
+    ),
+]
+ExemplarMaxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size",
+        help="Shrink exemplars so the longer side is at most N (default: the model's native size).",
+        rich_help_panel=FILES,
+    ),
+]
+SourceMask = Annotated[
+    Path | None,
+    typer.Option(
+        "--source-mask",
+        help="Label map over the exemplar (equal colours = one label); needs --target-mask.",
+        show_default=False,
+        rich_help_panel=CANVAS,
+    ),
+]
+TargetMask = Annotated[
+    Path | None,
+    typer.Option(
+        "--target-mask",
+        help="Label map over the texture: each colour takes the exemplar's region of that colour.",
+        show_default=False,
+        rich_help_panel=CANVAS,
+    ),
+]
+
+# Every option most commands share: (parameter, annotation, default). Commands take them as
+# **options through `shared_options`, which may leave some out or swap their annotation.
+SHARED = (
+    ("style", Style, None),
+    ("out", Out, None),
+    ("preset", Preset, None),
+    ("model", Model, None),
+    ("lora", Lora, None),
+    ("accelerator", Accelerator, None),
+    ("tiny_vae", TinyVae, None),
+    ("tiny_vae_model", TinyVaeModel, None),
+    ("ip_adapter", IpAdapter, None),
+    ("image_encoder", ImageEncoder, None),
+    ("scheduler", Scheduler, None),
+    ("steps", Steps, None),
+    ("strength", Strength, None),
+    ("cfg", Cfg, None),
+    ("gamma", Gamma, None),
+    ("prompt", Prompt, None),
+    ("negative", Negative, None),
+    ("style_mode", StyleMode, None),
+    ("style_scale", StyleScale, None),
+    ("ad_iters", AdIters, None),
+    ("ad_lr", AdLr, None),
+    ("adain", AdAdain, None),
+    ("content_weight", ContentWeight, None),
+    ("ad_checkpointing", AdCheckpointing, None),
+    ("seed", Seed, None),
+    ("size", Size, None),
+    ("max_size", MaxSize, None),
+    ("fmt", Format, None),
+    ("suffix", Suffix, ""),
+    ("overwrite", Overwrite, False),
+    ("dry_run", DryRun, False),
+    ("as_json", Json, False),
+    ("quiet", Quiet, False),
+    ("device", Device, "auto"),
+    ("dtype", Dtype, "auto"),
+    ("allow_pickle", AllowPickle, False),
+    ("model_config", ModelConfig, None),
+)
+NOT_FOR_TEXTURES = (
+    "style",
+    "strength",
+    "ip_adapter",
+    "image_encoder",
+    "style_scale",
+    "content_weight",
+    "size",
+)
+
+
+def shared_options(*, skip: tuple[str, ...] = (), swap: dict | None = None):
+    """Give a command the SHARED options (less `skip`, with `swap`ped annotations) as **options.
+
+    Typer reads a command's parameters from its signature; this one lists the command's own
+    parameters and then the shared ones, and the command receives the shared ones as keywords.
+    """
+
+    def decorate(command):
+        own = [
+            p
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.kind is not p.VAR_KEYWORD
+        ]
+        taken = {p.name for p in own} | set(skip)
+        shared = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=(swap or {}).get(name, annotation),
+            )
+            for name, annotation, default in SHARED
+            if name not in taken
+        ]
+        params = own + shared
+
+        @functools.wraps(command)
+        def run(**values):
+            return command(**values)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        del run.__wrapped__
+        return run
+
+    return decorate
+
+
 # --- commands ----------------------------------------------------------------------------------
 @app.command()
+@shared_options()
 def stylize(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="INPUT", help="Image files, folders (recursive) or globs.", show_default=False
-        ),
-    ],
-    style: Style = None,
-    out: Out = None,
-    preset: Preset = None,
-    model: Model = None,
-    lora: Lora = None,
-    accelerator: Accelerator = None,
-    tiny_vae: TinyVae = None,
-    tiny_vae_model: TinyVaeModel = None,
-    ip_adapter: IpAdapter = None,
-    image_encoder: ImageEncoder = None,
-    scheduler: Scheduler = None,
-    steps: Steps = None,
-    strength: Strength = None,
-    cfg: Cfg = None,
-    gamma: Gamma = None,
-    prompt: Prompt = None,
-    negative: Negative = None,
-    style_mode: StyleMode = None,
-    style_scale: StyleScale = None,
-    ad_iters: AdIters = None,
-    ad_lr: AdLr = None,
-    adain: AdAdain = None,
-    content_weight: ContentWeight = None,
-    ad_checkpointing: AdCheckpointing = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(
-            "--mode",
-            help="sample (few-step, default) or optimize (AD's optimisation transfer: slow, highest fidelity).",
-            rich_help_panel=STYLE,
-        ),
-    ] = None,
-    opt_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--opt-steps", help="Timesteps of --mode optimize (default 200).", rich_help_panel=STYLE
-        ),
-    ] = None,
-    seed: Seed = None,
-    size: Size = None,
-    max_size: MaxSize = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Same-size images per UNet batch (default 4 on CPU, 2 on GPU); each image keeps its own seed and result.",
-            rich_help_panel=RUN,
-        ),
-    ] = None,
-    fmt: Format = None,
-    suffix: Suffix = "",
-    overwrite: Overwrite = False,
-    dry_run: DryRun = False,
-    as_json: Json = False,
-    quiet: Quiet = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    allow_pickle: AllowPickle = False,
-    model_config: ModelConfig = None,
+    inputs: Inputs,
+    mode: Mode = None,
+    opt_steps: OptSteps = None,
+    batch_size: BatchSize = None,
+    **options,
 ) -> None:
     """Stylise images with a few-step model, optionally after a style reference.
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     """
-    run_batch("stylize", locals(), inputs=inputs, batch_size=batch_size)
+    run_batch(
+        "stylize",
+        {**options, "mode": mode, "opt_steps": opt_steps},
+        inputs=inputs,
+        batch_size=batch_size,
+    )
 
 
 @app.command("t2i-styled")
+@shared_options(
+    skip=("prompt", "strength", "content_weight", "max_size"),
+    swap={
+        "style_mode": AdStyleMode,
+        "size": Annotated[
+            str | None,
+            typer.Option(
+                "--size",
+                help="WxH to generate (default: the model's native size).",
+                rich_help_panel=FILES,
+            ),
+        ],
+    },
+)
 def t2i_styled(
     prompt_text: Annotated[
         str, typer.Argument(metavar="PROMPT", help="What to generate.", show_default=False)
     ],
-    style: Style = None,
     count: Annotated[
         int, typer.Option("--count", "-n", help="How many images.", rich_help_panel=FILES)
     ] = 1,
-    out: Out = None,
-    preset: Preset = None,
-    model: Model = None,
-    lora: Lora = None,
-    accelerator: Accelerator = None,
-    tiny_vae: TinyVae = None,
-    tiny_vae_model: TinyVaeModel = None,
-    ip_adapter: IpAdapter = None,
-    image_encoder: ImageEncoder = None,
-    scheduler: Scheduler = None,
-    steps: Steps = None,
-    cfg: Cfg = None,
-    gamma: Gamma = None,
-    negative: Negative = None,
-    style_mode: Annotated[
-        str | None,
-        typer.Option(
-            "--style-mode",
-            help="ad (default here), ipadapter, both or none.",
-            rich_help_panel=STYLE,
-        ),
-    ] = None,
-    style_scale: StyleScale = None,
-    ad_iters: AdIters = None,
-    ad_lr: AdLr = None,
-    adain: AdAdain = None,
-    ad_checkpointing: AdCheckpointing = None,
-    seed: Seed = None,
-    size: Annotated[
-        str | None,
-        typer.Option(
-            "--size",
-            help="WxH to generate (default: the model's native size).",
-            rich_help_panel=FILES,
-        ),
-    ] = None,
-    fmt: Format = None,
-    suffix: Suffix = "",
-    overwrite: Overwrite = False,
-    dry_run: DryRun = False,
-    as_json: Json = False,
-    quiet: Quiet = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    allow_pickle: AllowPickle = False,
-    model_config: ModelConfig = None,
+    **options,
 ) -> None:
     """Generate images from a prompt in the style of reference images (AD-guided, few steps).
 
     Example: stylekit t2i-styled "a lighthouse at dusk" --style ref.jpg -n 4 --steps 4
     """
-    run_batch("t2i_styled", locals(), prompt=prompt_text, count=count)
+    run_batch("t2i_styled", options, prompt=prompt_text, count=count)
+
+
+@app.command()
+@shared_options()
+def inpaint(
+    inputs: Inputs,
+    mask: MaskPath,
+    invert_mask: InvertMask = False,
+    mask_blur: MaskBlur = 4,
+    **options,
+) -> None:
+    """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
+
+    Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
+    """
+    run_batch(
+        "inpaint",
+        options,
+        inputs=inputs,
+        mask=str(mask),
+        invert_mask=invert_mask,
+        mask_blur=mask_blur,
+    )
+
+
+@app.command()
+@shared_options(swap={"fmt": VideoFormat, "max_size": FrameMaxSize})
+def video(
+    inputs: Videos,
+    frames_out: FramesOut = None,
+    consistency: Consistency = "noise",
+    anchor_every: AnchorEvery = 30,
+    skip_similar: SkipSimilar = None,
+    max_skip: MaxSkip = 10,
+    stream_batch: StreamBatch = None,
+    start: Start = None,
+    end: End = None,
+    max_frames: MaxFrames = None,
+    every: Every = 1,
+    codec: Codec = None,
+    crf: Crf = None,
+    **options,
+) -> None:
+    """Stylise videos frame by frame; audio and the exact frame rate are kept.
+
+    Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
+    """
+    from stylekit.videos import VideoConsoleEvents
+
+    task = dict(
+        frames_out=frames_out,
+        consistency=consistency,
+        anchor_every=anchor_every,
+        skip_similar=skip_similar,
+        max_skip=max_skip,
+        stream_batch=stream_batch,
+        start=start,
+        end=end,
+        max_frames=max_frames,
+        every=every,
+        codec=codec,
+        crf=crf,
+    )
+    run_batch("stylize_video", options, inputs=inputs, events_class=VideoConsoleEvents, **task)
+
+
+@app.command("texture-expand")
+@shared_options(
+    skip=NOT_FOR_TEXTURES, swap={"style_mode": AdStyleMode, "max_size": ExemplarMaxSize}
+)
+def texture_expand(
+    inputs: Exemplars,
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size", help="Texture size WxH in px (multiples of 8).", rich_help_panel=CANVAS
+        ),
+    ],
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = 4,
+    seamless: Seamless = None,
+    **options,
+) -> None:
+    """Expand exemplars into textures of any size (MultiDiffusion + AD guidance, few steps).
+
+    Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
+    """
+    canvas = dict(window=window, stride=stride, view_batch=view_batch, seamless=seamless)
+    run_batch("texture_expand", {**options, "size": size}, inputs=inputs, **canvas)
+
+
+@app.command()
+@shared_options(
+    skip=NOT_FOR_TEXTURES, swap={"style_mode": AdStyleMode, "max_size": ExemplarMaxSize}
+)
+def texture(
+    inputs: Exemplars,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size",
+            help="Texture size WxH in px (default: the target mask's, else the exemplar's).",
+            rich_help_panel=CANVAS,
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="sample (few-step, AD-guided) or optimize (AD's optimisation from noise: slow).",
+            rich_help_panel=STYLE,
+        ),
+    ] = None,
+    opt_steps: OptSteps = None,
+    source_mask: SourceMask = None,
+    target_mask: TargetMask = None,
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = 4,
+    seamless: Seamless = None,
+    **options,
+) -> None:
+    """Synthesise textures like exemplars (AD-guided sampling, or --mode optimize), with label masks.
+
+    Example: stylekit texture moss.png --source-mask moss-labels.png --target-mask layout.png
+    """
+    masks = dict(
+        source_mask=None if source_mask is None else str(source_mask),
+        target_mask=None if target_mask is None else str(target_mask),
+    )
+    canvas = dict(window=window, stride=stride, view_batch=view_batch, seamless=seamless)
+    values = {**options, "size": size, "mode": mode, "opt_steps": opt_steps}
+    run_batch("texture", values, inputs=inputs, **masks, **canvas)
 
 
 @app.command()
@@ -433,11 +786,6 @@ def presets() -> None:
     with cli_errors():
         for name, description in list_presets():
             print(f"{name:<12} {description}")
-
-
-from stylekit.inpainting import inpaint_command  # noqa: E402  (a command of its own module)
-
-app.command("inpaint")(inpaint_command)
 
 
 # --- plumbing ----------------------------------------------------------------------------------
@@ -456,12 +804,14 @@ def settings_overrides(values: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if v is not None}
 
 
-def run_batch(task: str, values: dict, **task_args) -> None:
+def run_batch(task: str, values: dict, *, events_class=None, **task_args) -> None:
     """Run one batch task of `stylekit.api` with the command's flags; exit with its exit code.
 
     Progress goes to stderr, `--json` records to stdout.
     """
     from stylekit.progress import ConsoleEvents
+
+    events_class = events_class or ConsoleEvents
 
     with cli_errors():
         from stylekit.media.images import parse_size
@@ -482,7 +832,7 @@ def run_batch(task: str, values: dict, **task_args) -> None:
         runtime = api.Runtime(
             v["device"], v["dtype"], v["allow_pickle"], values.get("model_config")
         )
-        events = ConsoleEvents(
+        events = events_class(
             err, as_json=values.get("as_json", False), quiet=values.get("quiet", False)
         )
         with events:
@@ -529,12 +879,6 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
-
-
-# `stylekit video` lives in videos.py, which uses the option aliases above: import it last.
-from stylekit.videos import video_command  # noqa: E402
-
-app.command("video")(video_command)
 
 
 if __name__ == "__main__":

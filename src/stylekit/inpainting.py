@@ -7,17 +7,15 @@
 (`photos/x/a.jpg` takes `masks/x/a.*`, else `masks/a.*`). White (≥ 50 % grey) is repainted; any
 image mode works, transparency counts as white. A mask of another size is resized (nearest) to
 its image and the output's settings say so (`mask_resized_from`). The model and the prompt/style
-conditioning load once per batch through `api.Stylizer`. This module imports no torch at import
-time: the CLI registers `inpaint_command` from here.
+conditioning load once per batch through `api.RunModel`. The `stylekit inpaint` command is in cli.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
 from PIL import Image, ImageOps
 
 from stylekit.errors import InputError, UsageError
@@ -179,94 +177,3 @@ def repaint(
         callback=callback,
     )
     return engine.paste_back(image, arr, engine.feather(binary, blur))
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-MASK = "Mask"  # help panel of the options only this command has
-MaskPath = Annotated[
-    Path,
-    typer.Option(
-        "--mask",
-        help="Mask image for every input, or a folder of masks matched by file stem; white = repaint.",
-        show_default=False,
-        rich_help_panel=MASK,
-    ),
-]
-InvertMask = Annotated[
-    bool,
-    typer.Option("--invert-mask", help="Repaint the black part instead.", rich_help_panel=MASK),
-]
-MaskBlur = Annotated[
-    int,
-    typer.Option(
-        "--mask-blur",
-        help=f"Feather the seam over N px outside the mask (0..{MAX_MASK_BLUR}).",
-        rich_help_panel=MASK,
-    ),
-]
-
-
-def inpaint_command(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="INPUT", help="Image files, folders (recursive) or globs.", show_default=False
-        ),
-    ],
-    mask: MaskPath,
-    invert_mask: InvertMask = False,
-    mask_blur: MaskBlur = DEFAULT_MASK_BLUR,
-    style: cli.Style = None,
-    out: cli.Out = None,
-    preset: cli.Preset = None,
-    model: cli.Model = None,
-    lora: cli.Lora = None,
-    accelerator: cli.Accelerator = None,
-    tiny_vae: cli.TinyVae = None,
-    ip_adapter: cli.IpAdapter = None,
-    image_encoder: cli.ImageEncoder = None,
-    scheduler: cli.Scheduler = None,
-    steps: cli.Steps = None,
-    strength: cli.Strength = None,
-    cfg: cli.Cfg = None,
-    gamma: cli.Gamma = None,
-    prompt: cli.Prompt = None,
-    negative: cli.Negative = None,
-    style_mode: cli.StyleMode = None,
-    style_scale: cli.StyleScale = None,
-    ad_iters: cli.AdIters = None,
-    ad_lr: cli.AdLr = None,
-    adain: cli.AdAdain = None,
-    content_weight: cli.ContentWeight = None,
-    ad_checkpointing: cli.AdCheckpointing = None,
-    seed: cli.Seed = None,
-    size: cli.Size = None,
-    max_size: cli.MaxSize = None,
-    fmt: cli.Format = None,
-    suffix: cli.Suffix = "",
-    overwrite: cli.Overwrite = False,
-    dry_run: cli.DryRun = False,
-    as_json: cli.Json = False,
-    quiet: cli.Quiet = False,
-    device: cli.Device = "auto",
-    dtype: cli.Dtype = "auto",
-    allow_pickle: cli.AllowPickle = False,
-    model_config: cli.ModelConfig = None,
-) -> None:
-    """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
-
-    Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
-    """
-    cli.run_batch(
-        "inpaint",
-        locals(),
-        inputs=inputs,
-        mask=str(mask),
-        invert_mask=invert_mask,
-        mask_blur=mask_blur,
-    )
-
-
-# Last, so that `stylekit.cli` can import this module while it is itself being imported (and the
-# other way round): the command's annotations name `cli.*` and are only read when Typer runs.
-from stylekit import cli  # noqa: E402

@@ -50,10 +50,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import typer
 from PIL import Image
 
 from stylekit import __version__
@@ -79,7 +78,6 @@ STYLE_MODES = ("ad", "none")
 # The AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN); see the module docstring.
 EXPAND_DEFAULTS = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
 TEXTURE_DEFAULTS = {**EXPAND_DEFAULTS, "ad_iters": 3, "opt_steps": 300}
-REFERENCE_SEED_SALT = 0x9E3779B97F4A7C15  # reference noise seed = (seed + salt) mod 2^64
 
 
 # --- the canvas plan ---------------------------------------------------------------------------
@@ -211,11 +209,6 @@ def load_texture_model(settings: Settings, runtime: Runtime) -> TextureModel:
     return TextureModel(settings, model, sampler, cond)
 
 
-def reference_seed(seed: int) -> int:
-    """The seed of AD's reference noise: derived from, never equal to, the canvas seed."""
-    return (seed + REFERENCE_SEED_SALT) % 2**64
-
-
 def make_texture_guide(
     tm: TextureModel, exemplar: Image.Image, *, seed: int, masks: LabelMaps | None = None
 ) -> Guide | None:
@@ -228,9 +221,7 @@ def make_texture_guide(
     options = ADOptions(
         iters=s.ad_iters, lr=s.ad_lr, adain=s.ad_adain, checkpointing=s.ad_checkpointing
     )
-    return make_guide(
-        tm.model, tm.sampler, [exemplar], seed=reference_seed(seed), options=options, masks=masks
-    )
+    return make_guide(tm.model, tm.sampler, [exemplar], seed=seed, options=options, masks=masks)
 
 
 def initial_noise(tm: TextureModel, plan: CanvasPlan, generator: torch.Generator) -> torch.Tensor:
@@ -625,208 +616,3 @@ def texture(
         masks=masks,
         events=events,
     )
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-CANVAS = "Canvas"  # help panel of the options only these commands have
-Exemplars = Annotated[
-    list[str],
-    typer.Argument(
-        metavar="EXEMPLAR...",
-        help="Exemplar images, folders (recursive) or globs; one texture each.",
-        show_default=False,
-    ),
-]
-Window = Annotated[
-    int | None,
-    typer.Option(
-        "--window",
-        help="MultiDiffusion window in latents (8 px); default the model's native size (64 SD1.5).",
-        rich_help_panel=CANVAS,
-    ),
-]
-Stride = Annotated[
-    int | None,
-    typer.Option(
-        "--stride",
-        help="Step between windows in latents; default half the window.",
-        rich_help_panel=CANVAS,
-    ),
-]
-ViewBatch = Annotated[
-    int,
-    typer.Option("--view-batch", help="Windows per UNet call.", rich_help_panel=CANVAS),
-]
-Seamless = Annotated[
-    str | None,
-    typer.Option(
-        "--seamless", help="Make the texture tile along x, y or xy.", rich_help_panel=CANVAS
-    ),
-]
-ExemplarMaxSize = Annotated[
-    int | None,
-    typer.Option(
-        "--max-size",
-        help="Shrink exemplars so the longer side is at most N (default: the model's native size).",
-        rich_help_panel="Files",  # cli.FILES (cli is imported last)
-    ),
-]
-OPTIMIZE_HELP = "sample (few-step, AD-guided) or optimize (AD's optimisation from noise: slow)."
-
-
-def texture_expand_command(
-    inputs: Exemplars,
-    size: Annotated[
-        str,
-        typer.Option(
-            "--size", help="Texture size WxH in px (multiples of 8).", rich_help_panel=CANVAS
-        ),
-    ],
-    window: Window = None,
-    stride: Stride = None,
-    view_batch: ViewBatch = DEFAULT_VIEW_BATCH,
-    seamless: Seamless = None,
-    out: cli.Out = None,
-    preset: cli.Preset = None,
-    model: cli.Model = None,
-    lora: cli.Lora = None,
-    accelerator: cli.Accelerator = None,
-    tiny_vae: cli.TinyVae = None,
-    scheduler: cli.Scheduler = None,
-    steps: cli.Steps = None,
-    cfg: cli.Cfg = None,
-    gamma: cli.Gamma = None,
-    prompt: cli.Prompt = None,
-    negative: cli.Negative = None,
-    style_mode: Annotated[
-        str | None,
-        typer.Option("--style-mode", help="ad (default) or none.", rich_help_panel=cli.STYLE),
-    ] = None,
-    ad_iters: cli.AdIters = None,
-    ad_lr: cli.AdLr = None,
-    adain: cli.AdAdain = None,
-    ad_checkpointing: cli.AdCheckpointing = None,
-    seed: cli.Seed = None,
-    max_size: ExemplarMaxSize = None,
-    fmt: cli.Format = None,
-    suffix: cli.Suffix = "",
-    overwrite: cli.Overwrite = False,
-    dry_run: cli.DryRun = False,
-    as_json: cli.Json = False,
-    quiet: cli.Quiet = False,
-    device: cli.Device = "auto",
-    dtype: cli.Dtype = "auto",
-    allow_pickle: cli.AllowPickle = False,
-    model_config: cli.ModelConfig = None,
-) -> None:
-    """Expand exemplars into textures of any size (MultiDiffusion + AD guidance, few steps).
-
-    Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
-    """
-    cli.run_batch(
-        "texture_expand",
-        locals(),
-        inputs=inputs,
-        window=window,
-        stride=stride,
-        view_batch=view_batch,
-        seamless=seamless,
-    )
-
-
-def texture_command(
-    inputs: Exemplars,
-    size: Annotated[
-        str | None,
-        typer.Option(
-            "--size",
-            help="Texture size WxH in px (default: the target mask's, else the exemplar's).",
-            rich_help_panel=CANVAS,
-        ),
-    ] = None,
-    mode: Annotated[
-        str | None, typer.Option("--mode", help=OPTIMIZE_HELP, rich_help_panel=cli.STYLE)
-    ] = None,
-    opt_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--opt-steps",
-            help="Timesteps of --mode optimize (default 300).",
-            rich_help_panel=cli.STYLE,
-        ),
-    ] = None,
-    source_mask: Annotated[
-        Path | None,
-        typer.Option(
-            "--source-mask",
-            help="Label map over the exemplar (equal colours = one label); needs --target-mask.",
-            show_default=False,
-            rich_help_panel=CANVAS,
-        ),
-    ] = None,
-    target_mask: Annotated[
-        Path | None,
-        typer.Option(
-            "--target-mask",
-            help="Label map over the texture: each colour takes the exemplar's region of that colour.",
-            show_default=False,
-            rich_help_panel=CANVAS,
-        ),
-    ] = None,
-    window: Window = None,
-    stride: Stride = None,
-    view_batch: ViewBatch = DEFAULT_VIEW_BATCH,
-    seamless: Seamless = None,
-    out: cli.Out = None,
-    preset: cli.Preset = None,
-    model: cli.Model = None,
-    lora: cli.Lora = None,
-    accelerator: cli.Accelerator = None,
-    tiny_vae: cli.TinyVae = None,
-    scheduler: cli.Scheduler = None,
-    steps: cli.Steps = None,
-    cfg: cli.Cfg = None,
-    gamma: cli.Gamma = None,
-    prompt: cli.Prompt = None,
-    negative: cli.Negative = None,
-    style_mode: Annotated[
-        str | None,
-        typer.Option("--style-mode", help="ad (default) or none.", rich_help_panel=cli.STYLE),
-    ] = None,
-    ad_iters: cli.AdIters = None,
-    ad_lr: cli.AdLr = None,
-    adain: cli.AdAdain = None,
-    ad_checkpointing: cli.AdCheckpointing = None,
-    seed: cli.Seed = None,
-    max_size: ExemplarMaxSize = None,
-    fmt: cli.Format = None,
-    suffix: cli.Suffix = "",
-    overwrite: cli.Overwrite = False,
-    dry_run: cli.DryRun = False,
-    as_json: cli.Json = False,
-    quiet: cli.Quiet = False,
-    device: cli.Device = "auto",
-    dtype: cli.Dtype = "auto",
-    allow_pickle: cli.AllowPickle = False,
-    model_config: cli.ModelConfig = None,
-) -> None:
-    """Synthesise textures like exemplars (AD-guided sampling, or --mode optimize), with label masks.
-
-    Example: stylekit texture moss.png --source-mask moss-labels.png --target-mask layout.png
-    """
-    cli.run_batch(
-        "texture",
-        locals(),
-        inputs=inputs,
-        source_mask=None if source_mask is None else str(source_mask),
-        target_mask=None if target_mask is None else str(target_mask),
-        window=window,
-        stride=stride,
-        view_batch=view_batch,
-        seamless=seamless,
-    )
-
-
-# Last, so that `stylekit.cli` can import this module while it is itself being imported (and the
-# other way round): the commands' annotations name `cli.*` and are only read when Typer runs.
-from stylekit import cli  # noqa: E402

@@ -136,6 +136,12 @@ class Guide:
         return hook
 
 
+def reference_seed(seed: int) -> int:
+    """The reference noise's seed, derived from the run's: never equal to an image's own seed
+    (image i uses seed + i), so a reference the size of the image is never noised like it."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
+
+
 def make_guide(
     model: LoadedModel,
     sampler: Sampler,
