@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model smoke test")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--part", choices=("a", "b", "ab"), default="ab", help="which measurements")
     args = parser.parse_args(argv)
     model, taesd = full_models(args.tiny)
     size = 64 if args.tiny else SIZE
@@ -161,34 +162,44 @@ def main(argv: list[str] | None = None) -> None:
         )
         run_stylekit(paths, tmp / "sk", model, None)  # warm-up: first-call costs, not counted
         run_diffusers(paths, tmp / "df", model, None)
-        # (a) full VAE, side by side, interleaved
-        a_sk, a_df = [], []
-        for r in range(max(2, args.rounds // 2)):
-            a_sk.append(run_stylekit(paths, tmp / "sk", model, None))
-            a_df.append(run_diffusers(paths, tmp / "df", model, None))
-            print(f"(a) round {r}: stylekit {a_sk[-1]:.2f}s  diffusers {a_df[-1]:.2f}s", flush=True)
-        ratio_a = statistics.median(a_sk) / statistics.median(a_df)
-        print(f"(a) stylekit / diffusers (full VAE, {IMAGES} images): {ratio_a:.3f}  (goal <= 0.9)")
-        # (b) tiny VAE, per-image time over NFE plain UNet forwards, interleaved
-        per_image, forward, df_per_image = [], [], []
-        for r in range(args.rounds):
-            forward.append(unet_forward_time(model, size))
-            per_image.append(run_stylekit(paths, tmp / "skt", model, taesd) / IMAGES)
-            df_per_image.append(run_diffusers(paths, tmp / "dft", model, taesd) / IMAGES)
-            print(
-                f"(b) round {r}: forward {forward[-1]:.3f}s  stylekit/img {per_image[-1]:.3f}s  "
-                f"diffusers/img {df_per_image[-1]:.3f}s",
-                flush=True,
-            )
-        f = statistics.median(forward)
+        if "a" in args.part:
+            part_a(paths, tmp, model, args.rounds)
+        if "b" in args.part:
+            part_b(paths, tmp, model, taesd, size, args.rounds)
+
+
+def part_a(paths: list[Path], tmp: Path, model: Path, rounds: int) -> None:
+    """(a) full VAE, side by side, interleaved round by round."""
+    a_sk, a_df = [], []
+    for r in range(rounds):
+        a_sk.append(run_stylekit(paths, tmp / "sk", model, None))
+        a_df.append(run_diffusers(paths, tmp / "df", model, None))
+        print(f"(a) round {r}: stylekit {a_sk[-1]:.2f}s  diffusers {a_df[-1]:.2f}s", flush=True)
+    ratio_a = statistics.median(a_sk) / statistics.median(a_df)
+    print(f"(a) stylekit / diffusers (full VAE, {IMAGES} images): {ratio_a:.3f}  (goal <= 0.9)")
+
+
+def part_b(paths: list[Path], tmp: Path, model: Path, taesd: Path, size: int, rounds: int) -> None:
+    """(b) tiny VAE: per-image time over NFE plain UNet forwards, interleaved."""
+    per_image, forward, df_per_image = [], [], []
+    for r in range(rounds):
+        forward.append(unet_forward_time(model, size))
+        per_image.append(run_stylekit(paths, tmp / "skt", model, taesd) / IMAGES)
+        df_per_image.append(run_diffusers(paths, tmp / "dft", model, taesd) / IMAGES)
         print(
-            f"(b) stylekit per image / (NFE x plain forward), tiny VAE: "
-            f"{statistics.median(per_image) / (NFE * f):.3f}  (goal <= 1.05)"
+            f"(b) round {r}: forward {forward[-1]:.3f}s  stylekit/img {per_image[-1]:.3f}s  "
+            f"diffusers/img {df_per_image[-1]:.3f}s",
+            flush=True,
         )
-        print(
-            f"(b) diffusers per image / (NFE x plain forward), tiny VAE: "
-            f"{statistics.median(df_per_image) / (NFE * f):.3f}"
-        )
+    f = statistics.median(forward)
+    print(
+        f"(b) stylekit per image / (NFE x plain forward), tiny VAE: "
+        f"{statistics.median(per_image) / (NFE * f):.3f}  (goal <= 1.05)"
+    )
+    print(
+        f"(b) diffusers per image / (NFE x plain forward), tiny VAE: "
+        f"{statistics.median(df_per_image) / (NFE * f):.3f}"
+    )
 
 
 if __name__ == "__main__":
