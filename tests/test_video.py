@@ -192,12 +192,12 @@ def test_similarity_filter_skips_static_frames_and_max_skip_forces_one(stylizer,
     frames = list(read_frames(videos["static"]))  # 12 identical frames
     calls, handle = count_unet_calls(stylizer.model.unet)
     try:
-        outs, stats = run_stream(stylizer, frames, skip_similar=0.9, max_skip=3)
+        outs, stats = run_stream(stylizer, frames, skip_similar=0.9, max_skip=3, stream_batch=False)
         assert len(calls) == 3 * 2  # frames 0, 4 and 8 run (2 steps each); 3 skips between
         assert (stats.processed, stats.skipped) == (3, 9)
         assert len(outs) == 12 and all(np.array_equal(o, outs[0]) for o in outs)
         calls.clear()
-        run_stream(stylizer, frames)  # filter off: every frame runs
+        run_stream(stylizer, frames, stream_batch=False)  # filter off: every frame runs
         assert len(calls) == 12 * 2
     finally:
         handle.remove()

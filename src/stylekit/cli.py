@@ -431,7 +431,7 @@ StreamBatch = Annotated[
     bool | None,
     typer.Option(
         "--stream-batch/--no-stream-batch",
-        help="Batch all denoising stages of several frames in one UNet call (default: on for CUDA).",
+        help="Batch all denoising stages of several frames in one UNet call (default on; outputs are then a few frames late, which files never notice).",
         rich_help_panel=VIDEO,
     ),
 ]
