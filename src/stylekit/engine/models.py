@@ -258,7 +258,7 @@ def load_pipeline(spec: ModelSpec, family: str, dtype: torch.dtype):
         if spec.variant and not local:
             try:
                 return cls.from_pretrained(source, variant=spec.variant, **kwargs)
-            except ValueError:  # the repo has no such variant: take the full weights
+            except (ValueError, OSError):  # no such variant (or not cached): take the full weights
                 pass
         return cls.from_pretrained(source, **kwargs)
 
