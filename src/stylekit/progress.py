@@ -59,7 +59,10 @@ class ConsoleEvents(Events):
 
     def started(self, job) -> None:
         name = job.input.name if job.input is not None else job.output.name
-        if self.steps is None:
+        if self.steps is None:  # the first item: rate and ETA count from here, not from model load
+            total = self.progress.tasks[self.items].total if self.items is not None else None
+            if self.items is not None:
+                self.progress.reset(self.items, total=total, rate="")
             self.steps = self.progress.add_task("steps", total=1, rate="")
         self.progress.update(self.steps, description=f"  {escape(name)}", completed=0, total=1)
 
