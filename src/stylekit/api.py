@@ -87,6 +87,18 @@ def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     return [load_image(Path(p)) for p in paths]
 
 
+def load_engine(settings: Settings, runtime: Runtime, *, ip_adapter: bool = False):
+    """Load the model, build its sampler and encode the prompt: (model, sampler, conditioning)."""
+    from stylekit.engine import conditioning, models, sampling
+
+    model = models.load(model_spec(settings, runtime, ip_adapter=ip_adapter))
+    sampler = sampling.make_sampler(
+        settings.scheduler, dict(model.pipe.scheduler.config), gamma=settings.gamma
+    )
+    cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
+    return model, sampler, cond
+
+
 class Stylizer:
     """A loaded model plus once-per-batch conditioning: call it on PIL images.
 
@@ -104,20 +116,14 @@ class Stylizer:
         style_names: Sequence[str] = (),
         seed: int = 0,
     ):
-        from stylekit.engine import conditioning, models, sampling
+        from stylekit.engine import conditioning
         from stylekit.engine import style as style_engine
 
         self.settings, self.style_names = settings, list(style_names)
         if uses_ad(settings, style) is None and settings.mode == "optimize":
             raise UsageError("--mode optimize needs at least one --style reference")
         use_ip = wants_ip_adapter(settings, style)
-        self.model = models.load(model_spec(settings, runtime, ip_adapter=use_ip))
-        self.sampler = sampling.make_sampler(
-            settings.scheduler, dict(self.model.pipe.scheduler.config), gamma=settings.gamma
-        )
-        cond = conditioning.encode_text(
-            self.model, settings.prompt, settings.negative, cfg=settings.cfg
-        )
+        self.model, self.sampler, cond = load_engine(settings, runtime, ip_adapter=use_ip)
         if use_ip:
             style_engine.set_style_scale(self.model.unet, settings.style_scale)
             cond = conditioning.with_style_images(self.model, cond, style)

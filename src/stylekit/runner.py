@@ -98,18 +98,29 @@ def begin(jobs: list[Job], output: Output, events: Events) -> tuple[BatchReport,
     return report, to_do, seed0
 
 
+def write_image(job: Job, result: tuple[Image.Image, dict], output: Output) -> dict:
+    """Save an (image, settings) result atomically with its settings embedded; return the settings."""
+    image, settings = result
+    save_image(image, job.output, fmt=None if job.output.suffix else output.fmt, metadata=settings)
+    return settings
+
+
 def run_jobs(
     jobs: list[Job],
     output: Output,
-    process: Callable[[Job, int], tuple[Image.Image, dict]],
+    process: Callable[[Job, int], object],
     *,
     prepare: Callable[[], None] | None = None,
     events: Events | None = None,
+    write: Callable[[Job, object, Output], dict] = write_image,
 ) -> BatchReport:
-    """Run `process(job, seed) -> (image, settings)` for every job whose output is missing.
+    """Run `process(job, seed)` for every job whose output is missing, and `write` its result.
 
-    `prepare` (model load, once-per-batch conditioning) runs only if there is work to do.
-    Job i gets seed base + i, so a resumed batch gives every image the seed it would have had.
+    By default the result is (image, settings), saved as an image; a task that writes its own
+    output (video) passes a `write` that only returns the settings. `prepare` (model load,
+    once-per-batch conditioning) runs only if there is work to do. Job i gets seed base + i, so a
+    resumed batch gives every job the seed it would have had. A UsageError stops the batch (it
+    would fail every job alike); any other error fails its job only.
     """
     events = events or Events()
     report, to_do, seed0 = begin(jobs, output, events)
@@ -120,10 +131,13 @@ def run_jobs(
         start = time.perf_counter()
         try:
             result = process(job, seed0 + job.index)
+        except UsageError:
+            raise
         except Exception as exc:  # one bad file must not end the batch; the reason is reported
             fail(job, seed0 + job.index, exc, report, events)
             continue
-        save(job, seed0 + job.index, result, time.perf_counter() - start, output, report, events)
+        seconds = time.perf_counter() - start
+        save(job, seed0 + job.index, result, seconds, output, report, events, write)
     return report
 
 
@@ -155,6 +169,8 @@ def run_batched(
         start = time.perf_counter()
         try:
             results = process(list(pending))
+        except UsageError:
+            raise
         except Exception as exc:  # the batch failed as a whole; each of its files says why
             for job, seed, _ in pending:
                 fail(job, seed, exc, report, events)
@@ -195,13 +211,12 @@ def fail(job: Job, seed: int, exc: BaseException, report: BatchReport, events: E
     events.finished(Record(source(job), str(job.output), "failed", error=reason, seed=seed))
 
 
-def save(job: Job, seed: int, result, seconds: float, output: Output, report, events) -> None:
-    """Write one result atomically with its settings; a write error fails this job only."""
-    image, settings = result
+def save(
+    job: Job, seed: int, result, seconds: float, output: Output, report, events, write=write_image
+) -> None:
+    """Write one result (atomically, by `write`); a write error fails this job only."""
     try:
-        save_image(
-            image, job.output, fmt=None if job.output.suffix else output.fmt, metadata=settings
-        )
+        settings = write(job, result, output)
     except Exception as exc:
         fail(job, seed, exc, report, events)
         return

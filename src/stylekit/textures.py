@@ -198,14 +198,9 @@ class TextureModel:
 
 def load_texture_model(settings: Settings, runtime: Runtime) -> TextureModel:
     """Load the model (no IP-Adapter), the sampler and the prompt conditioning."""
-    from stylekit.api import model_spec
-    from stylekit.engine import conditioning, models, sampling
+    from stylekit.api import load_engine
 
-    model = models.load(model_spec(settings, runtime, ip_adapter=False))
-    sampler = sampling.make_sampler(
-        settings.scheduler, dict(model.pipe.scheduler.config), gamma=settings.gamma
-    )
-    cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
+    model, sampler, cond = load_engine(settings, runtime)
     return TextureModel(settings, model, sampler, cond)
 
 

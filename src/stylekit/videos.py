@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,7 +52,7 @@ from stylekit.media.video import (
     write_frame_png,
 )
 from stylekit.progress import ConsoleEvents
-from stylekit.runner import Events, Output, Record, base_seed
+from stylekit.runner import Events, Output, run_jobs
 
 if TYPE_CHECKING:
     from stylekit.api import Runtime, Stylizer
@@ -323,59 +322,13 @@ def stylize_video(
     def process(job: Job, seed: int) -> dict:
         return stylize_one(job, seed, model(), options, clip, frames_out=frames_out, events=events)
 
-    return run_videos(jobs, output, process, prepare=model.prepare, events=events)
-
-
-def run_videos(
-    jobs: list[Job],
-    output: Output,
-    process: Callable[[Job, int], dict],
-    *,
-    prepare: Callable[[], None],
-    events: Events,
-) -> BatchReport:
-    """`runner.run_jobs` for outputs that `process` writes itself: skip, seed, report, go on."""
-    report = BatchReport()
-    to_do = [job for job in jobs if output.overwrite or not job.output.exists()]
-    skipped = [job for job in jobs if job not in to_do]
-    events.planned(len(to_do), len(skipped))
-    for job in skipped:
-        report.add_skipped(job)
-        events.finished(Record(str(job.input), str(job.output), "skipped"))
-    seed0 = base_seed(output.seed)
-    if output.dry_run:
-        for job in to_do:
-            seed = seed0 + job.index
-            events.finished(Record(str(job.input), str(job.output), "planned", seed=seed))
-        return report
-    if to_do:
-        prepare()
-    for job in to_do:
-        run_video(job, seed0 + job.index, process, report, events)
-    return report
-
-
-def run_video(job: Job, seed: int, process, report: BatchReport, events: Events) -> None:
-    """Process one video; a StylekitError or any other error fails this video only."""
-    events.started(job)
-    start = time.perf_counter()
-    try:
-        settings = process(job, seed)
-    except UsageError:
-        raise  # the same for every video: stop the batch
-    except Exception as exc:  # one bad video must not end the batch; the reason is reported
-        reason = (
-            str(exc)
-            if isinstance(exc, (StylekitError, OSError))
-            else f"{type(exc).__name__}: {exc}"
-        )
-        report.add_failed(job, reason)
-        events.finished(Record(str(job.input), str(job.output), "failed", error=reason, seed=seed))
-        return
-    report.add_done(job)
-    seconds = time.perf_counter() - start
-    events.finished(
-        Record(str(job.input), str(job.output), "done", seconds, seed, settings=settings)
+    return run_jobs(
+        jobs,
+        output,
+        process,
+        prepare=model.prepare,
+        events=events,
+        write=lambda job, settings, output: settings,  # the video is written while it streams
     )
 
 

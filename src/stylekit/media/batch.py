@@ -221,8 +221,8 @@ def split_existing(jobs: list[Job], *, overwrite: bool = False) -> tuple[list[Jo
     """Split jobs into (to_do, skipped): skipped ones already have their output file."""
     if overwrite:
         return list(jobs), []
-    to_do = [job for job in jobs if not job.output.is_file()]
-    skipped = [job for job in jobs if job.output.is_file()]
+    to_do = [job for job in jobs if not job.output.exists()]  # a file, or a folder of frames
+    skipped = [job for job in jobs if job.output.exists()]
     return to_do, skipped
 
 
