@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job, collect_inputs
-from stylekit.media.images import _open_rgb, load_image
+from stylekit.media.images import load_image, open_rgb
 from stylekit.runner import Events, Output, plan_files, run_jobs
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
 
 def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image.Image, str | None]:
     """Read a mask as grey ("L") at `size`; returns (mask, its original size if it was resized)."""
-    grey = _open_rgb(path).convert("L")  # transparent parts were composited on white
+    grey = open_rgb(path).convert("L")  # transparent parts were composited on white
     resized = None
     if grey.size != size:
         resized = f"{grey.size[0]}x{grey.size[1]}"

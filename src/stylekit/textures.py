@@ -58,7 +58,7 @@ from PIL import Image
 from stylekit import __version__
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job
-from stylekit.media.images import _open_rgb, load_image
+from stylekit.media.images import load_image, open_rgb
 from stylekit.runner import Events, Output, plan_files, run_jobs
 
 if TYPE_CHECKING:
@@ -383,7 +383,7 @@ def read_label_map(path: str | Path, flag: str) -> Image.Image:
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
-        return _open_rgb(path)
+        return open_rgb(path)
     except InputError as exc:
         raise UsageError(f"{flag} {exc}") from exc
 

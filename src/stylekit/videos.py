@@ -38,14 +38,14 @@ from stylekit.media.batch import (
     DEFAULT_OUT_DIR,
     BatchReport,
     Job,
-    _refuse_overwriting_inputs,
-    _unique_outputs,
     collect_inputs,
+    refuse_overwriting_inputs,
+    unique_outputs,
 )
 from stylekit.media.video import (
     VIDEO_SUFFIXES,
     VideoWriter,
-    _check_selection,
+    check_selection,
     probe,
     read_frames,
     select_frames,
@@ -77,7 +77,7 @@ class Clip:
     crf: int | None = None
 
     def check(self) -> Clip:
-        _check_selection(self.start, self.end, self.max_frames, self.every)
+        check_selection(self.start, self.end, self.max_frames, self.every)
         if self.size is not None and min(self.size) < 1:
             raise UsageError(f"size must be positive, got {self.size[0]}x{self.size[1]}")
         if self.max_size is not None and self.max_size < 8:
@@ -116,14 +116,14 @@ def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None =
             if len(items) != 1:
                 raise UsageError(f"-o {root} names one file but there are {len(items)} inputs")
             jobs = [Job(items[0].path, root, items[0].rel, 0)]
-            _refuse_overwriting_inputs(jobs)
+            refuse_overwriting_inputs(jobs)
             return jobs
         ext = video_extension(output.fmt)
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root}: is a file, not a folder")
-    paths = _unique_outputs(items, root, ext, output.suffix)
+    paths = unique_outputs(items, root, ext, output.suffix)
     jobs = [Job(i.path, p, i.rel, n) for n, (i, p) in enumerate(zip(items, paths, strict=True))]
-    _refuse_overwriting_inputs(jobs)
+    refuse_overwriting_inputs(jobs)
     return jobs
 
 

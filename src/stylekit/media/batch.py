@@ -169,9 +169,9 @@ def plan_outputs(
         if out.exists() and not out.is_dir():
             raise UsageError(f"-o {out}: is a file, not a folder")
         ext = FORMAT_EXTS[output_format(fmt)]
-        paths = _unique_outputs(items, out, ext, suffix)
+        paths = unique_outputs(items, out, ext, suffix)
         jobs = [Job(i.path, p, i.rel, n) for n, (i, p) in enumerate(zip(items, paths, strict=True))]
-    _refuse_overwriting_inputs(jobs)
+    refuse_overwriting_inputs(jobs)
     return jobs
 
 
@@ -180,7 +180,7 @@ def _names_file(out: Path) -> bool:
     return out.suffix.lower() in IMAGE_EXTS and not out.is_dir()
 
 
-def _unique_outputs(items: list[InputItem], out: Path, ext: str, suffix: str) -> list[Path]:
+def unique_outputs(items: list[InputItem], out: Path, ext: str, suffix: str) -> list[Path]:
     """Name each item's output under `out`; later duplicates get -1, -2, ..."""
     taken: set[str] = set()
     paths = []
@@ -196,7 +196,7 @@ def _unique_outputs(items: list[InputItem], out: Path, ext: str, suffix: str) ->
     return paths
 
 
-def _refuse_overwriting_inputs(jobs: list[Job]) -> None:
+def refuse_overwriting_inputs(jobs: list[Job]) -> None:
     """Raise a UsageError if any output would replace any input of the batch."""
     inputs = {fid: job.input for job in jobs if (fid := _file_id(job.input))}
     clashes = [(job.output, inputs[fid]) for job in jobs if (fid := _file_id(job.output)) in inputs]

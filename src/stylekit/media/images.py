@@ -57,14 +57,14 @@ def load_image(
         _check_size(size, multiple=multiple)
     if max_size is not None and max_size < multiple:
         raise UsageError(f"max size {max_size} is below the minimum of {multiple} px")
-    img = _open_rgb(Path(path))
+    img = open_rgb(Path(path))
     target = size or _fit(img.size, max_size=max_size, multiple=multiple, name=str(path))
     if target != img.size:
         img = img.resize(target, Image.Resampling.LANCZOS)
     return img
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
     """Decode the whole file, apply its EXIF orientation and convert to 8-bit RGB."""
     try:
         with Image.open(path) as img:

@@ -300,7 +300,7 @@ def select_frames(
 ) -> FrameSelection:
     """Frames with timestamps in [start, end), every `every`-th from the first, at most
     `max_frames` of them; the output rate is the source rate / `every`."""
-    _check_selection(start, end, max_frames, every)
+    check_selection(start, end, max_frames, every)
     first, stop = 0, info.frame_count
     if start is not None:
         first = bisect_left(info.pts, math.ceil(Fraction(str(start)) / info.time_base))
@@ -321,7 +321,7 @@ def select_frames(
     return FrameSelection(indices=indices, fps=info.fps / every, trimmed=trimmed, audio=audio)
 
 
-def _check_selection(start, end, max_frames, every) -> None:
+def check_selection(start, end, max_frames, every) -> None:
     if start is not None and start < 0:
         raise UsageError(f"start must be >= 0 seconds, got {start}")
     if end is not None and end <= (start or 0):
