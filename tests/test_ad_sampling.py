@@ -248,3 +248,14 @@ def test_several_references_join_in_one_guide(sd15_path):
     feats = stylizer.guide.reference_features(0)
     assert len(feats) == 2  # one feature set per reference, joined along tokens in the loss
     stylizer(noise_image(2), seed=1)
+
+
+def test_optimize_mode_computes_reference_features_once_per_run(sd15_path):
+    settings = ad_settings(sd15_path, mode="optimize", opt_steps=3)
+    stylizer = Stylizer(settings, style=[noise_image(1)], runtime=CPU32, seed=0)
+    calls = count_unet_calls(stylizer.model.unet)
+    stylizer.batch([noise_image(2), noise_image(3)], [0, 1])
+    steps, images = 3, 2
+    # per image and step: content features + one optimised forward; reference passes once per step
+    assert len(calls) == images * steps * 2 + steps
+    assert sorted(stylizer.guide.clean_cache) == ad.optimization_timesteps(steps)[::-1]

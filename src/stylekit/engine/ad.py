@@ -55,7 +55,8 @@ class Guide:
     options: ADOptions
     layers: list[str]
     masks: LabelMaps | None = None
-    cache: dict[int, list[Features]] = field(default_factory=dict)
+    cache: dict[int, list[Features]] = field(default_factory=dict)  # noised refs, per t (sampling)
+    clean_cache: dict[int, list[Features]] = field(default_factory=dict)  # clean refs (optimising)
     feature_passes: int = 0  # reference feature passes actually run (reused across images)
 
     def unet_inputs(self, z: torch.Tensor) -> dict:
@@ -201,5 +202,6 @@ def optimize_transfer(
         masks=guide.masks,
         checkpointing=guide.options.checkpointing,
         callback=None if callback is None else (lambda i, n, loss: callback(i + 1, n)),
+        ref_cache=guide.clean_cache,
     )
     return result.x

@@ -170,9 +170,20 @@ def _goals(
     content_weight: float,
     t: Timestep,
     cond: UNetInputs,
+    ref_cache: dict | None = None,
 ) -> tuple[list[Features], Features | None]:
-    """Features of the reference latents and, when weighted, of the content latent at `t`."""
-    ref_feats = [_features(unet, store, r, t, cond) for r in refs]
+    """Features of the reference latents and, when weighted, of the content latent at `t`.
+
+    The clean references' features depend only on t: with a `ref_cache` they are computed once
+    per run and reused for every image.
+    """
+    key = int(t)
+    if ref_cache is not None and key in ref_cache:
+        ref_feats = ref_cache[key]
+    else:
+        ref_feats = [_features(unet, store, r, t, cond) for r in refs]
+        if ref_cache is not None:
+            ref_cache[key] = ref_feats
     if z_content is None or not content_weight:
         return ref_feats, None
     return ref_feats, _features(unet, store, z_content, t, cond)
@@ -242,6 +253,7 @@ def optimize(
     attn_scale: float = 1.0,
     checkpointing: bool = False,
     callback: Callable[[int, int, float], None] | None = None,
+    ref_cache: dict | None = None,
 ) -> Refined:
     """Optimisation-based AD transfer: one Adam on latent `z`, one step per descending timestep.
 
@@ -256,7 +268,9 @@ def optimize(
     loss = float("nan")
     with _optimising(unet, layers, checkpointing) as store:
         for i, t in enumerate(timesteps):
-            ref_feats, content = _goals(unet, store, refs, z_content, content_weight, t, cond)
+            ref_feats, content = _goals(
+                unet, store, refs, z_content, content_weight, t, cond, ref_cache
+            )
             objective = partial(
                 _objective,
                 ref_feats=ref_feats,
