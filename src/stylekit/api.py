@@ -420,9 +420,8 @@ def t2i_styled(
     **overrides,
 ):
     """AD-guided few-step text-to-image from pure noise, in the style of the references."""
-    overrides.setdefault("style_mode", "ad")
-    if overrides["style_mode"] is None:
-        overrides["style_mode"] = "ad"
+    if overrides.get("style_mode") is None:
+        overrides["style_mode"] = "ad"  # the point of t2i-styled; --style-mode overrides it
     settings = resolve_settings(settings, preset, {**overrides, "prompt": prompt})
     output = with_seed(output or Output())
     jobs = plan_generated(count, prompt, output)
