@@ -6,14 +6,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from stylekit.api import Runtime, Stylizer
 from stylekit.cli import app
-from stylekit.engine import ad, guidance, sampling
-from stylekit.engine.attention import ad_loss
-from stylekit.engine.conditioning import noise_predictor
+from stylekit.engine import ad, sampling
+from stylekit.engine.ad_loss import ad_loss
 from stylekit.engine.img2img import start_latent
+from stylekit.engine.predict import noise_predictor
 from stylekit.media.metadata import read_metadata
 from stylekit.presets import Settings
+from stylekit.runner import Output
+from stylekit.session import Runtime, open_session
 
 CPU32 = Runtime(device="cpu", dtype="fp32")
 
@@ -45,7 +46,7 @@ def final_latent(stylizer, image, seed, guided):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         z, z0, noise = start_latent(stylizer.model, image, ts[0], stylizer.sampler, gen)
-        hook = stylizer.guide.after_step(ts, z0=z0, noise=noise) if guided else None
+        hook = stylizer.guidance(ts, z0=z0, noise=noise) if guided else None
         eps = noise_predictor(stylizer.model, stylizer.cond, image.height, image.width)
         return sampling.sample(eps, z, ts, stylizer.sampler, generator=gen, after_step=hook)
 
@@ -53,16 +54,15 @@ def final_latent(stylizer, image, seed, guided):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_ad_guidance_lowers_the_ad_loss(request, family):
     path = request.getfixturevalue(f"{family}_path")
-    stylizer = Stylizer(ad_settings(path), style=[noise_image(1)], runtime=CPU32, seed=5)
+    stylizer = open_session(ad_settings(path), style=[noise_image(1)], runtime=CPU32, seed=5)
     content = noise_image(2)
-    guide = stylizer.guide
+    refs, model = stylizer.references, stylizer.model
     losses = {}
     for guided in (False, True):
         z = final_latent(stylizer, content, seed=3, guided=guided)
-        feats = guidance.reference_features(
-            stylizer.model.unet, z, 0, guide.unet_inputs(z), guide.layers
-        )
-        losses[guided] = ad_loss(feats, guide.reference_features(0)).item()
+        feats = ad.reference_features(model.unet, z, 0, ad.unet_inputs(model, refs, z), refs.layers)
+        goal = ad.noised_features(model, refs, stylizer.features, 0, stylizer.sampler.ac)
+        losses[guided] = ad_loss(feats, goal).item()
     assert losses[True] < losses[False]
 
 
@@ -74,34 +74,34 @@ def count_unet_calls(unet):
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_reference_features_are_computed_once_per_run(sd15_path, tmp_path, monkeypatch, batch_size):
-    from stylekit import api
+    from stylekit import api, session
 
     for i in range(3):
         noise_image(10 + i).save(tmp_path / f"in{i}.png")
     noise_image(1).save(tmp_path / "ref.png")
     seen = {}
-    original = api.Stylizer.__init__
+    original = session.open_session
 
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        seen["stylizer"] = self
-        seen["calls"] = count_unet_calls(self.model.unet)
+    def spy(*args, **kwargs):
+        seen["session"] = opened = original(*args, **kwargs)
+        seen["calls"] = count_unet_calls(opened.model.unet)
+        return opened
 
-    monkeypatch.setattr(api.Stylizer, "__init__", spy)
+    monkeypatch.setattr(session, "open_session", spy)
     settings = ad_settings(sd15_path, ad_iters=2)
     report = api.stylize(
         [str(tmp_path / f"in{i}.png") for i in range(3)],
         style=[str(tmp_path / "ref.png")],
         settings=settings,
         runtime=CPU32,
-        output=api.Output(out=tmp_path / "out", seed=0),
+        output=Output(out=tmp_path / "out", seed=0),
         batch_size=batch_size,
     )
     assert len(report.done) == 3
     steps, iters, images = 4, 2, 3
     batches = -(-images // batch_size)
     # one reference pass per distinct next-timestep, shared by all images
-    assert seen["stylizer"].guide.feature_passes == steps
+    assert seen["session"].features.passes == steps
     # per UNet batch: `steps` sampling calls + steps * iters refinement calls; plus the shared passes
     assert len(seen["calls"]) == batches * steps * (1 + iters) + steps
 
@@ -112,7 +112,7 @@ def test_t2i_without_guidance_matches_diffusers(request, family):
 
     path = request.getfixturevalue(f"{family}_path")
     settings = ad_settings(path, style_mode="none", cfg=3.0, gamma=0.3, prompt="a red house")
-    ours = Stylizer(settings, runtime=CPU32).generate(64, 64, seed=4)
+    ours = open_session(settings, runtime=CPU32).generate(64, 64, seed=4)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(path)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
@@ -221,10 +221,12 @@ def test_optimize_mode_needs_a_reference(sd15_path, tmp_path):
     assert "--style" in result.output
 
 
-def test_optimization_timesteps_descend_from_999_to_1():
-    ts = ad.optimization_timesteps(200)
-    assert ts[0] == 999 and ts[-1] == 1 and len(ts) == 200
-    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+def test_optimization_grid_is_the_releases_leading_grid():
+    """arange(N) * (1000 // N) + 1, descending: N = 300 tops out at 898, N = 200 at 996."""
+    assert ad.leading_timesteps(300)[:3] == [898, 895, 892]
+    assert ad.leading_timesteps(300)[-1] == 1 and len(ad.leading_timesteps(300)) == 300
+    assert ad.leading_timesteps(200)[:2] == [996, 991]
+    assert ad.leading_timesteps(3) == [667, 334, 1]
 
 
 def test_style_mode_both_uses_ip_adapter_and_ad(sd15_path, sd15_ip_adapter):
@@ -232,30 +234,32 @@ def test_style_mode_both_uses_ip_adapter_and_ad(sd15_path, sd15_ip_adapter):
     settings = ad_settings(
         sd15_path, style_mode="both", ip_adapter=str(sd15_ip_adapter), ad_iters=1
     )
-    both = Stylizer(settings, style=[ref], runtime=CPU32, seed=0)
-    assert both.guide is not None and both.cond.image_embeds is not None
-    out_both = np.asarray(both(noise_image(2), seed=1), dtype=np.float32)
-    ad_only = Stylizer(ad_settings(sd15_path, ad_iters=1), style=[ref], runtime=CPU32, seed=0)
+    both = open_session(settings, style=[ref], runtime=CPU32, seed=0)
+    assert both.references is not None and both.cond.image_embeds is not None
+    out_both = np.asarray(both.img2img([noise_image(2)], [1])[0], dtype=np.float32)
+    ad_only = open_session(ad_settings(sd15_path, ad_iters=1), style=[ref], runtime=CPU32, seed=0)
     assert ad_only.cond.image_embeds is None
-    out_ad = np.asarray(ad_only(noise_image(2), seed=1), dtype=np.float32)
+    out_ad = np.asarray(ad_only.img2img([noise_image(2)], [1])[0], dtype=np.float32)
     assert np.abs(out_both - out_ad).mean() > 0.5  # the adapter's contribution shows
 
 
 def test_several_references_join_in_one_guide(sd15_path):
     refs = [noise_image(1), noise_image(3, w=72)]
-    stylizer = Stylizer(ad_settings(sd15_path, ad_iters=1), style=refs, runtime=CPU32, seed=0)
-    assert len(stylizer.guide.refs) == 2
-    feats = stylizer.guide.reference_features(0)
+    stylizer = open_session(ad_settings(sd15_path, ad_iters=1), style=refs, runtime=CPU32, seed=0)
+    assert len(stylizer.references.latents) == 2
+    feats = ad.noised_features(
+        stylizer.model, stylizer.references, stylizer.features, 0, stylizer.sampler.ac
+    )
     assert len(feats) == 2  # one feature set per reference, joined along tokens in the loss
-    stylizer(noise_image(2), seed=1)
+    stylizer.img2img([noise_image(2)], [1])
 
 
 def test_optimize_mode_computes_reference_features_once_per_run(sd15_path):
     settings = ad_settings(sd15_path, mode="optimize", opt_steps=3)
-    stylizer = Stylizer(settings, style=[noise_image(1)], runtime=CPU32, seed=0)
+    stylizer = open_session(settings, style=[noise_image(1)], runtime=CPU32, seed=0)
     calls = count_unet_calls(stylizer.model.unet)
-    stylizer.batch([noise_image(2), noise_image(3)], [0, 1])
+    stylizer.img2img([noise_image(2), noise_image(3)], [0, 1])
     steps, images = 3, 2
     # per image and step: content features + one optimised forward; reference passes once per step
     assert len(calls) == images * steps * 2 + steps
-    assert sorted(stylizer.guide.clean_cache) == ad.optimization_timesteps(steps)[::-1]
+    assert sorted(stylizer.features.clean) == ad.leading_timesteps(steps)[::-1]

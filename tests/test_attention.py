@@ -8,17 +8,16 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from stylekit.engine.ad import adain, optimize, reference_features, refine
+from stylekit.engine.ad_loss import LabelMaps, ad_loss, content_loss, token_grid
 from stylekit.engine.attention import (
     AttentionFeatures,
-    LabelMaps,
-    ad_loss,
-    content_loss,
+    InjectingAttnProcessor,
+    inject_attention,
     record_attention,
     select_layers,
     self_attention_layers,
-    token_grid,
 )
-from stylekit.engine.guidance import adain, optimize, reference_features, refine
 from stylekit.errors import UsageError
 
 SDXL_CONFIG = dict(
@@ -200,23 +199,36 @@ def test_processor_matches_attnprocessor2_0(case):
 
 
 def test_injected_kv(unet, cond):
+    """Injecting a layer's own k, v repeats every token: the softmax average is unchanged. Another
+    frame's k, v change the output, and the UNet's processors come back after the block."""
     anchor, frame = randn(1, 4, 16, 16, seed=4), randn(1, 4, 16, 16, seed=5)
     kwargs = dict(encoder_hidden_states=cond)
-    with torch.no_grad(), record_attention(unet) as store:
-        own = unet(frame, 300, **kwargs).sample
-        own_feats = dict(store.features)
-        store.inject(own_feats)  # its own k, v twice: the same softmax average
-        twice = unet(frame, 300, **kwargs).sample
+    with torch.no_grad():
+        with record_attention(unet) as store:
+            own = unet(frame, 300, **kwargs).sample
+            own_kv = {name: (f.k, f.v) for name, f in store.features.items()}
+        with inject_attention(unet, own_kv):
+            twice = unet(frame, 300, **kwargs).sample
         anchor_feats = reference_features(unet, anchor, 300, cond)
-        store.inject(anchor_feats)
-        store.clear()
-        unet(frame, 300, **kwargs)
+        with inject_attention(unet, {name: (f.k, f.v) for name, f in anchor_feats.items()}):
+            injected = unet(frame, 300, **kwargs).sample
+        again = unet(frame, 300, **kwargs).sample
     torch.testing.assert_close(twice, own, atol=1e-5, rtol=1e-5)
-    for name, f in store.features.items():
-        a = anchor_feats[name]
-        expected = attend(f.q, torch.cat([f.k, a.k], 2), torch.cat([f.v, a.v], 2))
-        torch.testing.assert_close(f.out, expected, atol=1e-5, rtol=1e-5)
-    assert store.features[TINY[0]].k.shape[2] == 256  # recorded k is the layer's own
+    assert (injected - own).abs().max() > 1e-3
+    torch.testing.assert_close(again, own, atol=0, rtol=0)  # processors restored
+
+
+def test_injecting_processor_attends_to_the_extra_tokens():
+    """One layer: the output is to_out(SDPA(q, [k; k_extra], [v; v_extra]))."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    x = torch.randn(1, 6, 16)
+    extra = (torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))  # (1, heads, M, d)
+    got = InjectingAttnProcessor(extra)(attn, x)
+    q, k, v = (f(x).view(1, 6, 2, 8).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+    out = attend(q, torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2))
+    expected = attn.to_out[0](out.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 # --- losses ------------------------------------------------------------------------------------

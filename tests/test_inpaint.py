@@ -175,9 +175,9 @@ CPU = dict(device="cpu", dtype="fp32")
 def test_batch_matches_masks_by_stem_and_goes_on_without_one(tmp_path, sd15_path):
     from stylekit.api import Runtime
     from stylekit.engine.inpaint import binarize, feather
-    from stylekit.inpainting import inpaint
     from stylekit.media.metadata import read_metadata
     from stylekit.runner import Output
+    from stylekit.tasks.inpaint import inpaint
 
     photos, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "out"
     (photos / "sub").mkdir(parents=True)
@@ -220,9 +220,9 @@ def test_batch_matches_masks_by_stem_and_goes_on_without_one(tmp_path, sd15_path
 
 def test_invert_mask_and_an_all_black_mask(tmp_path, sd15_inpaint_path):
     from stylekit.api import Runtime
-    from stylekit.inpainting import inpaint
     from stylekit.media.metadata import read_metadata
     from stylekit.runner import Output
+    from stylekit.tasks.inpaint import inpaint
 
     photo(4).save(tmp_path / "in.png")
     square_mask().save(tmp_path / "mask.png")
@@ -255,7 +255,7 @@ def test_invert_mask_and_an_all_black_mask(tmp_path, sd15_inpaint_path):
 
 def test_bad_mask_arguments_stop_before_loading(tmp_path):
     from stylekit.errors import UsageError
-    from stylekit.inpainting import inpaint
+    from stylekit.tasks.inpaint import inpaint
 
     photo(1).save(tmp_path / "a.png")
     with pytest.raises(UsageError, match="--mask .*no such file"):

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from stylekit.api import resolve_settings
 from stylekit.cli import app
 from stylekit.engine.models import IP_ADAPTER, STD_REPO, ModelSpec, accelerator_source
 from stylekit.errors import PresetError, UsageError
 from stylekit.media.metadata import read_metadata
 from stylekit.presets import DEFAULT_PRESET, Settings, builtin_names, list_presets, load_preset
+from stylekit.session import resolve_settings
 
 BUILTIN = ["lcm-sd15", "sd-turbo", "std-sdxl"]
 

@@ -11,13 +11,13 @@ from torch import nn
 
 from stylekit.engine import sampling
 from stylekit.engine.models import LoadedModel
+from stylekit.engine.predict import multidiffusion
 from stylekit.engine.tiling import (
     View,
     circular_padding,
     coverage,
     crop,
     decode_tiled,
-    multidiffusion,
     paste_add,
     views,
 )
@@ -99,8 +99,8 @@ def test_panorama_parity_tcd(sd15, empty_prompt):
     """AD off, CFG 1, TCD γ 0: the loop equals diffusers' panorama pipeline on a 2-window canvas."""
     from diffusers import StableDiffusionPanoramaPipeline, TCDScheduler
 
-    from stylekit.engine.conditioning import noise_predictor
     from stylekit.engine.latents import decode
+    from stylekit.engine.predict import noise_predictor
 
     pipe = sd15.pipe
     panorama = StableDiffusionPanoramaPipeline(
@@ -166,14 +166,23 @@ def test_lcm_draws_one_noise_for_the_whole_canvas(wrap):
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_refine_hook_and_callback():
+def test_windowed_after_step_and_callback():
+    """AD's windowed refinement runs after each step on every window of the averaged canvas;
+    the callback counts windows over all steps."""
+    from stylekit.engine.tiling import map_windows, views
+
     sampler = sampling.make_sampler("tcd", SD_CONFIG)
     ts = [999, 759, 499, 259]
     seen, progress = [], []
+    windows = views(16, 24, window=16, stride=8)  # 2 windows per step
 
     def refine(crops, t_next):
-        seen.append((crops.shape[0], t_next, torch.is_grad_enabled()))
+        seen.append((crops.shape[0], t_next))
         return crops
+
+    def after_step(i, z):
+        t_next = ts[i + 1] if i + 1 < len(ts) else 0
+        return map_windows(lambda c: refine(c, t_next), z, windows, view_batch=1)
 
     multidiffusion(
         lambda x, t: torch.zeros_like(x),
@@ -181,14 +190,23 @@ def test_refine_hook_and_callback():
         ts,
         sampler,
         window=16,
-        stride=8,  # 2 windows per step
+        stride=8,
         view_batch=1,
-        refine=refine,
+        after_step=after_step,
         callback=lambda done, total: progress.append((done, total)),
     )
-    assert [t for _, t, _ in seen] == [759, 759, 499, 499, 259, 259, 0, 0]
-    assert all(rows == 2 and grad for rows, _, grad in seen)  # one window of both images, grad on
+    assert [t for _, t in seen] == [759, 759, 499, 499, 259, 259, 0, 0]
+    assert all(rows == 2 for rows, _ in seen)  # one window of both images
     assert progress == [(k, 8) for k in range(1, 9)]
+
+
+def test_map_windows_of_the_identity_is_the_identity():
+    from stylekit.engine.tiling import map_windows, views
+
+    z = torch.randn(1, 4, 20, 28)
+    for wrap in (False, True):
+        windows = views(20, 28, window=16, stride=8, wrap_x=wrap, wrap_y=wrap)
+        torch.testing.assert_close(map_windows(lambda c: c, z, windows, view_batch=3), z)
 
 
 @pytest.mark.parametrize("h, w, ky, kx", [(32, 48, 16, 16), (16, 48, 8, 16)])
@@ -199,8 +217,8 @@ def test_seamless_output_is_roll_equivariant(sd15, empty_prompt, h, w, ky, kx):
     (2) and of the decode tiles' cores (16), so all of it holds up to float error. At h = 16 the
     canvas is one window high: there the UNet's circular padding does the wrapping.
     """
-    from stylekit.engine.conditioning import noise_predictor
     from stylekit.engine.latents import decode
+    from stylekit.engine.predict import noise_predictor
 
     sampler = sampling.make_sampler("tcd", dict(sd15.pipe.scheduler.config))
     eps = noise_predictor(sd15, empty_prompt, 8 * h, 8 * w)

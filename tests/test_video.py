@@ -49,7 +49,7 @@ def videos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(sd15_path):
-    from stylekit.api import resolve_settings
+    from stylekit.session import resolve_settings
 
     return resolve_settings(None, None, dict(model=str(sd15_path), **SETTINGS))
 
@@ -63,9 +63,9 @@ def runtime():
 
 @pytest.fixture(scope="module")
 def stylizer(settings, runtime):
-    from stylekit.api import Stylizer
+    from stylekit.session import open_session
 
-    return Stylizer(settings, runtime=runtime)
+    return open_session(settings, runtime=runtime)
 
 
 class Recorder(Events):
@@ -114,7 +114,7 @@ def pngs(folder):
 
 
 def test_static_video_with_fixed_noise_gives_identical_frames(videos, settings, runtime, tmp_path):
-    from stylekit.videos import stylize_video
+    from stylekit.tasks.video import stylize_video
 
     for mode in ("noise", "none"):
         report = stylize_video(
@@ -135,7 +135,7 @@ def test_static_video_with_fixed_noise_gives_identical_frames(videos, settings, 
 
 
 def test_output_keeps_frame_count_size_exact_rate_and_audio(videos, settings, runtime, tmp_path):
-    from stylekit.videos import stylize_video
+    from stylekit.tasks.video import stylize_video
 
     events = Recorder()
     report = stylize_video(
@@ -163,7 +163,7 @@ def test_output_keeps_frame_count_size_exact_rate_and_audio(videos, settings, ru
 
 
 def test_trim_and_every_keep_the_selection(videos, settings, runtime, tmp_path):
-    from stylekit.videos import stylize_video
+    from stylekit.tasks.video import stylize_video
 
     stylize_video(
         [str(videos["moving"])],
@@ -184,7 +184,7 @@ def test_trim_and_every_keep_the_selection(videos, settings, runtime, tmp_path):
 def test_first_frame_matches_the_still_image_path(stylizer):
     frame = np.asarray(Image.effect_mandelbrot((64, 48), (-2, -1.2, 1, 1.2), 60).convert("RGB"))
     outs, _ = run_stream(stylizer, [frame, frame[::-1].copy()])
-    still = np.asarray(stylizer(Image.fromarray(frame), seed=3))
+    still = np.asarray(stylizer.img2img([Image.fromarray(frame)], [3])[0])
     assert np.array_equal(outs[0], still)
 
 
@@ -315,7 +315,7 @@ def test_ctrl_c_mid_video_leaves_no_output(
     videos, settings, runtime, tmp_path, monkeypatch, frames_out
 ):
     from stylekit.engine import stream as stream_module
-    from stylekit.videos import stylize_video
+    from stylekit.tasks.video import stylize_video
 
     decode, count = stream_module.decode, []
 
@@ -339,7 +339,7 @@ def test_ctrl_c_mid_video_leaves_no_output(
 
 
 def test_vfr_warning_is_surfaced(settings, runtime, tmp_path):
-    from stylekit.videos import stylize_video
+    from stylekit.tasks.video import stylize_video
 
     vfr = tmp_path / "vfr.mp4"
     _ffmpeg(  # 4 frames at 30 fps, then 4 at 15 fps
@@ -362,7 +362,7 @@ def test_vfr_warning_is_surfaced(settings, runtime, tmp_path):
 
 def test_planning_rules(videos, tmp_path):
     from stylekit.errors import UsageError
-    from stylekit.videos import plan_videos
+    from stylekit.tasks.video import plan_videos
 
     jobs = plan_videos([str(videos["root"])], Output(out=tmp_path, fmt="webm", suffix="_s"))
     assert sorted(j.output.name for j in jobs) == [

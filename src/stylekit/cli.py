@@ -689,7 +689,7 @@ def video(
 
     Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
     """
-    from stylekit.videos import VideoConsoleEvents
+    from stylekit.tasks.video import VideoConsoleEvents
 
     task = dict(
         frames_out=frames_out,

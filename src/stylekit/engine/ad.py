@@ -1,25 +1,300 @@
-"""Attention-distillation guidance wired into few-step sampling (AD, arXiv 2502.20235).
+"""Attention distillation as guidance: Adam refinement of latents against reference features.
 
-After every sampler step the latent is refined with Adam against the reference's self-attention
-features at the *next* timestep of the actual schedule. The reference features at a timestep depend
-only on the reference, the timestep and the run's noise, so `Guide` computes them once per run and
-reuses them for every image and frame.
+AD (Zhou et al., CVPR 2025, arXiv 2502.20235), explained in docs/attention-distillation.md:
+
+- `refine`: a fresh Adam for a few iterations on a copy of a latent at one timestep; guided
+  sampling calls it after every sampler step (`guidance` builds that `after_step` hook).
+- `optimize`: optimisation-based transfer, one Adam across a descending timestep grid.
+- `References` are a run's style references (clean latents, fixed noise, layers, feature-pass
+  conditioning); `FeatureCache` holds their features per timestep, owned by the run, so they are
+  computed once per run and reused for every image, frame and window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit.engine import conditioning, guidance
-from stylekit.engine.attention import Features, LabelMaps, select_layers
+from stylekit.engine import conditioning
+from stylekit.engine.ad_loss import LabelMaps, ad_loss, content_loss
+from stylekit.engine.attention import Features, FeatureStore, record_attention, select_layers
 from stylekit.engine.latents import to_tensor
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.sampling import Sampler, add_noise
+from stylekit.engine.sampling import AfterStep, add_noise
+from stylekit.engine.tiling import View, map_windows
+from stylekit.errors import UsageError
+
+# encoder_hidden_states alone, or UNet keyword arguments (added_cond_kwargs, timestep_cond, ...)
+UNetInputs = torch.Tensor | Mapping[str, Any]
+LayerSpec = int | str | Sequence[str] | None  # see attention.select_layers
+Timestep = int | float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Refined:
+    """An optimised latent and the loss of the last step (computed before that step's update)."""
+
+    x: torch.Tensor
+    loss: float
+
+
+# --- feature passes ----------------------------------------------------------------------------
+
+
+def _repeat(value: Any, batch: int) -> Any:
+    """Repeat batch-1 tensors (also in dicts and lists) to `batch`; leave anything else as is."""
+    if isinstance(value, Mapping):
+        return {key: _repeat(item, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_repeat(item, batch) for item in value)
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 1 < batch:
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
+def _unet_kwargs(cond: UNetInputs, batch: int) -> dict[str, Any]:
+    """UNet keyword arguments for `cond`, its batch-1 tensors repeated to the latent batch."""
+    kwargs = {"encoder_hidden_states": cond} if isinstance(cond, torch.Tensor) else dict(cond)
+    return _repeat(kwargs, batch)
+
+
+def _features(
+    unet, store: FeatureStore, x: torch.Tensor, t: Timestep, cond: UNetInputs
+) -> Features:
+    """Run `unet` on latent `x` at timestep `t` and return what the recording processors stored."""
+    store.clear()
+    unet(x.to(unet.dtype), t, **_unet_kwargs(cond, x.shape[0]), return_dict=False)
+    feats = dict(store.features)
+    store.clear()
+    return feats
+
+
+def reference_features(
+    unet, z: torch.Tensor, t: Timestep, cond: UNetInputs, layers: LayerSpec = None
+) -> Features:
+    """Record the attention features of latent `z` (noisy or clean) at timestep `t`, no grad."""
+    with record_attention(unet, layers) as store, torch.no_grad():
+        return _features(unet, store, z, t, cond)
+
+
+def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Match x's per-channel mean and std (B, C, H, W) to ref's (AdaIN, Huang & Belongie 2017).
+
+    eps 1e-6 is the AD release's."""
+    xf, rf = x.float(), ref.float()
+    x_mean, x_std = xf.mean((-2, -1), keepdim=True), xf.std((-2, -1), keepdim=True)  # (B, C, 1, 1)
+    r_mean, r_std = rf.mean((-2, -1), keepdim=True), rf.std((-2, -1), keepdim=True)
+    return ((xf - x_mean) / (x_std + eps) * r_std + r_mean).to(x.dtype)
+
+
+# --- optimisation ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _frozen(unet) -> Iterator[None]:
+    """Keep gradients off the UNet parameters for the block: only the latent is optimised."""
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _checkpointing(unet, enabled: bool) -> Iterator[None]:
+    """Turn on gradient checkpointing for the block when asked and not on already."""
+    if not enabled or unet.is_gradient_checkpointing:
+        yield
+        return
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()
+
+
+@contextmanager
+def _optimising(unet, layers, checkpointing: bool) -> Iterator[FeatureStore]:
+    """Frozen UNet, optional checkpointing, recording processors on `layers`, grad enabled."""
+    with (
+        _frozen(unet),
+        _checkpointing(unet, checkpointing),
+        record_attention(unet, layers) as store,
+        torch.enable_grad(),
+    ):
+        yield store
+
+
+def _objective(
+    feats: Features,
+    ref_feats: Features | Sequence[Features],
+    content_feats: Features | None,
+    *,
+    content_weight: float,
+    attn_scale: float,
+    masks: LabelMaps | None,
+) -> torch.Tensor:
+    """ad_loss(feats, refs) + content_weight * content_loss(feats, content)."""
+    loss = ad_loss(feats, ref_feats, attn_scale=attn_scale, masks=masks)
+    if content_feats is not None and content_weight:
+        loss = loss + content_weight * content_loss(feats, content_feats)
+    return loss
+
+
+def _step(
+    unet,
+    store: FeatureStore,
+    opt: torch.optim.Optimizer,
+    z: torch.Tensor,
+    t: Timestep,
+    cond: UNetInputs,
+    objective: Callable[[Features], torch.Tensor],
+) -> float:
+    """One Adam step on latent `z` against `objective` of its features at `t`; return the loss."""
+    loss = objective(_features(unet, store, z, t, cond))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    store.clear()  # a checkpointed backward records again
+    opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def _goals(
+    unet,
+    store: FeatureStore,
+    refs: Sequence[torch.Tensor],
+    z_content: torch.Tensor | None,
+    content_weight: float,
+    t: Timestep,
+    cond: UNetInputs,
+    ref_cache: dict | None = None,
+) -> tuple[list[Features], Features | None]:
+    """Features of the reference latents and, when weighted, of the content latent at `t`.
+
+    The clean references' features depend only on t: with a `ref_cache` they are computed once
+    per run and reused for every image.
+    """
+    key = int(t)
+    if ref_cache is not None and key in ref_cache:
+        ref_feats = ref_cache[key]
+    else:
+        ref_feats = [_features(unet, store, r, t, cond) for r in refs]
+        if ref_cache is not None:
+            ref_cache[key] = ref_feats
+    if z_content is None or not content_weight:
+        return ref_feats, None
+    return ref_feats, _features(unet, store, z_content, t, cond)
+
+
+def _check_content(content: object, content_weight: float, name: str) -> None:
+    if content_weight and content is None:
+        raise UsageError(f"content_weight {content_weight} needs {name}")
+
+
+def _layers_of(ref_feats: Features | Sequence[Features]) -> list[str]:
+    return list(ref_feats if isinstance(ref_feats, Mapping) else ref_feats[0])
+
+
+def refine(
+    unet,
+    x: torch.Tensor,
+    t: Timestep,
+    cond: UNetInputs,
+    ref_feats: Features | Sequence[Features],
+    *,
+    layers: LayerSpec = None,
+    iters: int = 3,
+    lr: float = 0.015,
+    content_feats: Features | None = None,
+    content_weight: float = 0.0,
+    masks: LabelMaps | None = None,
+    attn_scale: float = 1.0,
+    checkpointing: bool = False,
+) -> Refined:
+    """Take `iters` steps of a fresh Adam on a copy of latent `x` that lower the AD loss at `t`.
+
+    Defaults are the AD release's SD1.5 guidance (lr 0.015, 3 iterations); `layers` defaults to
+    those of `ref_feats`. The result is detached, in `x`'s dtype.
+    """
+    _check_content(content_feats, content_weight, "content_feats")
+    z = x.detach().float().clone().requires_grad_(True)  # fp32 leaf, whatever the UNet dtype
+    opt = torch.optim.Adam([z], lr=lr)
+    objective = partial(
+        _objective,
+        ref_feats=ref_feats,
+        content_feats=content_feats,
+        content_weight=content_weight,
+        attn_scale=attn_scale,
+        masks=masks,
+    )
+    loss = float("nan")
+    layers = _layers_of(ref_feats) if layers is None else layers
+    with _optimising(unet, layers, checkpointing) as store:
+        for _ in range(iters):
+            loss = _step(unet, store, opt, z, t, cond, objective)
+    return Refined(z.detach().to(x.dtype), loss)
+
+
+def optimize(
+    unet,
+    z: torch.Tensor,
+    z_ref: torch.Tensor | Sequence[torch.Tensor],
+    timesteps: Iterable[Timestep],
+    cond: UNetInputs,
+    *,
+    z_content: torch.Tensor | None = None,
+    content_weight: float = 0.0,
+    lr: float = 0.05,
+    layers: LayerSpec = None,
+    masks: LabelMaps | None = None,
+    attn_scale: float = 1.0,
+    checkpointing: bool = False,
+    callback: Callable[[int, int, float], None] | None = None,
+    ref_cache: dict | None = None,
+) -> Refined:
+    """Optimisation-based AD transfer: one Adam on latent `z`, one step per descending timestep.
+
+    At each t the clean latents `z_ref` (one or several references) and `z_content` give the
+    features (no grad); `callback(i, n, loss)` follows every step. lr 0.05 is the AD release's.
+    """
+    _check_content(z_content, content_weight, "z_content")
+    refs = [z_ref] if isinstance(z_ref, torch.Tensor) else list(z_ref)
+    timesteps = list(timesteps)
+    latent = z.detach().float().clone().requires_grad_(True)  # fp32 leaf
+    opt = torch.optim.Adam([latent], lr=lr)
+    loss = float("nan")
+    with _optimising(unet, layers, checkpointing) as store:
+        for i, t in enumerate(timesteps):
+            ref_feats, content = _goals(
+                unet, store, refs, z_content, content_weight, t, cond, ref_cache
+            )
+            objective = partial(
+                _objective,
+                ref_feats=ref_feats,
+                content_feats=content,
+                content_weight=content_weight,
+                attn_scale=attn_scale,
+                masks=masks,
+            )
+            loss = _step(unet, store, opt, latent, t, cond, objective)
+            if callback is not None:
+                callback(i, len(timesteps), loss)
+    return Refined(latent.detach().to(z.dtype), loss)
+
+
+# --- a run's references ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -34,6 +309,28 @@ class ADOptions:
     layers: int | Sequence[str] | None = None  # default: the last 6 self-attention layers
 
 
+@dataclass(frozen=True)
+class References:
+    """A run's AD references: clean latents (1, C, h, w), the run's fixed noise for each, the
+    recorded layers and the feature passes' conditioning (empty prompt, no CFG)."""
+
+    latents: list[torch.Tensor]
+    noise: list[torch.Tensor]
+    layers: list[str]
+    cond: conditioning.Conditioning
+    options: ADOptions
+    masks: LabelMaps | None = None
+
+
+@dataclass
+class FeatureCache:
+    """Reference features per timestep: noised (guided sampling) and clean (optimisation)."""
+
+    noised: dict[int, list[Features]] = field(default_factory=dict)
+    clean: dict[int, list[Features]] = field(default_factory=dict)
+    passes: int = 0  # reference feature passes actually run
+
+
 @torch.no_grad()
 def clean_latent(model: LoadedModel, image: Image.Image) -> torch.Tensor:
     """The posterior mean of an image, scaled: the reference/content latent AD works with."""
@@ -43,138 +340,166 @@ def clean_latent(model: LoadedModel, image: Image.Image) -> torch.Tensor:
     return (z * vae.config.scaling_factor).to(model.dtype)
 
 
-@dataclass
-class Guide:
-    """AD guidance for one run: reference latents, fixed noise, cached reference features."""
-
-    model: LoadedModel
-    sampler: Sampler
-    feature_cond: conditioning.Conditioning  # empty prompt, one row (no CFG)
-    refs: list[torch.Tensor]  # clean reference latents (1, 4, h, w)
-    ref_noise: list[torch.Tensor]
-    options: ADOptions
-    layers: list[str]
-    masks: LabelMaps | None = None
-    cache: dict[int, list[Features]] = field(default_factory=dict)  # noised refs, per t (sampling)
-    clean_cache: dict[int, list[Features]] = field(default_factory=dict)  # clean refs (optimising)
-    feature_passes: int = 0  # reference feature passes actually run (reused across images)
-
-    def unet_inputs(self, z: torch.Tensor) -> dict:
-        """Feature-pass UNet kwargs for a latent of this size (SDXL ids depend on the size)."""
-        c = self.feature_cond
-        h, w = z.shape[-2] * 8, z.shape[-1] * 8
-        kwargs = {"encoder_hidden_states": c.prompt_embeds, "timestep_cond": c.timestep_cond}
-        added = conditioning.added_kwargs(self.model, c, h, w)
-        if added is not None:
-            kwargs["added_cond_kwargs"] = added
-        return kwargs
-
-    def noised_ref(self, i: int, t: int) -> torch.Tensor:
-        """Reference i noised to t with the run's fixed noise."""
-        return add_noise(self.refs[i], self.ref_noise[i], t, self.sampler.ac)
-
-    def reference_features(self, t: int) -> list[Features]:
-        """Features of every noised reference at t, computed once per run."""
-        if t not in self.cache:
-            self.cache[t] = [
-                guidance.reference_features(
-                    self.model.unet, self.noised_ref(i, t), t, self.unet_inputs(r), self.layers
-                )
-                for i, r in enumerate(self.refs)
-            ]
-            self.feature_passes += len(self.refs)
-        return self.cache[t]
-
-    def adain(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        """Match z's channel statistics to the noised references' (all references pooled)."""
-        pooled = torch.cat([self.noised_ref(i, t).flatten(2) for i in range(len(self.refs))], dim=2)
-        return guidance.adain(z, pooled[:, :, None, :])  # ref as (1, C, 1, ΣHW)
-
-    def refine(self, z: torch.Tensor, t: int, content: torch.Tensor | None = None) -> torch.Tensor:
-        """One AD refinement of z at timestep t (optionally AdaIN first and a content term)."""
-        o = self.options
-        if o.adain:
-            z = self.adain(z, t)
-        if o.iters == 0:
-            return z
-        content_feats = None
-        if content is not None and o.content_weight:
-            content_feats = guidance.reference_features(
-                self.model.unet, content, t, self.unet_inputs(content), self.layers
-            )
-        return guidance.refine(
-            self.model.unet,
-            z,
-            t,
-            self.unet_inputs(z),
-            self.reference_features(t),
-            layers=self.layers,
-            iters=o.iters,
-            lr=o.lr,
-            content_feats=content_feats,
-            content_weight=o.content_weight,
-            masks=self.masks,
-            checkpointing=o.checkpointing,
-        ).x
-
-    def after_step(
-        self,
-        ts: Sequence[int],
-        *,
-        z0: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """The sampler hook: refine after step i at t' = ts[i+1] (0 after the last step).
-
-        With `z0` and `noise` (image-to-image) the content term compares with z0 noised to t'.
-        """
-
-        def hook(i: int, z: torch.Tensor) -> torch.Tensor:
-            t_next = ts[i + 1] if i + 1 < len(ts) else 0
-            content = add_noise(z0, noise, t_next, self.sampler.ac) if z0 is not None else None
-            return self.refine(z, t_next, content)
-
-        return hook
-
-
-def reference_seed(seed: int) -> int:
-    """The reference noise's seed, derived from the run's: never equal to an image's own seed
-    (image i uses seed + i), so a reference the size of the image is never noised like it."""
-    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
-
-
-def make_guide(
+def make_references(
     model: LoadedModel,
-    sampler: Sampler,
-    references: Sequence[Image.Image],
+    images: Sequence[Image.Image],
     *,
-    seed: int,
+    noise: torch.Generator,
     options: ADOptions = ADOptions(),
     image_embeds: list[torch.Tensor] | None = None,
     masks: LabelMaps | None = None,
-) -> Guide:
-    """Encode the references once and draw the run's fixed reference noise from `seed`."""
+) -> References:
+    """Encode the references once and draw their fixed noise from the `noise` generator.
+
+    The caller owns that generator: it must not be an image's own (with equal shapes the image
+    would be noised like the reference and pulled towards a copy of its layout).
+    """
     cond = conditioning.encode_text(model, "", None, cfg=1.0)
     if image_embeds is not None:  # IP-Adapter layers need image embeds in every UNet call
         cond = conditioning.Conditioning(
             cond.prompt_embeds, 1.0, cond.pooled, [e[-1:] for e in image_embeds], cond.timestep_cond
         )
-    refs = [clean_latent(model, r) for r in references]
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = [
-        randn_tensor(r.shape, generator=generator, device=r.device, dtype=r.dtype) for r in refs
+    latents = [clean_latent(model, r) for r in images]
+    drawn = [
+        randn_tensor(z.shape, generator=noise, device=z.device, dtype=z.dtype) for z in latents
     ]
     layers = select_layers(model.unet, options.layers)
-    return Guide(model, sampler, cond, refs, noise, options, layers, masks)
+    return References(latents, drawn, layers, cond, options, masks)
 
 
-def optimization_timesteps(n: int) -> list[int]:
-    """n timesteps descending linearly from 999 to 1 (AD's optimisation schedule)."""
-    return [int(round(999 - i * 998 / max(n - 1, 1))) for i in range(n)]
+def unet_inputs(model: LoadedModel, refs: References, z: torch.Tensor) -> dict:
+    """Feature-pass UNet kwargs for a latent of this size (SDXL ids depend on the size)."""
+    c = refs.cond
+    kwargs = {"encoder_hidden_states": c.prompt_embeds, "timestep_cond": c.timestep_cond}
+    added = conditioning.added_kwargs(model, c, z.shape[-2] * 8, z.shape[-1] * 8)
+    if added is not None:
+        kwargs["added_cond_kwargs"] = added
+    return kwargs
+
+
+def noised(refs: References, i: int, t: int, ac: torch.Tensor) -> torch.Tensor:
+    """Reference i noised to t with the run's fixed noise."""
+    return add_noise(refs.latents[i], refs.noise[i], t, ac)
+
+
+def noised_features(
+    model: LoadedModel, refs: References, cache: FeatureCache, t: int, ac: torch.Tensor
+) -> list[Features]:
+    """Features of every noised reference at t, computed once per run (`cache`)."""
+    if t not in cache.noised:
+        cache.noised[t] = [
+            reference_features(
+                model.unet, noised(refs, i, t, ac), t, unet_inputs(model, refs, z), refs.layers
+            )
+            for i, z in enumerate(refs.latents)
+        ]
+        cache.passes += len(refs.latents)
+    return cache.noised[t]
+
+
+def adain_to(refs: References, z: torch.Tensor, t: int, ac: torch.Tensor) -> torch.Tensor:
+    """Match z's channel statistics to the noised references' (all references pooled)."""
+    pooled = torch.cat([noised(refs, i, t, ac).flatten(2) for i in range(len(refs.latents))], 2)
+    return adain(z, pooled[:, :, None, :])  # ref as (1, C, 1, ΣHW)
+
+
+def refine_at(
+    model: LoadedModel,
+    refs: References,
+    cache: FeatureCache,
+    z: torch.Tensor,
+    t: int,
+    ac: torch.Tensor,
+    content: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One AD refinement of z at timestep t (AdaIN first when on, and a content term when given)."""
+    o = refs.options
+    if o.adain:
+        z = adain_to(refs, z, t, ac)
+    if o.iters == 0:
+        return z
+    content_feats = None
+    if content is not None and o.content_weight:
+        inputs = unet_inputs(model, refs, content)
+        content_feats = reference_features(model.unet, content, t, inputs, refs.layers)
+    return refine(
+        model.unet,
+        z,
+        t,
+        unet_inputs(model, refs, z),
+        noised_features(model, refs, cache, t, ac),
+        layers=refs.layers,
+        iters=o.iters,
+        lr=o.lr,
+        content_feats=content_feats,
+        content_weight=o.content_weight,
+        masks=refs.masks,
+        checkpointing=o.checkpointing,
+    ).x
+
+
+def next_timestep(ts: Sequence[int], i: int) -> int:
+    """The timestep after step i: AD refines at the next timestep of the schedule (0 at the end)."""
+    return ts[i + 1] if i + 1 < len(ts) else 0
+
+
+def guidance(
+    model: LoadedModel,
+    refs: References,
+    cache: FeatureCache,
+    ts: Sequence[int],
+    ac: torch.Tensor,
+    *,
+    z0: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> AfterStep:
+    """The sampling loop's `after_step`: refine after step i at t' = ts[i+1] (0 after the last).
+
+    With `z0` and `noise` (image-to-image) the content term compares with z0 noised to t'.
+    """
+
+    def after_step(i: int, z: torch.Tensor) -> torch.Tensor:
+        t = next_timestep(ts, i)
+        content = add_noise(z0, noise, t, ac) if z0 is not None else None
+        return refine_at(model, refs, cache, z, t, ac, content)
+
+    return after_step
+
+
+def windowed_guidance(
+    model: LoadedModel,
+    refs: References,
+    cache: FeatureCache,
+    ts: Sequence[int],
+    ac: torch.Tensor,
+    windows: Sequence[View],
+    *,
+    view_batch: int,
+) -> AfterStep:
+    """`guidance` for a MultiDiffusion canvas: refine each window, average where they overlap."""
+
+    def after_step(i: int, z: torch.Tensor) -> torch.Tensor:
+        t = next_timestep(ts, i)
+        refined = partial(refine_at, model, refs, cache, t=t, ac=ac)
+        return map_windows(lambda crops: refined(z=crops), z, windows, view_batch=view_batch)
+
+    return after_step
+
+
+def leading_timesteps(n: int, train_steps: int = 1000) -> list[int]:
+    """AD's optimisation grid, DDIM "leading" spacing descending: arange(n)·(1000 // n) + 1 reversed.
+
+    For n = 300 it runs 898, 895, …, 1 (not from 999), as the AD release does.
+    """
+    if not 1 <= n <= train_steps:
+        raise UsageError(f"--opt-steps {n} is outside 1..{train_steps}")
+    return [int(t) for t in (np.arange(n) * (train_steps // n) + 1)[::-1]]
 
 
 def optimize_transfer(
-    guide: Guide,
+    model: LoadedModel,
+    refs: References,
+    cache: FeatureCache,
     start: torch.Tensor,
     *,
     steps: int,
@@ -188,20 +513,19 @@ def optimize_transfer(
     `start` is the content latent (style/appearance transfer) or noise (texture synthesis); the
     references and content are compared clean, as in the AD release.
     """
-    weight = content_weight if content is not None else 0.0
-    result = guidance.optimize(
-        guide.model.unet,
+    result = optimize(
+        model.unet,
         start,
-        guide.refs,
-        optimization_timesteps(steps),
-        guide.unet_inputs(start),
+        refs.latents,
+        leading_timesteps(steps),
+        unet_inputs(model, refs, start),
         z_content=content,
-        content_weight=weight,
+        content_weight=content_weight if content is not None else 0.0,
         lr=lr,
-        layers=guide.layers,
-        masks=guide.masks,
-        checkpointing=guide.options.checkpointing,
+        layers=refs.layers,
+        masks=refs.masks,
+        checkpointing=refs.options.checkpointing,
         callback=None if callback is None else (lambda i, n, loss: callback(i + 1, n)),
-        ref_cache=guide.clean_cache,
+        ref_cache=cache.clean,
     )
     return result.x

@@ -1,14 +1,14 @@
-"""Self-attention features of a diffusers UNet: layer selection, recording processors, AD losses.
+"""Self-attention of a diffusers UNet: layer selection and two plain processors installed by name.
 
-Attention Distillation (Zhou et al., CVPR 2025, arXiv 2502.20235) compares the self-attention of a
-target latent with that of reference latents. Layers are chosen by processor name and recorded by a
-processor that computes exactly what diffusers' `AttnProcessor2_0` computes.
+A recording processor stores q, k, v and the attention output of chosen layers (attention
+distillation's features, an anchor frame's k/v); an injecting processor lets a layer's queries also
+attend to extra tokens' k/v (anchor attention in video). Both compute exactly what diffusers'
+`AttnProcessor2_0` computes, and are installed for a block by context managers that restore the
+UNet's own processors. See docs/attention-distillation.md and docs/video.md.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,24 +81,16 @@ Features = dict[str, AttentionFeatures]  # processor name -> that layer's featur
 
 @dataclass
 class FeatureStore:
-    """What the recording processors of one `record_attention` block share.
-
-    `features` is filled by every UNet forward while `recording` is on (the last forward wins).
-    `extra_kv[name] = (k, v)`, each (B or 1, heads, M, d), lets that layer also attend to M extra
-    tokens (e.g. an anchor frame's k and v); `k`, `v` recorded are still the layer's own.
-    """
+    """What the recording processors of one `record_attention` block fill: the last forward wins."""
 
     features: Features = field(default_factory=dict)
-    extra_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    recording: bool = True
 
     def clear(self) -> None:
         """Forget the recorded features (they may hold autograd graphs)."""
         self.features.clear()
 
-    def inject(self, feats: Mapping[str, AttentionFeatures]) -> None:
-        """Let each layer of `feats` also attend to that layer's recorded k and v."""
-        self.extra_kv = {name: (f.k, f.v) for name, f in feats.items()}
+
+KV = tuple[torch.Tensor, torch.Tensor]  # extra (k, v) for one layer, each (B or 1, heads, M, d)
 
 
 def _project(attn, hidden_states, encoder_hidden_states, attention_mask):
@@ -127,7 +119,7 @@ def _project(attn, hidden_states, encoder_hidden_states, attention_mask):
     return q, k, v, attention_mask
 
 
-def _append_kv(k, v, mask, extra):
+def _append_kv(k, v, mask, extra: KV):
     """Append extra (k, v) along the tokens of k, v and let the mask attend to them."""
     ek, ev = (x.to(k.dtype).expand(k.shape[0], -1, -1, -1) for x in extra)  # (B, heads, M, d)
     if mask is not None:
@@ -137,43 +129,87 @@ def _append_kv(k, v, mask, extra):
     return torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2), mask  # (B, heads, S + M, d)
 
 
+def _attend(
+    attn, hidden_states, encoder_hidden_states, attention_mask, temb, *, extra=None, seen=None
+):
+    """What `AttnProcessor2_0` computes, optionally also attending to `extra` (k, v);
+    `seen(q, k, v, out)` receives the layer's own q, k, v and SDPA's output."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+    if image_shape is not None:
+        b, c, h, w = image_shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
+    q, k, v, mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
+    k_all, v_all, mask = (k, v, mask) if extra is None else _append_kv(k, v, mask, extra)
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
+    if seen is not None:
+        seen(q, k, v, out)
+    hidden_states = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, N, heads * d)
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
+    if image_shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(image_shape)  # (B, C, H, W)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class RecordingAttnProcessor:
     """`AttnProcessor2_0` that also stores q, k, v and SDPA's output under `name` in `store`."""
 
     def __init__(self, name: str, store: FeatureStore):
-        self.name = name
-        self.store = store
+        self.name, self.store = name, store
 
     def __call__(
         self,
         attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
         *args,
         **kwargs,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
-        if image_shape is not None:
-            b, c, h, w = image_shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
-        q, k, v, mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
-        extra = self.store.extra_kv.get(self.name)
-        k_all, v_all, mask = (k, v, mask) if extra is None else _append_kv(k, v, mask, extra)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
-        if self.store.recording:
+    ):
+        def seen(q, k, v, out):
             self.store.features[self.name] = AttentionFeatures(q, k, v, out)
-        hidden_states = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, N, heads * d)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
-        if image_shape is not None:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(image_shape)  # (B, C, H, W)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+
+        return _attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, seen=seen)
+
+
+class InjectingAttnProcessor:
+    """`AttnProcessor2_0` whose queries also attend to extra tokens' (k, v) (an anchor frame's)."""
+
+    def __init__(self, kv: KV):
+        self.kv = kv
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        return _attend(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, extra=self.kv
+        )
+
+
+@contextmanager
+def installed(unet, processors: Mapping[str, object]) -> Iterator[None]:
+    """Install `processors` by layer name for the block; restore the originals after.
+
+    diffusers raises on a partial mapping: the chosen entries replace those of the full one.
+    """
+    originals = unet.attn_processors
+    unet.set_attn_processor({**originals, **processors})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(dict(originals))  # set_attn_processor pops from the dict it gets
 
 
 @contextmanager
@@ -181,106 +217,14 @@ def record_attention(
     unet, layers: int | str | Sequence[str] | None = None
 ) -> Iterator[FeatureStore]:
     """Record `layers` (see `select_layers`) in the block; restore the original processors after."""
-    names = select_layers(unet, layers)
     store = FeatureStore()
-    originals = unet.attn_processors
-    mapping = dict(
-        originals
-    )  # a partial mapping raises in diffusers: replace entries of the full one
-    mapping.update({name: RecordingAttnProcessor(name, store) for name in names})
-    unet.set_attn_processor(mapping)
-    try:
+    names = select_layers(unet, layers)
+    with installed(unet, {name: RecordingAttnProcessor(name, store) for name in names}):
         yield store
-    finally:
-        unet.set_attn_processor(dict(originals))  # set_attn_processor pops from the dict it gets
 
 
-# --- label masks -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelMaps:
-    """Label maps for controlled synthesis: `target` (H, W) and one (H', W') per reference.
-
-    Each map has its latent's aspect ratio (any resolution); equal labels attend to each other.
-    """
-
-    target: torch.Tensor
-    references: Sequence[torch.Tensor]
-
-
-@functools.cache
-def token_grid(tokens: int, aspect: float) -> tuple[int, int]:
-    """Return the (h, w) with h * w = tokens whose ratio h / w is closest to `aspect`."""
-    grids = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
-    return min(grids, key=lambda hw: abs(math.log(hw[0] / hw[1] / aspect)))
-
-
-def _labels_at(label_map: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Nearest-resize a (H, W) label map to the token grid of a layer with `tokens` tokens."""
-    h, w = token_grid(tokens, label_map.shape[-2] / label_map.shape[-1])
-    grid = F.interpolate(label_map[None, None].float(), size=(h, w), mode="nearest")  # (1, 1, h, w)
-    return grid.flatten()  # (h * w,)
-
-
-def label_mask(
-    maps: LabelMaps, target_tokens: int, reference_tokens: Sequence[int]
-) -> torch.Tensor:
-    """Return the boolean (N_t, sum N_r) mask `label_tgt[i] == label_src[j]` of one layer.
-
-    A target token whose label no reference token has attends to every reference token.
-    """
-    if len(maps.references) != len(reference_tokens):
-        raise UsageError(
-            f"{len(maps.references)} reference label maps for {len(reference_tokens)} references"
-        )
-    target = _labels_at(maps.target, target_tokens)
-    source = torch.cat(
-        [_labels_at(m, n) for m, n in zip(maps.references, reference_tokens, strict=True)]
-    )
-    mask = target[:, None] == source[None, :]  # (N_t, sum N_r)
-    return mask | ~mask.any(dim=1, keepdim=True)
-
-
-# --- losses ------------------------------------------------------------------------------------
-
-
-def _joint_kv(refs: Sequence[AttentionFeatures], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the references' k and v along tokens (one joint softmax), repeated to `batch`."""
-    k = torch.cat([r.k.float() for r in refs], dim=2)  # (B_r, heads, sum N_r, d)
-    v = torch.cat([r.v.float() for r in refs], dim=2)
-    return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)  # (B, heads, sum N_r, d)
-
-
-def ad_loss(
-    target_feats: Mapping[str, AttentionFeatures],
-    ref_feats: Mapping[str, AttentionFeatures] | Sequence[Mapping[str, AttentionFeatures]],
-    *,
-    attn_scale: float = 1.0,
-    masks: LabelMaps | None = None,
-) -> torch.Tensor:
-    """Return the AD loss, sum over layers of mean |T.out - SDPA(T.q * s, R.k, R.v, mask)|, fp32."""
-    refs = [ref_feats] if isinstance(ref_feats, Mapping) else list(ref_feats)
-    losses = []
-    for name, t in target_feats.items():
-        layer_refs = [r[name] for r in refs]
-        k, v = _joint_kv(layer_refs, t.q.shape[0])
-        mask = None
-        if masks is not None:
-            tokens = [r.k.shape[2] for r in layer_refs]
-            mask = label_mask(masks, t.q.shape[2], tokens).to(t.q.device)  # (N_t, sum N_r)
-        with torch.no_grad():  # the goal is detached
-            goal = F.scaled_dot_product_attention(t.q.float() * attn_scale, k, v, attn_mask=mask)
-        losses.append((t.out.float() - goal).abs().mean())
-    return torch.stack(losses).sum()
-
-
-def content_loss(
-    target_feats: Mapping[str, AttentionFeatures], content_feats: Mapping[str, AttentionFeatures]
-) -> torch.Tensor:
-    """Return the AD content loss, sum over layers of mean |T.q - C.q| (C detached), in fp32."""
-    losses = [
-        (t.q.float() - content_feats[name].q.detach().float()).abs().mean()
-        for name, t in target_feats.items()
-    ]
-    return torch.stack(losses).sum()
+@contextmanager
+def inject_attention(unet, kv: Mapping[str, KV]) -> Iterator[None]:
+    """Let each named layer also attend to its extra (k, v) in the block (anchor attention)."""
+    with installed(unet, {name: InjectingAttnProcessor(pair) for name, pair in kv.items()}):
+        yield

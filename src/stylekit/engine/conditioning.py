@@ -1,4 +1,4 @@
-"""Prompt and style-image conditioning, computed once per batch, and the CFG noise predictor.
+"""Prompt and style-image conditioning, computed once per batch (ε prediction is in `predict.py`).
 
 Text encoding and IP-Adapter image encoding go through the diffusers pipeline's own methods, so the
 embeddings are exactly what its pipelines would feed the UNet; only SDXL's size ids depend on the image.
@@ -6,7 +6,7 @@ embeddings are exactly what its pipelines would feed the UNet; only SDXL's size 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -55,10 +55,10 @@ def encode_text(
     embeds = torch.cat([neg, pos]) if do_cfg else pos
     if pooled is not None and do_cfg:
         pooled = torch.cat([neg_pooled, pooled])
-    return Conditioning(embeds, cfg, pooled, timestep_cond=guidance_embedding(model, cfg))
+    return Conditioning(embeds, cfg, pooled, timestep_cond=cfg_scale_embedding(model, cfg))
 
 
-def guidance_embedding(model: LoadedModel, cfg: float) -> torch.Tensor | None:
+def cfg_scale_embedding(model: LoadedModel, cfg: float) -> torch.Tensor | None:
     """The w-embedding fed to UNets distilled with guidance inside (full LCM models), else None."""
     dim = model.unet.config.time_cond_proj_dim
     if dim is None:
@@ -100,58 +100,3 @@ def added_kwargs(model: LoadedModel, cond: Conditioning, height: int, width: int
     if cond.image_embeds is not None:
         added["image_embeds"] = cond.image_embeds
     return added or None
-
-
-def noise_predictor(
-    model: LoadedModel,
-    cond: Conditioning,
-    height: int,
-    width: int,
-    *,
-    extra: torch.Tensor | None = None,
-) -> Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]:
-    """Return eps(z, t): one UNet call on [z, z] under CFG, combined as e_u + g (e_c − e_u).
-
-    `t` is one timestep or one per latent row (stream batch). `extra` (1, C, h, w) is concatenated
-    to every latent as more input channels (an inpainting UNet's mask and masked-image latent).
-    """
-    added = added_kwargs(model, cond, height, width)
-    unet = model.unet
-
-    def eps(z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        batch = z.shape[0]
-        if extra is not None:
-            z = torch.cat([z, extra.expand(batch, -1, -1, -1)], dim=1)  # (B, 4 + C, h, w)
-        rows = torch.cat([z, z]) if cond.do_cfg else z  # (2B, ·, h, w) under CFG, uncond first
-        t = torch.as_tensor(t, device=z.device)
-        if t.ndim and cond.do_cfg:
-            t = torch.cat([t, t])  # (2B,) per-row timesteps follow their rows
-        out = unet(
-            rows,
-            t,
-            encoder_hidden_states=expand(cond.prompt_embeds, batch),
-            timestep_cond=cond.timestep_cond,
-            added_cond_kwargs=expand_added(added, batch),
-            return_dict=False,
-        )[0]
-        if not cond.do_cfg:
-            return out
-        e_u, e_c = out.chunk(2)
-        return e_u + cond.cfg * (e_c - e_u)
-
-    return eps
-
-
-def expand(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Repeat each conditioning row for a latent batch: (R, ...) → (R·batch, ...), rows kept in order."""
-    return rows if batch == 1 else rows.repeat_interleave(batch, dim=0)
-
-
-def expand_added(added: dict | None, batch: int) -> dict | None:
-    """Expand every tensor of added_cond_kwargs like `expand` (lists of IP embeds included)."""
-    if added is None or batch == 1:
-        return added
-    return {
-        k: [expand(e, batch) for e in v] if isinstance(v, list) else expand(v, batch)
-        for k, v in added.items()
-    }

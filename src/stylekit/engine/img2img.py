@@ -9,11 +9,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit.engine.ad import Guide
-from stylekit.engine.conditioning import Conditioning, noise_predictor
+from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, sample
+from stylekit.engine.predict import noise_predictor
+from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, sample
 
 
 def start_latent(
@@ -38,19 +38,19 @@ def img2img(
     steps: int,
     strength: float,
     generator: torch.Generator | list[torch.Generator],
-    guide: Guide | None = None,
+    guidance: Guidance | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Stylise images in `steps` UNet evaluations at `strength`: (B, H, W, 3) floats in [0, 1].
 
     A list of same-size images runs as one UNet batch, each image with its own generator, so
-    every image comes out as it would alone. With an AD `guide`, every step is followed by
+    every image comes out as it would alone. With `guidance` (AD), every step is followed by
     attention-distillation refinement.
     """
     first = images[0] if isinstance(images, (list, tuple)) else images
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
     z, z0, noise = start_latent(model, images, ts[0], sampler, generator)
-    hook = guide.after_step(ts, z0=z0, noise=noise) if guide is not None else None
+    hook = guidance(ts, z0=z0, noise=noise) if guidance is not None else None
     eps = noise_predictor(model, cond, first.height, first.width)
     z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
     return decode(model, z)

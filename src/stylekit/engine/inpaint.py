@@ -1,6 +1,6 @@
 """Few-step inpainting: repaint the white part of a mask, keep the rest, as diffusers' inpaint pipelines do.
 
-Facts from `shared/specs/inpaint.md`. A plain (4-channel) UNet denoises the whole latent and, after
+See docs/inpainting.md. A plain (4-channel) UNet denoises the whole latent and, after
 every step, the known region is put back as the original latent re-noised to the next timestep with
 the initial noise (the clean latent after the last step). A dedicated inpainting UNet (9 input
 channels) is told the mask instead: its input is [latent, mask, masked-image latent]. Random draws
@@ -20,14 +20,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter
 
-from stylekit.engine.ad import Guide
-from stylekit.engine.conditioning import (
-    Conditioning,
-    noise_predictor,
-)
+from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.latents import decode, encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, sample
+from stylekit.engine.predict import noise_predictor
+from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, sample
 from stylekit.errors import UsageError
 
 
@@ -115,15 +112,15 @@ def inpaint(
     steps: int,
     strength: float,
     generator: torch.Generator,
-    guide: Guide | None = None,
+    guidance: Guidance | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Repaint where `mask` (from `binarize`) is 1 in `steps` UNet evaluations; (H, W, 3) floats in [0, 1].
 
-    This is the decoded image before paste-back, the image diffusers' pipeline returns. With an AD
-    `guide` (4-channel UNets only) each step is refined first, then the known region put back.
+    This is the decoded image before paste-back, the image diffusers' pipeline returns. With AD
+    `guidance` (4-channel UNets only) each step is refined first, then the known region put back.
     """
-    if guide is not None and model.inpainting_unet:
+    if guidance is not None and model.inpainting_unet:
         raise UsageError("AD style guidance needs a plain 4-channel UNet, not an inpainting UNet")
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
     lat = prepare_latents(
@@ -134,8 +131,8 @@ def inpaint(
     else:
         eps = noise_predictor(model, cond, image.height, image.width)
         after = keep_known(lat, ts, sampler.ac)
-        if guide is not None:
-            after = chain(guide.after_step(ts, z0=lat.z0, noise=lat.noise), after)
+        if guidance is not None:
+            after = chain(guidance(ts, z0=lat.z0, noise=lat.noise), after)
     z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after, callback=callback)
     return decode(model, z)[0]
 

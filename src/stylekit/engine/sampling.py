@@ -1,6 +1,6 @@
 """Few-step consistency samplers (TCD, LCM) as pure functions, and their timestep arithmetic.
 
-Formulas from `shared/specs/sampling.md`: TCD (Zheng et al. 2024, arXiv 2402.19159), LCM (Luo et al.
+Formulas in `docs/sampling.md`: TCD (Zheng et al. 2024, arXiv 2402.19159), LCM (Luo et al.
 2023, arXiv 2310.04378). Nothing here keeps state between calls: a step takes the model output, the
 current and next timestep and the latent, and returns the next latent. That is what lets MultiDiffusion
 step each window independently and lets parity be checked against diffusers' schedulers.
@@ -9,7 +9,7 @@ step each window independently and lets parity be checked against diffusers' sch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,29 +197,67 @@ def make_sampler(kind: str, scheduler_config: dict, *, gamma: float = 0.0) -> Sa
     return Sampler(kind, alphas_cumprod(scheduler_config), gamma)
 
 
+NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step i, ε) → the noise step i adds
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor]  # (step i, z) → z
+# guidance(ts, z0=None, noise=None) → the after_step of a trajectory over `ts` (AD refinement);
+# z0 and noise are the content's clean latent and start noise when there is a content image.
+Guidance = Callable[..., AfterStep]
+
+
+def trajectory(
+    z: torch.Tensor,
+    ts: Sequence[int],
+    sampler: Sampler,
+    *,
+    noise: NoiseFn,
+    after_step: AfterStep | None = None,
+) -> Generator[tuple[torch.Tensor, int], torch.Tensor, torch.Tensor]:
+    """The few-step loop as a generator: yields (z, t) for each model call, is sent ε, returns z.
+
+    `noise(i, eps)` is asked for only on steps that re-noise; `after_step(i, z)` may rewrite the
+    latent after each step (inpaint blending, AD refinement). `sample` drives one trajectory with
+    an ε-prediction callable; a video stream drives several at once, one batched UNet call a round.
+    """
+    n = len(ts)
+    for i, t in enumerate(ts):
+        eps = yield z, t
+        fresh = noise(i, eps) if sampler.needs_noise(i, n) else None
+        z = sampler.step(eps, ts, i, z, fresh)
+        if after_step is not None:
+            z = after_step(i, z)
+    return z
+
+
+def drawn_noise(generator: torch.Generator | list[torch.Generator] | None) -> NoiseFn:
+    """Noise drawn like diffusers' schedulers draw it: after the model call, shaped like ε."""
+    return lambda i, eps: randn_tensor(
+        eps.shape, generator=generator, device=eps.device, dtype=eps.dtype
+    )
+
+
 def sample(
     eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
     z: torch.Tensor,
     ts: Sequence[int],
     sampler: Sampler,
     *,
-    generator: torch.Generator | None = None,
-    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    after_step: AfterStep | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run the few-step loop: z ← step(eps_fn(z, t)); noise is drawn like diffusers, after the model call.
 
+    `eps_fn` is where CFG, window averaging (MultiDiffusion) and other ε-prediction composes;
     `after_step(i, z)` may rewrite the latent after each step (inpaint blending, AD refinement).
     """
-    n = len(ts)
-    for i, t in enumerate(ts):
-        eps = eps_fn(z, t)
-        noise = None
-        if sampler.needs_noise(i, n):
-            noise = randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
-        z = sampler.step(eps, ts, i, z, noise)
-        if after_step is not None:
-            z = after_step(i, z)
+    run = trajectory(z, ts, sampler, noise=drawn_noise(generator), after_step=after_step)
+    request = next(run)
+    for i in range(len(ts)):
+        eps = eps_fn(*request)
+        try:
+            request = run.send(eps)
+        except StopIteration as done:
+            z = done.value
         if callback is not None:
-            callback(i + 1, n)
+            callback(i + 1, len(ts))
     return z

@@ -1,7 +1,7 @@
 """Stylise video frame by frame with one model and one conditioning (StreamDiffusion's ideas).
 
-Written from `shared/specs/streaming-video.md` (StreamDiffusion, Kodaira et al. 2023,
-arXiv 2312.12491; anchor attention as in Rerender-A-Video / StreamV2V):
+See docs/video.md (StreamDiffusion, Kodaira et al. 2023, arXiv 2312.12491; anchor attention as
+in Rerender-A-Video / StreamV2V):
 
 - Fixed noise (`consistency="noise"`): one seeded noise tensor per denoising stage, drawn once
   and reused for every frame, so a region that does not change is denoised the same way.
@@ -15,7 +15,8 @@ arXiv 2312.12491; anchor attention as in Rerender-A-Video / StreamV2V):
   Same frames as sequential processing (the math per frame is identical, batched matmuls may
   round differently); on by default on CPU and CUDA. It pays on a CPU too: 4 rows of the SD1.5
   UNet at 256 px in bf16 took 0.63× the time of 4 single calls (1 thread), and a moving clip ran
-  1.51× the naive loop's frame rate with it vs 1.01× without (benchmarks/README.md).
+  1.51× the naive loop's frame rate with it vs 1.01× without (benchmarks/README.md). Every frame
+  runs the one sampling loop (`sampling.trajectory`); stream batch only batches their model calls.
 
 Decisions:
 - Noise is drawn the way `img2img` draws it (a CPU generator seeded once: the VAE posterior
@@ -28,31 +29,29 @@ Decisions:
   in stream batch mode; frames then in flight keep reading the anchor they started with.
 - Sizes that are not multiples of 8 are reflect-padded before encoding and cropped back after
   decoding: the output has exactly the input's size.
-- AD guidance (a `Guide`, style mode ad/both) refines each frame after each step, as for a still
-  image; its reference features are cached per timestep, so they are computed once per video.
+- AD guidance (style mode ad/both) refines each frame after each step, as for a still image
+  (`guidance` gives each frame its hook); the run caches the reference features per
+  timestep, so they are computed once per run.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit.engine.ad import Guide
-from stylekit.engine.attention import Features, FeatureStore, record_attention
-from stylekit.engine.conditioning import (
-    Conditioning,
-    noise_predictor,
-)
+from stylekit.engine.attention import Features, inject_attention, record_attention, select_layers
+from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule
+from stylekit.engine.predict import noise_predictor
+from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, trajectory
 from stylekit.errors import UsageError
 
 CONSISTENCY = ("none", "noise", "anchor")
@@ -151,17 +150,20 @@ class _Item:
 
     index: int
     skip: bool = False
-    z: torch.Tensor | None = None  # (1, 4, h, w) at `stage`
+    run: Generator | None = None  # its `sampling.trajectory`
+    pending: tuple[torch.Tensor, int] | None = None  # (z (1, 4, h, w), t) of the next model call
+    z: torch.Tensor | None = None  # the final latent, once every stage ran
     stage: int = 0
-    noises: list[torch.Tensor | None] = field(default_factory=list)  # [start, step 0, step 1, ...]
     anchor: Anchor | None = None
     records: bool = False  # this frame is the anchor: record, do not read
-    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # AD refinement
 
-
-def batch_predictor(model: LoadedModel, cond: Conditioning, height: int, width: int):
-    """Return eps(z, t) for latents at different timesteps: z (B, 4, h, w), t (B,); CFG as usual."""
-    return noise_predictor(model, cond, height, width)
+    def send(self, eps: torch.Tensor) -> None:
+        """Give the trajectory its model output; it steps to the next call or ends."""
+        try:
+            self.pending = self.run.send(eps)
+        except StopIteration as done:
+            self.z, self.pending = done.value, None
+        self.stage += 1
 
 
 def stack_kv(rows: Sequence[Features]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -191,10 +193,10 @@ class FrameStream:
         sampler: Sampler,
         options: StreamOptions,
         *,
-        guide: Guide | None = None,
+        guidance: Guidance | None = None,
     ):
         self.model, self.cond, self.sampler, self.options = model, cond, sampler, options.check()
-        self.guide = guide
+        self.guidance = guidance  # AD: each frame's after_step, from its z0 and start noise
         _, self.ts = img2img_schedule(options.steps, options.strength, turbo=model.turbo)
         batched = options.stream_batch
         self.batched = model.device.type in ("cpu", "cuda") if batched is None else batched
@@ -205,10 +207,10 @@ class FrameStream:
             self.filter = SimilarityFilter(options.skip_similar, options.max_skip, options.seed)
         self._generator = torch.Generator("cpu").manual_seed(options.seed)
         self._noises: list[torch.Tensor | None] | None = None  # the fixed noise, once drawn
-        self._store: FeatureStore | None = None
+        self._layers: list[str] | None = None  # anchor mode: the layers that record and read
         self._anchor: Anchor | None = None
         self._size: tuple[int, int] | None = None  # (H, W) of the input frames
-        self._eps = self._batch_eps = None
+        self._eps = None
         self._last: np.ndarray | None = None
 
     @property
@@ -218,23 +220,12 @@ class FrameStream:
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Yield one (H, W, 3) uint8 output per (H, W, 3) uint8 input, in order, streaming."""
-        with self._attention():
-            items = (self._arrive(i, frame) for i, frame in enumerate(frames))
-            flow = self._pipeline(items) if self.batched else self._sequential(items)
-            for item in flow:
-                yield self._emit(item)
-
-    @contextlib.contextmanager
-    def _attention(self) -> Iterator[None]:
-        if self.options.consistency != "anchor":
-            yield
-            return
-        with record_attention(self.model.unet, self.options.anchor_layers) as store:
-            self._store = store
-            try:
-                yield
-            finally:
-                self._store = None
+        if self.options.consistency == "anchor":
+            self._layers = select_layers(self.model.unet, self.options.anchor_layers)
+        items = (self._arrive(i, frame) for i, frame in enumerate(frames))
+        flow = self._pipeline(items) if self.batched else self._sequential(items)
+        for item in flow:
+            yield self._emit(item)
 
     # --- one frame in --------------------------------------------------------------------------
 
@@ -250,11 +241,18 @@ class FrameStream:
         image = Image.fromarray(pad_frame(frame))
         if self._eps is None:
             self._eps = noise_predictor(self.model, self.cond, image.height, image.width)
-            self._batch_eps = batch_predictor(self.model, self.cond, image.height, image.width)
         z0, noises = self._encode(image)
-        item = _Item(index, z=add_noise(z0, noises[0], self.ts[0], self.sampler.ac), noises=noises)
-        if self.guide is not None:
-            item.after_step = self.guide.after_step(self.ts, z0=z0, noise=noises[0])
+        after = None
+        if self.guidance is not None:
+            after = self.guidance(self.ts, z0=z0, noise=noises[0])
+        run = trajectory(
+            add_noise(z0, noises[0], self.ts[0], self.sampler.ac),
+            self.ts,
+            self.sampler,
+            noise=lambda i, eps: noises[i + 1],  # the stage noises, fixed or fresh
+            after_step=after,
+        )
+        item = _Item(index, run=run, pending=next(run))
         self._assign_anchor(item)
         return item
 
@@ -290,7 +288,7 @@ class FrameStream:
 
     def _assign_anchor(self, item: _Item) -> None:
         """Anchor mode: the first processed frame, then one every `anchor_every` frames, records."""
-        if self._store is None:
+        if self._layers is None:
             return
         every, anchor = self.options.anchor_every, self._anchor
         if anchor is None or (every and item.index - anchor.index >= every):
@@ -325,28 +323,19 @@ class FrameStream:
                 self._advance(flight)
 
     def _done(self, item: _Item) -> bool:
-        return item.skip or item.stage == len(self.ts)
+        return item.skip or item.pending is None
 
     @torch.no_grad()
     def _run_through(self, item: _Item) -> None:
         """Run one frame through all its remaining stages, one UNet call each."""
-        while item.stage < len(self.ts):
-            self._prepare_attention(item)
-            eps = self._eps(item.z, self.ts[item.stage])
-            self.stats.unet_calls += 1
+        while item.pending is not None:
+            z, t = item.pending
+            with self._attention([item]) as recorded:
+                eps = self._eps(z, t)
             if item.records:
-                item.anchor.stages[item.stage] = dict(self._store.features)
-            self._step(item, eps)
-
-    def _prepare_attention(self, item: _Item) -> None:
-        """Anchor mode: the anchor records its own features; any other frame reads the anchor's."""
-        if self._store is None:
-            return
-        self._store.recording = item.records
-        if item.records:
-            self._store.extra_kv = {}
-        else:
-            self._store.inject(item.anchor.stages[item.stage])
+                item.anchor.stages[item.stage] = dict(recorded.features)
+            self.stats.unet_calls += 1
+            item.send(eps)
 
     @torch.no_grad()
     def _advance(self, flight: Iterable[_Item]) -> None:
@@ -354,22 +343,26 @@ class FrameStream:
         rows = [it for it in flight if not self._done(it)]
         if not rows:
             return
-        z = torch.cat([it.z for it in rows])  # (B, 4, h, w): one latent per frame in flight
-        t = torch.tensor([self.ts[it.stage] for it in rows], device=z.device)  # (B,)
-        if self._store is not None:
-            self._store.recording = False
-            self._store.extra_kv = stack_kv([it.anchor.stages[it.stage] for it in rows])
-        eps = self._batch_eps(z, t)
+        z = torch.cat([it.pending[0] for it in rows])  # (B, 4, h, w): one latent per frame
+        t = torch.tensor([it.pending[1] for it in rows], device=z.device)  # (B,)
+        with self._attention(rows):
+            eps = self._eps(z, t)
         self.stats.unet_calls += 1
         for j, item in enumerate(rows):
-            self._step(item, eps[j : j + 1])
+            item.send(eps[j : j + 1])
 
-    def _step(self, item: _Item, eps: torch.Tensor) -> None:
-        i = item.stage
-        item.z = self.sampler.step(eps, self.ts, i, item.z, item.noises[i + 1])
-        if item.after_step is not None:
-            item.z = item.after_step(i, item.z)
-        item.stage += 1
+    @contextlib.contextmanager
+    def _attention(self, rows: Sequence[_Item]) -> Iterator:
+        """Anchor mode: the anchor records its own features; other frames read their anchor's."""
+        if self._layers is None:
+            yield None
+        elif rows[0].records:  # an anchor runs alone (`_run_through`)
+            with record_attention(self.model.unet, self._layers) as store:
+                yield store
+        else:
+            kv = stack_kv([it.anchor.stages[it.stage] for it in rows])
+            with inject_attention(self.model.unet, kv):
+                yield None
 
     # --- one frame out -------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """MultiDiffusion tiling: windows over a large latent, the averaged step loop, seamless padding, tiled decoding.
 
-MultiDiffusion (Bar-Tal et al. 2023, arXiv 2302.08113) steps overlapping windows of a canvas
-independently and averages them after every step (`shared/specs/multidiffusion.md`). Windows may
+MultiDiffusion (Bar-Tal et al. 2023, arXiv 2302.08113) predicts overlapping windows of a canvas
+independently and averages them at every step (docs/multidiffusion.md). Windows may
 wrap around the canvas; with circular padding in the UNet and the VAE the output then tiles
 seamlessly. Large latents are decoded tile by tile, each with context taken around the canvas when
 it wraps, so memory stays bounded by the tile size.
@@ -18,17 +18,11 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from stylekit.engine.latents import decode_raw, degenerate, upcast_needed
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.sampling import Sampler
 from stylekit.errors import StylekitError, UsageError
-
-EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
-Refine = Callable[[torch.Tensor, int], torch.Tensor]
-
 
 # --- windows -----------------------------------------------------------------------------------
 
@@ -100,79 +94,37 @@ def coverage(h: int, w: int, windows: Sequence[View]) -> torch.Tensor:
     return count
 
 
-# --- the MultiDiffusion loop -------------------------------------------------------------------
-
-
-def _step_windows(
-    eps_fn: EpsFn,
-    z: torch.Tensor,
-    noise: torch.Tensor | None,
-    batch: Sequence[View],
-    ts: Sequence[int],
-    i: int,
-    sampler: Sampler,
-    refine: Refine | None,
-) -> list[torch.Tensor]:
-    """Step every window of `batch` from ts[i] to the next timestep; one (N, C, h, w) latent per window."""
-    crops = torch.cat([crop(z, v) for v in batch])  # (len(batch)·N, C, h, w), window-major
-    eps = eps_fn(crops, ts[i])
-    crop_noise = None if noise is None else torch.cat([crop(noise, v) for v in batch])
-    crops = sampler.step(eps, ts, i, crops, crop_noise)
-    if refine is not None:
-        with torch.enable_grad():  # AD guidance optimises the crops
-            crops = refine(crops, ts[i + 1] if i + 1 < len(ts) else 0)
-    return list(crops.split(z.shape[0]))
+# --- averaging over windows --------------------------------------------------------------------
 
 
 @torch.no_grad()
-def multidiffusion(
-    eps_fn: EpsFn,
+def map_windows(
+    fn: Callable[[torch.Tensor], torch.Tensor],
     z: torch.Tensor,
-    ts: Sequence[int],
-    sampler: Sampler,
+    windows: Sequence[View],
     *,
-    window: int = 64,
-    stride: int = 8,
     view_batch: int = 4,
-    generator: torch.Generator | None = None,
-    wrap_x: bool = False,
-    wrap_y: bool = False,
-    refine: Refine | None = None,
-    callback: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise a (N, C, H, W) canvas by stepping its windows separately and averaging them each step.
+    """Apply `fn` to the windows of a (N, C, H, W) canvas, ≤ `view_batch` at a time, and average
+    the results where windows overlap: (N, C, H, W) in z's dtype.
 
-    Window 64 and stride 8 latents are the panorama pipeline's (512 px windows for SD1.5); the UNet
-    sees ≤ `view_batch` windows at a time. When the sampler re-noises (LCM, TCD γ > 0) one noise is
-    drawn for the whole canvas per step, before its windows, and cropped per window: averaging
-    independent per-window noises would shrink it. `refine(crops, t_next)` may rewrite each batch
-    of stepped crops (AD guidance); `callback(done, total)` follows every batch of windows.
-
-    Seamless output: along a wrapped axis longer than the window the wrapped windows alone make
-    the result periodic; along one that fits in a single window the UNet needs `circular_padding`.
-    Either way the VAE needs it too (and `decode_tiled` with the same wrap).
+    `fn` maps (len(batch)·N, C, h, w) crops, window-major, to as many results of the same shape;
+    `on_batch(windows_done)` follows every batch. MultiDiffusion (Bar-Tal et al. 2023) averages
+    each window's ε this way (`predict.window_averaged`) and AD guidance refines each window.
     """
     if view_batch < 1:
         raise UsageError(f"view batch {view_batch} must be at least 1")
-    h, w = z.shape[-2:]
-    windows = views(h, w, window=window, stride=stride, wrap_x=wrap_x, wrap_y=wrap_y)
-    count = coverage(h, w, windows).to(z.device)  # (H, W), > 0 everywhere
-    batches = [windows[j : j + view_batch] for j in range(0, len(windows), view_batch)]
-    n, total, done = len(ts), len(ts) * len(windows), 0
-    for i in range(n):
-        noise = None
-        if sampler.needs_noise(i, n):
-            noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        value = torch.zeros_like(z, dtype=torch.float32)  # (N, C, H, W), summed in fp32
-        for batch in batches:
-            parts = _step_windows(eps_fn, z, noise, batch, ts, i, sampler, refine)
-            for view, part in zip(batch, parts, strict=True):
-                paste_add(value, view, part.float())
-            done += len(batch)
-            if callback is not None:
-                callback(done, total)
-        z = (value / count).to(z.dtype)
-    return z
+    count = coverage(*z.shape[-2:], windows).to(z.device)  # (H, W), > 0 everywhere
+    value = torch.zeros_like(z, dtype=torch.float32)  # (N, C, H, W), summed in fp32
+    for j in range(0, len(windows), view_batch):
+        batch = windows[j : j + view_batch]
+        crops = torch.cat([crop(z, v) for v in batch])  # (len(batch)·N, C, h, w)
+        for view, part in zip(batch, fn(crops).split(z.shape[0]), strict=True):
+            paste_add(value, view, part.float())
+        if on_batch is not None:
+            on_batch(len(batch))
+    return (value / count).to(z.dtype)
 
 
 # --- seamless padding --------------------------------------------------------------------------

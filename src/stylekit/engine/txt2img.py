@@ -8,11 +8,17 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from stylekit.engine.ad import Guide
-from stylekit.engine.conditioning import Conditioning, noise_predictor
+from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.latents import decode
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.sampling import Sampler, consistency_timesteps, sample, trailing_timesteps
+from stylekit.engine.predict import noise_predictor
+from stylekit.engine.sampling import (
+    Guidance,
+    Sampler,
+    consistency_timesteps,
+    sample,
+    trailing_timesteps,
+)
 
 
 def schedule(model: LoadedModel, steps: int) -> list[int]:
@@ -30,7 +36,7 @@ def txt2img(
     *,
     steps: int,
     generator: torch.Generator,
-    guide: Guide | None = None,
+    guidance: Guidance | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Sample one image from noise drawn like diffusers (init sigma 1); (H, W, 3) floats in [0, 1]."""
@@ -38,7 +44,7 @@ def txt2img(
     channels = model.unet.config.in_channels
     shape = (1, channels, height // 8, width // 8)
     z = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
-    hook = guide.after_step(ts) if guide is not None else None
+    hook = guidance(ts) if guidance is not None else None
     eps = noise_predictor(model, cond, height, width)
     z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
     return decode(model, z)[0]

@@ -1,31 +1,30 @@
 """The `inpaint` task: repaint the white part of a mask in every input, keep every other pixel.
 
-    from stylekit.inpainting import inpaint
+    from stylekit.tasks.inpaint import inpaint
     report = inpaint(["photos/"], mask="masks/", preset="lcm-sd15", prompt="a red door", seed=1)
 
 `mask` is one image used for every input or a folder of masks matched to the inputs by file stem
 (`photos/x/a.jpg` takes `masks/x/a.*`, else `masks/a.*`). White (≥ 50 % grey) is repainted; any
 image mode works, transparency counts as white. A mask of another size is resized (nearest) to
 its image and the output's settings say so (`mask_resized_from`). The model and the prompt/style
-conditioning load once per batch through `api.RunModel`. The `stylekit inpaint` command is in cli.py.
+conditioning load once per batch (`session.LazySession`). The `stylekit inpaint` command is in cli.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
 from PIL import Image, ImageOps
 
+from stylekit.engine import inpaint as engine
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job, collect_inputs
 from stylekit.media.images import load_image, open_rgb
+from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
-
-if TYPE_CHECKING:
-    from stylekit.api import Runtime
-    from stylekit.presets import Settings
+from stylekit.session import LazySession, Runtime, Session, resolve_settings, with_seed
 
 DEFAULT_MASK_BLUR = 4  # px of feathering outside the mask: hides the seam, touches little else
 MAX_MASK_BLUR = 64
@@ -79,9 +78,9 @@ def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image
     return (ImageOps.invert(grey) if invert else grey), resized
 
 
-def refuse_ad_on_9ch(stylizer) -> None:
+def refuse_ad_on_9ch(session: Session) -> None:
     """AD guidance needs a plain UNet: an inpainting UNet's inputs are not what AD records."""
-    if stylizer.guide is not None and stylizer.model.inpainting_unet:
+    if session.references is not None and session.model.inpainting_unet:
         raise UsageError(
             "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
         )
@@ -109,8 +108,6 @@ def inpaint(
     it is the model's image (diffusers' inpaint pipeline result), feathered over `mask_blur` px.
     An input without a mask fails alone; the batch goes on and the exit code says so.
     """
-    from stylekit.api import RunModel, resolve_settings, with_seed
-
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError("inpaint samples in few steps; --mode optimize is not available here")
@@ -123,7 +120,7 @@ def inpaint(
     if not jobs:
         raise UsageError("every input is one of the masks; put the masks in another folder")
     events = events or Events()
-    model = RunModel(
+    run = LazySession(
         settings, style, runtime=runtime, seed=output.seed, events=events, check=refuse_ad_on_9ch
     )
 
@@ -131,8 +128,8 @@ def inpaint(
         image = load_image(job.input, size=size, max_size=max_size)
         mask_path = find_mask(job)
         grey, resized = load_mask(mask_path, image.size, invert=invert_mask)
-        out = repaint(model(), image, grey, seed=seed, blur=mask_blur, callback=events.step)
-        meta = model().metadata(seed=seed, size=image.size, source=job.input.name)
+        out = repaint(run(), image, grey, seed=seed, blur=mask_blur, callback=events.step)
+        meta = run().metadata(seed=seed, size=image.size, source=job.input.name)
         meta |= {
             "mask": mask_path.name,
             "mask_blur": mask_blur,
@@ -141,11 +138,11 @@ def inpaint(
         }
         return out, meta
 
-    return run_jobs(jobs, output, process, prepare=model.prepare, events=events)
+    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
 
 
 def repaint(
-    stylizer,
+    session: Session,
     image: Image.Image,
     mask: Image.Image,
     *,
@@ -153,27 +150,23 @@ def repaint(
     blur: int,
     callback: Callable[[int, int], None] | None = None,
 ) -> Image.Image:
-    """Inpaint one image with a loaded Stylizer's model and conditioning, then paste the rest back."""
-    import torch
-
-    from stylekit.engine import inpaint as engine
-
+    """Inpaint one image with a loaded session's model and conditioning, then paste the rest back."""
     binary = engine.binarize(mask)
     if not binary.any():
         raise InputError(
             "the mask has no white pixels, so nothing would be repainted (--invert-mask?)"
         )
-    s = stylizer.settings
+    s = session.settings
     arr = engine.inpaint(
-        stylizer.model,
-        stylizer.cond,
-        stylizer.sampler,
+        session.model,
+        session.cond,
+        session.sampler,
         image,
         binary,
         steps=s.steps,
         strength=s.strength,
         generator=torch.Generator("cpu").manual_seed(seed),
-        guide=stylizer.guide,
+        guidance=session.guided,
         callback=callback,
     )
     return engine.paste_back(image, arr, engine.feather(binary, blur))

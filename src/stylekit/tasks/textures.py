@@ -1,13 +1,13 @@
 """Textures of any size from an exemplar: MultiDiffusion over the few-step UNet with AD guidance.
 
-    from stylekit.textures import texture_expand
+    from stylekit.tasks.textures import texture_expand
     report = texture_expand(["brick.png"], size=(1536, 512), preset="lcm-sd15", seed=1)
 
 `texture_expand` samples a canvas of any size (multiples of 8 px) from pure noise: MultiDiffusion
-(Bar-Tal et al. 2023, `shared/specs/multidiffusion.md`) steps windows of the canvas with the
-stateless few-step sampler and averages them, and after every step each batch of stepped windows
-is refined by attention distillation against the whole exemplar (AD, arXiv 2502.20235; reference
-features cached per timestep). The latent is decoded tile by tile (`tiling.decode_tiled`), so
+(Bar-Tal et al. 2023, docs/multidiffusion.md) predicts ε on windows of the canvas and averages them
+(an ε-prediction hook of the one sampling loop), and after every step each window of the canvas is
+refined by attention distillation against the whole exemplar and the refined windows averaged (AD,
+arXiv 2502.20235; reference features cached per timestep). The latent is decoded tile by tile (`tiling.decode_tiled`), so
 memory grows with the canvas, not with the model's activations; time grows with the windows.
 
 `texture` is synthesis at the exemplar's scale: the canvas defaults to the exemplar's size, AD's
@@ -35,13 +35,13 @@ Choices, with their reasons:
   (unless `max_size` says otherwise): AD's reference features are computed on the whole exemplar.
 - Label masks (controlled synthesis) need the canvas to fit in one window: the AD mask pairs
   target-map tokens with exemplar tokens, and a window would need its own crop of the target map.
-- The reference noise of AD guidance is drawn from a seed derived from the job's seed, not the
-  seed itself: with equal shapes the canvas noise would otherwise equal the reference noise and
-  pull the canvas towards a copy of the exemplar's layout.
+- The reference noise of AD guidance is drawn from its own stream derived from the job's seed
+  (`session.reference_generator`), not the seed itself: with equal shapes the canvas noise would
+  otherwise equal the reference noise and pull the canvas towards a copy of the exemplar's layout.
 
 Same batch contract as `stylize`: outputs `<exemplar-stem><suffix>.<fmt>` under `-o` (default
 ./stylized/), existing outputs skipped, atomic writes, settings in the file, a bad exemplar fails
-alone (exit 1). This module imports no torch at import time: the CLI registers its commands.
+alone (exit 1).
 """
 
 from __future__ import annotations
@@ -50,26 +50,24 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit import __version__
+from stylekit.engine import ad
+from stylekit.engine.ad_loss import LabelMaps
+from stylekit.engine.models import LoadedModel
+from stylekit.engine.predict import multidiffusion, noise_predictor
+from stylekit.engine.tiling import circular_padding, decode_tiled, views
+from stylekit.engine.txt2img import schedule
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job
 from stylekit.media.images import load_image, open_rgb
+from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
-
-if TYPE_CHECKING:
-    import torch
-
-    from stylekit.api import Runtime
-    from stylekit.engine.ad import Guide
-    from stylekit.engine.attention import LabelMaps
-    from stylekit.engine.models import LoadedModel
-    from stylekit.engine.sampling import Sampler
-    from stylekit.presets import Settings
+from stylekit.session import Runtime, Session, open_session, resolve_settings, with_seed
 
 SEAMLESS = {"none": (False, False), "x": (True, False), "y": (False, True), "xy": (True, True)}
 DEFAULT_VIEW_BATCH = 4  # windows per UNet call: small for CPUs, raise it on a GPU
@@ -134,8 +132,6 @@ class CanvasPlan:
 
     def windows(self) -> list:
         """The MultiDiffusion windows (`tiling.View`), row-major."""
-        from stylekit.engine.tiling import views
-
         wrap_x, wrap_y = self.wrap
         return views(
             self.height,
@@ -181,119 +177,72 @@ def plan_canvas(
 # --- the engine: one canvas --------------------------------------------------------------------
 
 
-@dataclass
-class TextureModel:
-    """A loaded model with the run's sampler and prompt conditioning, made once per batch."""
-
-    settings: Settings
-    model: LoadedModel
-    sampler: Sampler
-    cond: Any  # engine.conditioning.Conditioning
-
-    @property
-    def native(self) -> int:
-        """The UNet's native latent size (64 for SD1.5): the default window."""
-        return int(self.model.unet.config.sample_size)
-
-
-def load_texture_model(settings: Settings, runtime: Runtime) -> TextureModel:
-    """Load the model (no IP-Adapter), the sampler and the prompt conditioning."""
-    from stylekit.api import load_engine
-
-    model, sampler, cond = load_engine(settings, runtime)
-    return TextureModel(settings, model, sampler, cond)
-
-
-def make_texture_guide(
-    tm: TextureModel, exemplar: Image.Image, *, seed: int, masks: LabelMaps | None = None
-) -> Guide | None:
-    """AD guidance against the whole exemplar (None with style mode none, unless optimising)."""
-    from stylekit.engine.ad import ADOptions, make_guide
-
-    s = tm.settings
-    if s.style_mode == "none" and s.mode == "sample":
-        return None
-    options = ADOptions(
-        iters=s.ad_iters, lr=s.ad_lr, adain=s.ad_adain, checkpointing=s.ad_checkpointing
-    )
-    return make_guide(tm.model, tm.sampler, [exemplar], seed=seed, options=options, masks=masks)
-
-
-def initial_noise(tm: TextureModel, plan: CanvasPlan, generator: torch.Generator) -> torch.Tensor:
+def initial_noise(session: Session, plan: CanvasPlan, generator: torch.Generator) -> torch.Tensor:
     """The canvas's starting noise (1, C, h, w), drawn like diffusers' pipelines draw it."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    m = tm.model
+    m = session.model
     shape = (1, m.unet.config.in_channels, plan.height, plan.width)
     return randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype)
 
 
 def sample_canvas(
-    tm: TextureModel,
+    session: Session,
     plan: CanvasPlan,
     z: torch.Tensor,
     *,
     generator: torch.Generator,
-    guide: Guide | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """MultiDiffusion from noise `z`, every window stepped and then AD-refined against the exemplar.
+    """MultiDiffusion from noise `z`: the one sampling loop with window-averaged ε and, when the
+    session has references, AD refinement of every window after every step.
 
     The reference features are computed before the UNet's padding turns circular (the exemplar
     does not tile); `callback(done, total)` counts windows over all steps.
     """
-    from stylekit.engine.conditioning import noise_predictor
-    from stylekit.engine.tiling import circular_padding, multidiffusion
-    from stylekit.engine.txt2img import schedule
-
-    ts = schedule(tm.model, tm.settings.steps)
-    first = plan.windows()[0]
-    eps = noise_predictor(tm.model, tm.cond, 8 * first.height, 8 * first.width)
-    if guide is not None:
+    ts, windows = schedule(session.model, session.settings.steps), plan.windows()
+    first = windows[0]
+    eps = noise_predictor(session.model, session.cond, 8 * first.height, 8 * first.width)
+    after = None
+    refs, ac = session.references, session.sampler.ac
+    if refs is not None:
         for i in range(len(ts)):
-            guide.reference_features(ts[i + 1] if i + 1 < len(ts) else 0)
+            ad.noised_features(session.model, refs, session.features, ad.next_timestep(ts, i), ac)
+        after = ad.windowed_guidance(
+            session.model, refs, session.features, ts, ac, windows, view_batch=plan.view_batch
+        )
     unet_x, unet_y = plan.unet_wrap
     wrap_x, wrap_y = plan.wrap
-    with circular_padding(tm.model.unet, x=unet_x, y=unet_y):
+    with circular_padding(session.model.unet, x=unet_x, y=unet_y):
         return multidiffusion(
             eps,
             z,
             ts,
-            tm.sampler,
+            session.sampler,
             window=plan.window,
             stride=plan.stride,
             view_batch=plan.view_batch,
             generator=generator,
             wrap_x=wrap_x,
             wrap_y=wrap_y,
-            refine=None if guide is None else guide.refine,
+            after_step=after,
             callback=callback,
         )
 
 
 def optimize_canvas(
-    tm: TextureModel,
+    session: Session,
     plan: CanvasPlan,
     z: torch.Tensor,
-    guide: Guide,
     *,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """AD's optimisation-based synthesis from noise `z`, on the whole canvas at once (no windows)."""
-    from stylekit.engine.ad import optimize_transfer
-    from stylekit.engine.tiling import circular_padding
-
     wrap_x, wrap_y = plan.wrap  # the canvas is one piece: the UNet wraps wherever it is seamless
-    with circular_padding(tm.model.unet, x=wrap_x, y=wrap_y):
-        return optimize_transfer(
-            guide, z, steps=tm.settings.opt_steps, lr=tm.settings.opt_lr, callback=callback
-        )
+    with circular_padding(session.model.unet, x=wrap_x, y=wrap_y):
+        return session.optimize_latent(z, callback=callback)
 
 
 def decode_canvas(model: LoadedModel, z: torch.Tensor, plan: CanvasPlan) -> np.ndarray:
     """Decode tile by tile (never the whole canvas at once): (H, W, 3) floats in [0, 1]."""
-    from stylekit.engine.tiling import circular_padding, decode_tiled
-
     wrap_x, wrap_y = plan.wrap
     with circular_padding(model.vae, x=wrap_x, y=wrap_y):
         return decode_tiled(
@@ -311,7 +260,7 @@ def check_masks_fit(plan: CanvasPlan, settings: Settings) -> None:
 
 
 def synthesize(
-    tm: TextureModel,
+    session: Session,
     exemplar: Image.Image,
     plan: CanvasPlan,
     *,
@@ -320,19 +269,23 @@ def synthesize(
     noise: torch.Tensor | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """One texture: noise (from `seed` unless given) → guided canvas → tiled decode, (H, W, 3)."""
-    import torch
+    """One texture: noise (from `seed` unless given) → guided canvas → tiled decode, (H, W, 3).
 
+    The exemplar is the AD reference (style mode ad, or optimize mode); its reference noise comes
+    from the session's own stream for `seed`, never the canvas's.
+    """
+    s = session.settings
     if masks is not None:
-        check_masks_fit(plan, tm.settings)
+        check_masks_fit(plan, s)
     generator = torch.Generator("cpu").manual_seed(seed)
-    z = initial_noise(tm, plan, generator) if noise is None else noise
-    guide = make_texture_guide(tm, exemplar, seed=seed, masks=masks)
-    if tm.settings.mode == "optimize":
-        z = optimize_canvas(tm, plan, z, guide, callback=callback)
+    z = initial_noise(session, plan, generator) if noise is None else noise
+    if s.style_mode != "none" or s.mode == "optimize":
+        session = session.with_references([exemplar], seed=seed, masks=masks)
+    if s.mode == "optimize":
+        z = optimize_canvas(session, plan, z, callback=callback)
     else:
-        z = sample_canvas(tm, plan, z, generator=generator, guide=guide, callback=callback)
-    return decode_canvas(tm.model, z, plan)
+        z = sample_canvas(session, plan, z, generator=generator, callback=callback)
+    return decode_canvas(session.model, z, plan)
 
 
 # --- label maps --------------------------------------------------------------------------------
@@ -343,8 +296,6 @@ def label_ids(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
     The label is the colour as one number, r·2¹⁶ + g·2⁸ + b < 2²⁴, so float32 holds it exactly.
     """
-    import torch
-
     rgb = np.asarray(image.convert("RGB").resize(size, Image.Resampling.NEAREST), dtype=np.int64)
     ids = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]  # (H, W)
     return torch.from_numpy(ids.astype(np.float32))
@@ -354,8 +305,6 @@ def label_maps(
     source: Image.Image, target: Image.Image, exemplar_size: tuple[int, int], size: tuple[int, int]
 ) -> LabelMaps:
     """AD label masks: the source map over the exemplar, the target map over the canvas."""
-    from stylekit.engine.attention import LabelMaps
-
     return LabelMaps(label_ids(target, size), [label_ids(source, exemplar_size)])
 
 
@@ -395,8 +344,6 @@ def texture_settings(
     settings: Settings | None, preset: str | None, overrides: dict, defaults: dict
 ) -> Settings:
     """Defaults < preset < texture defaults < explicit overrides (None means not given)."""
-    from stylekit.api import resolve_settings
-
     given = {k: v for k, v in overrides.items() if v is not None}
     resolved = resolve_settings(settings, preset, {**defaults, **given})
     if resolved.style_mode not in STYLE_MODES:
@@ -408,7 +355,7 @@ def texture_settings(
 
 
 def texture_metadata(
-    tm: TextureModel,
+    session: Session,
     plan: CanvasPlan,
     *,
     task: str,
@@ -417,39 +364,30 @@ def texture_metadata(
     exemplar_size: tuple[int, int],
     masks: tuple[str, str] | None = None,
 ) -> dict:
-    """Everything needed to reproduce a texture, for the PNG/EXIF settings chunk."""
-    s, m = tm.settings, tm.model
+    """Everything needed to reproduce a texture, for the PNG/EXIF settings chunk: the session's
+    record with the exemplar and canvas in place of the image-to-image settings."""
+    s = session.settings
     optimize = s.mode == "optimize"
-    ad = optimize or s.style_mode == "ad"
-    return {
+    ad_on = optimize or s.style_mode == "ad"
+    windowed = None if optimize else plan
+    return session.metadata(seed=seed, size=plan.size) | {
         "task": task,
-        "prompt": s.prompt,
-        "negative_prompt": s.negative,
-        "steps": s.opt_steps if optimize else s.steps,
-        "sampler": "AD-optimize" if optimize else s.scheduler.upper(),
         "cfg_scale": None if optimize else s.cfg,
-        "gamma": s.gamma if s.scheduler == "tcd" and not optimize else None,
-        "seed": seed,
-        "size": f"{plan.size[0]}x{plan.size[1]}",
-        "model": s.model,
-        "accelerator": m.accelerator or "none",
-        "loras": list(s.loras) or None,
+        "strength": None,
         "exemplar": exemplar,
         "exemplar_size": f"{exemplar_size[0]}x{exemplar_size[1]}",
-        "style_mode": "ad" if ad else "none",
-        "ad_iters": s.ad_iters if ad and not optimize else None,
-        "ad_lr": (s.opt_lr if optimize else s.ad_lr) if ad else None,
-        "ad_adain": s.ad_adain if ad and not optimize else None,
-        "window": None if optimize else plan.window,
-        "stride": None if optimize else plan.stride,
-        "view_batch": None if optimize else plan.view_batch,
-        "windows": None if optimize else len(plan.windows()),
+        "style_mode": "ad" if ad_on else "none",
+        "ad_iters": s.ad_iters if ad_on and not optimize else None,
+        "ad_lr": (s.opt_lr if optimize else s.ad_lr) if ad_on else None,
+        "ad_adain": s.ad_adain if ad_on and not optimize else None,
+        "content_weight": None,
+        "window": windowed and plan.window,
+        "stride": windowed and plan.stride,
+        "view_batch": windowed and plan.view_batch,
+        "windows": windowed and len(plan.windows()),
         "seamless": plan.seamless,
         "source_mask": masks[0] if masks else None,
         "target_mask": masks[1] if masks else None,
-        "tiny_vae": s.tiny_vae or None,
-        "dtype": str(m.dtype).removeprefix("torch."),
-        "stylekit": __version__,
     }
 
 
@@ -487,8 +425,6 @@ def run_textures(
     events: Events | None = None,
 ) -> BatchReport:
     """The batch loop both tasks share: one model load, then one texture per exemplar."""
-    from stylekit.api import Runtime, with_seed
-
     check_window_options(canvas.window, canvas.stride, canvas.view_batch, canvas.seamless)
     output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
@@ -499,27 +435,27 @@ def run_textures(
             read_label_map(masks[1], "--target-mask"),
         )
     size = canvas.size or (multiple_of_8(maps[1].size, "--target-mask") if maps else None)
-    state: dict[str, TextureModel] = {}
+    state: dict[str, Session] = {}
     events = events or Events()
 
     def prepare() -> None:
         events.loading(settings.model)
-        tm = load_texture_model(settings, runtime or Runtime())
+        session = open_session(settings, runtime or Runtime())
         if size is not None:  # bad window options fail the run here, not every job
-            plan = canvas.plan(size, tm.native)
+            plan = canvas.plan(size, session.native)
             if maps is not None:
                 check_masks_fit(plan, settings)
-        state["tm"] = tm
+        state["session"] = session
 
     def process(job: Job, seed: int):
-        tm = state["tm"]
-        exemplar = load_image(job.input, max_size=max_size or 8 * tm.native)
-        plan = canvas.plan(size or exemplar.size, tm.native)
+        session = state["session"]
+        exemplar = load_image(job.input, max_size=max_size or 8 * session.native)
+        plan = canvas.plan(size or exemplar.size, session.native)
         lm = label_maps(*maps, exemplar.size, plan.size) if maps else None
-        arr = synthesize(tm, exemplar, plan, seed=seed, masks=lm, callback=events.step)
+        arr = synthesize(session, exemplar, plan, seed=seed, masks=lm, callback=events.step)
         names = (Path(masks[0]).name, Path(masks[1]).name) if masks else None
         meta = texture_metadata(
-            tm,
+            session,
             plan,
             task=task,
             seed=seed,

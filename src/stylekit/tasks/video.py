@@ -1,6 +1,6 @@
 """`stylekit video`: stylise video files frame by frame into videos or PNG frame folders.
 
-    from stylekit.videos import stylize_video
+    from stylekit.tasks.video import stylize_video
     report = stylize_video(["clips/"], preset="lcm-sd15", consistency="anchor", seed=1)
 
 Same batch contract as `stylize`: outputs go to `-o OUT` (default ./stylized/), mirroring
@@ -27,12 +27,12 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from rich.markup import escape
 
+from stylekit.engine.stream import FrameStream, StreamOptions
 from stylekit.errors import StylekitError, UsageError
 from stylekit.media.batch import (
     DEFAULT_OUT_DIR,
@@ -51,13 +51,10 @@ from stylekit.media.video import (
     select_frames,
     write_frame_png,
 )
+from stylekit.presets import Settings
 from stylekit.progress import ConsoleEvents
 from stylekit.runner import Events, Output, run_jobs
-
-if TYPE_CHECKING:
-    from stylekit.api import Runtime, Stylizer
-    from stylekit.engine.stream import StreamOptions
-    from stylekit.presets import Settings
+from stylekit.session import LazySession, Runtime, Session, resolve_settings, with_seed
 
 VIDEO_FORMATS = {"mp4": ".mp4", "m4v": ".m4v", "mov": ".mov", "mkv": ".mkv", "webm": ".webm"}
 ANCHOR_EVERY = 30  # a fresh anchor about once a second at 30 fps (see StreamOptions)
@@ -201,7 +198,7 @@ def resized(frames: Iterable[np.ndarray], clip: Clip) -> Iterator[np.ndarray]:
 def stylize_one(
     job: Job,
     seed: int,
-    stylizer: Stylizer,
+    session: Session,
     options: StreamOptions,
     clip: Clip,
     *,
@@ -209,18 +206,16 @@ def stylize_one(
     events: Events,
 ) -> dict:
     """Stylise one video into its output; returns the settings for its record."""
-    from stylekit.engine.stream import FrameStream
-
     info = probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
         warn(events, message)
     stream = FrameStream(
-        stylizer.model,
-        stylizer.cond,
-        stylizer.sampler,
+        session.model,
+        session.cond,
+        session.sampler,
         replace(options, seed=seed),
-        guide=stylizer.guide,
+        guidance=session.guided,
     )
     done, size = 0, None
     with contextlib.ExitStack() as stack:
@@ -239,7 +234,7 @@ def stylize_one(
             events.step(done, selection.count)
         if done != selection.count:
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
-    settings = stylizer.metadata(seed=seed, size=size, source=job.input.name)
+    settings = session.metadata(seed=seed, size=size, source=job.input.name)
     return settings | video_settings(options, stream, selection, info.warnings)
 
 
@@ -297,9 +292,6 @@ def stylize_video(
     **overrides,
 ) -> BatchReport:
     """Stylise video files and folders into videos (or PNG frame folders); returns a BatchReport."""
-    from stylekit.api import RunModel, resolve_settings, with_seed
-    from stylekit.engine.stream import StreamOptions
-
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
@@ -317,16 +309,16 @@ def stylize_video(
     ).check()
     jobs = plan_videos(inputs, output, frames_out)
     check_encoding(jobs, clip, frames_out)
-    model = RunModel(settings, style, runtime=runtime, seed=output.seed, events=events)
+    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
 
     def process(job: Job, seed: int) -> dict:
-        return stylize_one(job, seed, model(), options, clip, frames_out=frames_out, events=events)
+        return stylize_one(job, seed, run(), options, clip, frames_out=frames_out, events=events)
 
     return run_jobs(
         jobs,
         output,
         process,
-        prepare=model.prepare,
+        prepare=run.prepare,
         events=events,
         write=lambda job, settings, output: settings,  # the video is written while it streams
     )

@@ -1,0 +1,69 @@
+"""The `stylize` task: few-step image-to-image stylisation of files, folders and globs.
+
+from stylekit.tasks.stylize import stylize
+report = stylize(["photos/"], style=["ref.jpg"], preset="lcm-sd15", output=Output("styled/", seed=1))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image
+
+from stylekit.errors import UsageError
+from stylekit.media.batch import BatchReport, Job
+from stylekit.media.images import load_image
+from stylekit.presets import Settings
+from stylekit.runner import Events, Output, plan_files, run_batched
+from stylekit.session import LazySession, Runtime, default_batch, resolve_settings, with_seed
+
+
+def stylize(
+    inputs: Sequence[str],
+    *,
+    style: Sequence[str] = (),
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime = Runtime(),
+    size: tuple[int, int] | None = None,
+    max_size: int | None = None,
+    batch_size: int | None = None,
+    events: Events | None = None,
+    **overrides,
+) -> BatchReport:
+    """Stylise image files, folders and globs; returns a BatchReport (see `stylekit.runner`).
+
+    Same-size images go through the UNet `batch_size` at a time; each keeps its own seed and
+    comes out as it would alone.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    settings = resolve_settings(settings, preset, overrides)
+    output = with_seed(output or Output())
+    jobs = plan_files(list(inputs), output)
+    events = events or Events()
+    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+
+    def load(job: Job) -> Image.Image:
+        return load_image(job.input, size=size, max_size=max_size)
+
+    def process(batch: list[tuple[Job, int, Image.Image]]):
+        session = run()
+        images, seeds = [b[2] for b in batch], [b[1] for b in batch]
+        outs = session.img2img(images, seeds, callback=events.step)
+        return [
+            (out, session.metadata(seed=seed, size=im.size, source=job.input.name))
+            for out, (job, seed, im) in zip(outs, batch, strict=True)
+        ]
+
+    return run_batched(
+        jobs,
+        output,
+        load=load,
+        process=process,
+        batch_size=batch_size or default_batch(runtime),
+        key=lambda im: im.size,
+        prepare=run.prepare,
+        events=events,
+    )

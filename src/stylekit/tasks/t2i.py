@@ -1,0 +1,78 @@
+"""The `t2i-styled` task: AD-guided few-step text-to-image in the style of reference images.
+
+from stylekit.tasks.t2i import t2i_styled
+report = t2i_styled("a lighthouse", style=["ref.jpg"], count=4, output=Output(seed=1))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from stylekit.errors import UsageError
+from stylekit.media.batch import (
+    DEFAULT_OUT_DIR,
+    FORMAT_EXTS,
+    IMAGE_EXTS,
+    BatchReport,
+    Job,
+    output_format,
+)
+from stylekit.presets import Settings
+from stylekit.runner import Events, Output, run_jobs
+from stylekit.session import LazySession, Runtime, resolve_settings, with_seed
+
+
+def prompt_stem(prompt: str, limit: int = 40) -> str:
+    """A file-name stem from a prompt: lowercase words joined by '-', at most `limit` chars."""
+    words = "".join(c if c.isalnum() else " " for c in prompt.lower()).split()
+    return "-".join(words)[:limit].strip("-") or "image"
+
+
+def plan_generated(count: int, prompt: str, output: Output) -> list[Job]:
+    """Jobs for generated images (no input file): `<prompt-stem>-NNN.<fmt>` or exactly `-o FILE`."""
+    if count < 1:
+        raise UsageError(f"-n must be at least 1, got {count}")
+    out = Path(output.out) if output.out is not None else DEFAULT_OUT_DIR
+    if out.suffix.lower() in IMAGE_EXTS and not out.is_dir():
+        if count != 1:
+            raise UsageError(f"-o {out} names one file but -n is {count}")
+        output_format(out.suffix)
+        return [Job(None, out, Path(out.name), 0)]
+    ext = FORMAT_EXTS[output_format(output.fmt)]
+    stem = prompt_stem(prompt) + output.suffix
+    return [
+        Job(None, out / f"{stem}-{i:03d}{ext}", Path(f"{stem}-{i:03d}{ext}"), i)
+        for i in range(count)
+    ]
+
+
+def t2i_styled(
+    prompt: str,
+    *,
+    style: Sequence[str] = (),
+    count: int = 1,
+    settings: Settings | None = None,
+    preset: str | None = None,
+    output: Output | None = None,
+    runtime: Runtime = Runtime(),
+    size: tuple[int, int] | None = None,
+    events: Events | None = None,
+    **overrides,
+) -> BatchReport:
+    """AD-guided few-step text-to-image from pure noise, `size` = (W, H) or the model's native."""
+    if overrides.get("style_mode") is None:
+        overrides["style_mode"] = "ad"  # the point of t2i-styled; --style-mode overrides it
+    settings = resolve_settings(settings, preset, {**overrides, "prompt": prompt})
+    output = with_seed(output or Output())
+    jobs = plan_generated(count, prompt, output)
+    events = events or Events()
+    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+
+    def process(job: Job, seed: int):
+        session = run()
+        width, height = size or (session.native * 8, session.native * 8)
+        image = session.generate(width, height, seed=seed, callback=events.step)
+        return image, session.metadata(seed=seed, size=(width, height))
+
+    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
