@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer.main
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -423,6 +424,69 @@ def test_output_size(tmp_path, sd15_path, source_size, flags, expected):
     assert result.exit_code == 0, result.stderr
     assert Image.open(out).size == expected
     assert read_metadata(out)["size"] == "{}x{}".format(*expected)
+
+
+# --- every command keeps its options ----------------------------------------------------------
+
+SHARED_FLAGS = {"--out", "--preset", "--model", "--lora", "--steps", "--cfg", "--seed", "--format"}
+SHARED_FLAGS |= {"--suffix", "--overwrite", "--dry-run", "--json", "--quiet", "--device", "--dtype"}
+SHARED_FLAGS |= {"--allow-pickle", "--model-config", "--tiny-vae", "--ad-iters", "--style-mode"}
+REFERENCE_FLAGS = {"--style", "--ip-adapter", "--image-encoder", "--style-scale"}
+OPTIONS = {  # command: (flags it must have, flags it must not have)
+    "stylize": (
+        {"--strength", "--batch-size", "--mode", "--opt-steps", "--size", "--max-size", "--prompt"}
+        | {"--content-weight"}
+        | REFERENCE_FLAGS,
+        {"--count", "--mask"},
+    ),
+    "t2i-styled": (
+        {"--count", "--size", "--negative"} | REFERENCE_FLAGS,
+        {"--prompt", "--strength", "--content-weight", "--max-size", "--mode", "--batch-size"},
+    ),
+    "inpaint": (
+        {"--mask", "--invert-mask", "--mask-blur", "--strength", "--prompt", "--max-size"}
+        | REFERENCE_FLAGS,
+        {"--mode", "--batch-size"},
+    ),
+    "video": (
+        {"--frames-out", "--consistency", "--every", "--codec", "--crf", "--strength"}
+        | {"--max-size", "--size"}
+        | REFERENCE_FLAGS,
+        {"--mode", "--batch-size"},
+    ),
+    "texture-expand": (
+        {"--size", "--window", "--stride", "--view-batch", "--seamless", "--max-size", "--prompt"},
+        {"--strength", "--content-weight", "--mode", "--source-mask"} | REFERENCE_FLAGS,
+    ),
+    "texture": (
+        {"--size", "--mode", "--opt-steps", "--source-mask", "--target-mask", "--seamless"},
+        {"--strength", "--content-weight", "--batch-size"} | REFERENCE_FLAGS,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_each_command_has_its_options(name):
+    """A command loses no option it had and gains none that is not its own."""
+    command = typer.main.get_command(app).commands[name]
+    flags = {flag for param in command.params for flag in param.opts if flag.startswith("--")}
+    wanted, unwanted = OPTIONS[name]
+    assert wanted | SHARED_FLAGS <= flags, sorted((wanted | SHARED_FLAGS) - flags)
+    assert not unwanted & flags, sorted(unwanted & flags)
+
+
+def test_command_specific_help_text_and_defaults():
+    """Options that differ between commands keep their own help text, default and kind."""
+    commands = typer.main.get_command(app).commands
+    params = {name: {p.name: p for p in c.params} for name, c in commands.items()}
+    assert "mp4" in params["video"]["fmt"].help and "png" in params["stylize"]["fmt"].help
+    assert "frames" in params["video"]["max_size"].help
+    assert "exemplars" in params["texture"]["max_size"].help
+    assert params["texture-expand"]["size"].required and not params["texture"]["size"].required
+    assert params["t2i-styled"]["prompt_text"].param_type_name == "argument"
+    assert params["video"]["consistency"].default == "noise"
+    assert params["inpaint"]["mask_blur"].default == 4
+    assert params["stylize"]["device"].default == "auto"
 
 
 # --- the CLI starts fast ---------------------------------------------------------------------

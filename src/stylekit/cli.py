@@ -5,11 +5,11 @@ Exit codes: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -501,174 +501,360 @@ TargetMask = Annotated[
     ),
 ]
 
-# Every option most commands share: (parameter, annotation, default). Commands take them as
-# **options through `shared_options`, which may leave some out or swap their annotation.
-SHARED = (
-    ("style", Style, None),
-    ("out", Out, None),
-    ("preset", Preset, None),
-    ("model", Model, None),
-    ("lora", Lora, None),
-    ("accelerator", Accelerator, None),
-    ("tiny_vae", TinyVae, None),
-    ("tiny_vae_model", TinyVaeModel, None),
-    ("ip_adapter", IpAdapter, None),
-    ("image_encoder", ImageEncoder, None),
-    ("scheduler", Scheduler, None),
-    ("steps", Steps, None),
-    ("strength", Strength, None),
-    ("cfg", Cfg, None),
-    ("gamma", Gamma, None),
-    ("prompt", Prompt, None),
-    ("negative", Negative, None),
-    ("style_mode", StyleMode, None),
-    ("style_scale", StyleScale, None),
-    ("ad_iters", AdIters, None),
-    ("ad_lr", AdLr, None),
-    ("adain", AdAdain, None),
-    ("content_weight", ContentWeight, None),
-    ("ad_checkpointing", AdCheckpointing, None),
-    ("seed", Seed, None),
-    ("size", Size, None),
-    ("max_size", MaxSize, None),
-    ("fmt", Format, None),
-    ("suffix", Suffix, ""),
-    ("overwrite", Overwrite, False),
-    ("dry_run", DryRun, False),
-    ("as_json", Json, False),
-    ("quiet", Quiet, False),
-    ("device", Device, "auto"),
-    ("dtype", Dtype, "auto"),
-    ("allow_pickle", AllowPickle, False),
-    ("model_config", ModelConfig, None),
-)
-NOT_FOR_TEXTURES = (
-    "style",
-    "strength",
-    "ip_adapter",
-    "image_encoder",
-    "style_scale",
-    "content_weight",
-    "size",
-)
-
-
-def shared_options(*, skip: tuple[str, ...] = (), swap: dict | None = None):
-    """Give a command the SHARED options (less `skip`, with `swap`ped annotations) as **options.
-
-    Typer reads a command's parameters from its signature; this one lists the command's own
-    parameters and then the shared ones, and the command receives the shared ones as keywords.
-    """
-
-    def decorate(command):
-        own = [
-            p
-            for p in inspect.signature(command, eval_str=True).parameters.values()
-            if p.kind is not p.VAR_KEYWORD
-        ]
-        taken = {p.name for p in own} | set(skip)
-        shared = [
-            inspect.Parameter(
-                name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=default,
-                annotation=(swap or {}).get(name, annotation),
-            )
-            for name, annotation, default in SHARED
-            if name not in taken
-        ]
-        params = own + shared
-
-        @functools.wraps(command)
-        def run(**values):
-            return command(**values)
-
-        run.__signature__ = inspect.Signature(params)
-        run.__annotations__ = {p.name: p.annotation for p in params}
-        del run.__wrapped__
-        return run
-
-    return decorate
+GenerateSize = Annotated[
+    str | None,
+    typer.Option(
+        "--size", help="WxH to generate (default: the model's native size).", rich_help_panel=FILES
+    ),
+]
+PromptText = Annotated[
+    str, typer.Argument(metavar="PROMPT", help="What to generate.", show_default=False)
+]
+Count = Annotated[
+    int, typer.Option("--count", "-n", help="How many images.", rich_help_panel=FILES)
+]
+TextureSize = Annotated[
+    str,
+    typer.Option("--size", help="Texture size WxH in px (multiples of 8).", rich_help_panel=CANVAS),
+]
+CanvasSize = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        help="Texture size WxH in px (default: the target mask's, else the exemplar's).",
+        rich_help_panel=CANVAS,
+    ),
+]
+TextureMode = Annotated[
+    str | None,
+    typer.Option(
+        "--mode",
+        help="sample (few-step, AD-guided) or optimize (AD's optimisation from noise: slow).",
+        rich_help_panel=STYLE,
+    ),
+]
 
 
 # --- commands ----------------------------------------------------------------------------------
+# Each command lists all of its options, gathers the shared ones into CommonOptions and calls its
+# `stylekit.api` function. Settings flags go by their Settings field names (--lora is `loras`,
+# --adain is `ad_adain`); an unset flag is None and leaves the preset's value alone.
 @app.command()
-@shared_options()
 def stylize(
     inputs: Inputs,
     mode: Mode = None,
     opt_steps: OptSteps = None,
     batch_size: BatchSize = None,
-    **options,
+    style: Style = None,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    strength: Strength = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: StyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: Size = None,
+    max_size: MaxSize = None,
+    fmt: Format = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
 ) -> None:
     """Stylise images with a few-step model, optionally after a style reference.
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     """
-    run_batch(
-        "stylize",
-        {**options, "mode": mode, "opt_steps": opt_steps},
-        inputs=inputs,
-        batch_size=batch_size,
+    settings = given_settings(
+        mode=mode,
+        opt_steps=opt_steps,
+        model=model,
+        loras=lora,
+        accelerator=accelerator,
+        tiny_vae=tiny_vae,
+        tiny_vae_model=tiny_vae_model,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        scheduler=scheduler,
+        steps=steps,
+        strength=strength,
+        cfg=cfg,
+        gamma=gamma,
+        prompt=prompt,
+        negative=negative,
+        style_mode=style_mode,
+        style_scale=style_scale,
+        ad_iters=ad_iters,
+        ad_lr=ad_lr,
+        ad_adain=adain,
+        content_weight=content_weight,
+        ad_checkpointing=ad_checkpointing,
     )
+    common = CommonOptions(
+        out=out,
+        fmt=fmt,
+        suffix=suffix,
+        overwrite=overwrite,
+        seed=seed,
+        dry_run=dry_run,
+        as_json=as_json,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        preset=preset,
+        settings=settings,
+    )
+    with cli_errors():
+        wh, longest = parse_size_flag(size), check_max_size(max_size)
+        from stylekit import api
+
+        with common.events() as events:
+            report = api.stylize(
+                inputs,
+                style=style_paths(style),
+                preset=common.preset,
+                output=common.output(),
+                runtime=common.runtime(),
+                size=wh,
+                max_size=longest,
+                batch_size=batch_size,
+                events=events,
+                **common.settings,
+            )
+        exit_with(events, report)
 
 
 @app.command("t2i-styled")
-@shared_options(
-    skip=("prompt", "strength", "content_weight", "max_size"),
-    swap={
-        "style_mode": AdStyleMode,
-        "size": Annotated[
-            str | None,
-            typer.Option(
-                "--size",
-                help="WxH to generate (default: the model's native size).",
-                rich_help_panel=FILES,
-            ),
-        ],
-    },
-)
 def t2i_styled(
-    prompt_text: Annotated[
-        str, typer.Argument(metavar="PROMPT", help="What to generate.", show_default=False)
-    ],
-    count: Annotated[
-        int, typer.Option("--count", "-n", help="How many images.", rich_help_panel=FILES)
-    ] = 1,
-    **options,
+    prompt_text: PromptText,
+    count: Count = 1,
+    style: Style = None,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    negative: Negative = None,
+    style_mode: AdStyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: GenerateSize = None,
+    fmt: Format = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
 ) -> None:
     """Generate images from a prompt in the style of reference images (AD-guided, few steps).
 
     Example: stylekit t2i-styled "a lighthouse at dusk" --style ref.jpg -n 4 --steps 4
     """
-    run_batch("t2i_styled", options, prompt=prompt_text, count=count)
+    settings = given_settings(
+        model=model,
+        loras=lora,
+        accelerator=accelerator,
+        tiny_vae=tiny_vae,
+        tiny_vae_model=tiny_vae_model,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        scheduler=scheduler,
+        steps=steps,
+        cfg=cfg,
+        gamma=gamma,
+        negative=negative,
+        style_mode=style_mode,
+        style_scale=style_scale,
+        ad_iters=ad_iters,
+        ad_lr=ad_lr,
+        ad_adain=adain,
+        ad_checkpointing=ad_checkpointing,
+    )
+    common = CommonOptions(
+        out=out,
+        fmt=fmt,
+        suffix=suffix,
+        overwrite=overwrite,
+        seed=seed,
+        dry_run=dry_run,
+        as_json=as_json,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        preset=preset,
+        settings=settings,
+    )
+    with cli_errors():
+        wh = parse_size_flag(size)
+        from stylekit import api
+
+        with common.events() as events:
+            report = api.t2i_styled(
+                prompt_text,
+                style=style_paths(style),
+                count=count,
+                preset=common.preset,
+                output=common.output(),
+                runtime=common.runtime(),
+                size=wh,
+                events=events,
+                **common.settings,
+            )
+        exit_with(events, report)
 
 
 @app.command()
-@shared_options()
 def inpaint(
     inputs: Inputs,
     mask: MaskPath,
     invert_mask: InvertMask = False,
     mask_blur: MaskBlur = 4,
-    **options,
+    style: Style = None,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    strength: Strength = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: StyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: Size = None,
+    max_size: MaxSize = None,
+    fmt: Format = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
 ) -> None:
     """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
 
     Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
     """
-    run_batch(
-        "inpaint",
-        options,
-        inputs=inputs,
-        mask=str(mask),
-        invert_mask=invert_mask,
-        mask_blur=mask_blur,
+    settings = given_settings(
+        model=model,
+        loras=lora,
+        accelerator=accelerator,
+        tiny_vae=tiny_vae,
+        tiny_vae_model=tiny_vae_model,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        scheduler=scheduler,
+        steps=steps,
+        strength=strength,
+        cfg=cfg,
+        gamma=gamma,
+        prompt=prompt,
+        negative=negative,
+        style_mode=style_mode,
+        style_scale=style_scale,
+        ad_iters=ad_iters,
+        ad_lr=ad_lr,
+        ad_adain=adain,
+        content_weight=content_weight,
+        ad_checkpointing=ad_checkpointing,
     )
+    common = CommonOptions(
+        out=out,
+        fmt=fmt,
+        suffix=suffix,
+        overwrite=overwrite,
+        seed=seed,
+        dry_run=dry_run,
+        as_json=as_json,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        preset=preset,
+        settings=settings,
+    )
+    with cli_errors():
+        wh, longest = parse_size_flag(size), check_max_size(max_size)
+        from stylekit import api
+
+        with common.events() as events:
+            report = api.inpaint(
+                inputs,
+                mask=str(mask),
+                invert_mask=invert_mask,
+                mask_blur=mask_blur,
+                style=style_paths(style),
+                preset=common.preset,
+                output=common.output(),
+                runtime=common.runtime(),
+                size=wh,
+                max_size=longest,
+                events=events,
+                **common.settings,
+            )
+        exit_with(events, report)
 
 
 @app.command()
-@shared_options(swap={"fmt": VideoFormat, "max_size": FrameMaxSize})
 def video(
     inputs: Videos,
     frames_out: FramesOut = None,
@@ -683,79 +869,223 @@ def video(
     every: Every = 1,
     codec: Codec = None,
     crf: Crf = None,
-    **options,
+    style: Style = None,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    strength: Strength = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: StyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: Size = None,
+    max_size: FrameMaxSize = None,
+    fmt: VideoFormat = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
 ) -> None:
     """Stylise videos frame by frame; audio and the exact frame rate are kept.
 
     Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
     """
-    from stylekit.tasks.video import VideoConsoleEvents
-
-    task = dict(
-        frames_out=frames_out,
-        consistency=consistency,
-        anchor_every=anchor_every,
-        skip_similar=skip_similar,
-        max_skip=max_skip,
-        stream_batch=stream_batch,
-        start=start,
-        end=end,
-        max_frames=max_frames,
-        every=every,
-        codec=codec,
-        crf=crf,
+    settings = given_settings(
+        model=model,
+        loras=lora,
+        accelerator=accelerator,
+        tiny_vae=tiny_vae,
+        tiny_vae_model=tiny_vae_model,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        scheduler=scheduler,
+        steps=steps,
+        strength=strength,
+        cfg=cfg,
+        gamma=gamma,
+        prompt=prompt,
+        negative=negative,
+        style_mode=style_mode,
+        style_scale=style_scale,
+        ad_iters=ad_iters,
+        ad_lr=ad_lr,
+        ad_adain=adain,
+        content_weight=content_weight,
+        ad_checkpointing=ad_checkpointing,
     )
-    run_batch("stylize_video", options, inputs=inputs, events_class=VideoConsoleEvents, **task)
+    common = CommonOptions(
+        out=out,
+        fmt=fmt,
+        suffix=suffix,
+        overwrite=overwrite,
+        seed=seed,
+        dry_run=dry_run,
+        as_json=as_json,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        preset=preset,
+        settings=settings,
+    )
+    with cli_errors():
+        wh, longest = parse_size_flag(size), check_max_size(max_size)
+        from stylekit import api
+        from stylekit.tasks.video import VideoConsoleEvents
+
+        with common.events(VideoConsoleEvents) as events:
+            report = api.stylize_video(
+                inputs,
+                frames_out=frames_out,
+                consistency=consistency,
+                anchor_every=anchor_every,
+                skip_similar=skip_similar,
+                max_skip=max_skip,
+                stream_batch=stream_batch,
+                start=start,
+                end=end,
+                max_frames=max_frames,
+                every=every,
+                codec=codec,
+                crf=crf,
+                style=style_paths(style),
+                preset=common.preset,
+                output=common.output(),
+                runtime=common.runtime(),
+                size=wh,
+                max_size=longest,
+                events=events,
+                **common.settings,
+            )
+        exit_with(events, report)
 
 
 @app.command("texture-expand")
-@shared_options(
-    skip=NOT_FOR_TEXTURES, swap={"style_mode": AdStyleMode, "max_size": ExemplarMaxSize}
-)
 def texture_expand(
     inputs: Exemplars,
-    size: Annotated[
-        str,
-        typer.Option(
-            "--size", help="Texture size WxH in px (multiples of 8).", rich_help_panel=CANVAS
-        ),
-    ],
+    size: TextureSize,
     window: Window = None,
     stride: Stride = None,
     view_batch: ViewBatch = 4,
     seamless: Seamless = None,
-    **options,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: AdStyleMode = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    max_size: ExemplarMaxSize = None,
+    fmt: Format = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
 ) -> None:
     """Expand exemplars into textures of any size (MultiDiffusion + AD guidance, few steps).
 
     Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
     """
-    canvas = dict(window=window, stride=stride, view_batch=view_batch, seamless=seamless)
-    run_batch("texture_expand", {**options, "size": size}, inputs=inputs, **canvas)
+    settings = given_settings(
+        model=model,
+        loras=lora,
+        accelerator=accelerator,
+        tiny_vae=tiny_vae,
+        tiny_vae_model=tiny_vae_model,
+        scheduler=scheduler,
+        steps=steps,
+        cfg=cfg,
+        gamma=gamma,
+        prompt=prompt,
+        negative=negative,
+        style_mode=style_mode,
+        ad_iters=ad_iters,
+        ad_lr=ad_lr,
+        ad_adain=adain,
+        ad_checkpointing=ad_checkpointing,
+    )
+    common = CommonOptions(
+        out=out,
+        fmt=fmt,
+        suffix=suffix,
+        overwrite=overwrite,
+        seed=seed,
+        dry_run=dry_run,
+        as_json=as_json,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        preset=preset,
+        settings=settings,
+    )
+    with cli_errors():
+        wh, longest = parse_size_flag(size), check_max_size(max_size)
+        from stylekit import api
+
+        with common.events() as events:
+            report = api.texture_expand(
+                inputs,
+                size=wh,
+                window=window,
+                stride=stride,
+                view_batch=view_batch,
+                seamless=seamless,
+                preset=common.preset,
+                output=common.output(),
+                runtime=common.runtime(),
+                max_size=longest,
+                events=events,
+                **common.settings,
+            )
+        exit_with(events, report)
 
 
 @app.command()
-@shared_options(
-    skip=NOT_FOR_TEXTURES, swap={"style_mode": AdStyleMode, "max_size": ExemplarMaxSize}
-)
 def texture(
     inputs: Exemplars,
-    size: Annotated[
-        str | None,
-        typer.Option(
-            "--size",
-            help="Texture size WxH in px (default: the target mask's, else the exemplar's).",
-            rich_help_panel=CANVAS,
-        ),
-    ] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(
-            "--mode",
-            help="sample (few-step, AD-guided) or optimize (AD's optimisation from noise: slow).",
-            rich_help_panel=STYLE,
-        ),
-    ] = None,
+    size: CanvasSize = None,
+    mode: TextureMode = None,
     opt_steps: OptSteps = None,
     source_mask: SourceMask = None,
     target_mask: TargetMask = None,
@@ -763,19 +1093,99 @@ def texture(
     stride: Stride = None,
     view_batch: ViewBatch = 4,
     seamless: Seamless = None,
-    **options,
+    out: Out = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: AdStyleMode = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    max_size: ExemplarMaxSize = None,
+    fmt: Format = None,
+    suffix: Suffix = "",
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
 ) -> None:
     """Synthesise textures like exemplars (AD-guided sampling, or --mode optimize), with label masks.
 
     Example: stylekit texture moss.png --source-mask moss-labels.png --target-mask layout.png
     """
-    masks = dict(
-        source_mask=None if source_mask is None else str(source_mask),
-        target_mask=None if target_mask is None else str(target_mask),
+    settings = given_settings(
+        mode=mode,
+        opt_steps=opt_steps,
+        model=model,
+        loras=lora,
+        accelerator=accelerator,
+        tiny_vae=tiny_vae,
+        tiny_vae_model=tiny_vae_model,
+        scheduler=scheduler,
+        steps=steps,
+        cfg=cfg,
+        gamma=gamma,
+        prompt=prompt,
+        negative=negative,
+        style_mode=style_mode,
+        ad_iters=ad_iters,
+        ad_lr=ad_lr,
+        ad_adain=adain,
+        ad_checkpointing=ad_checkpointing,
     )
-    canvas = dict(window=window, stride=stride, view_batch=view_batch, seamless=seamless)
-    values = {**options, "size": size, "mode": mode, "opt_steps": opt_steps}
-    run_batch("texture", values, inputs=inputs, **masks, **canvas)
+    common = CommonOptions(
+        out=out,
+        fmt=fmt,
+        suffix=suffix,
+        overwrite=overwrite,
+        seed=seed,
+        dry_run=dry_run,
+        as_json=as_json,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        preset=preset,
+        settings=settings,
+    )
+    with cli_errors():
+        wh, longest = parse_size_flag(size), check_max_size(max_size)
+        from stylekit import api
+
+        with common.events() as events:
+            report = api.texture(
+                inputs,
+                size=wh,
+                source_mask=None if source_mask is None else str(source_mask),
+                target_mask=None if target_mask is None else str(target_mask),
+                window=window,
+                stride=stride,
+                view_batch=view_batch,
+                seamless=seamless,
+                preset=common.preset,
+                output=common.output(),
+                runtime=common.runtime(),
+                max_size=longest,
+                events=events,
+                **common.settings,
+            )
+        exit_with(events, report)
 
 
 @app.command()
@@ -789,65 +1199,72 @@ def presets() -> None:
 
 
 # --- plumbing ----------------------------------------------------------------------------------
-RENAMES = {"lora": "loras", "adain": "ad_adain"}
-COMMON = ("out", "fmt", "suffix", "overwrite", "seed", "dry_run", "device", "dtype", "allow_pickle")
+@dataclass(frozen=True)
+class CommonOptions:
+    """What every batch command passes on alike: files, run, preset and the Settings flags given."""
 
+    out: Path | None
+    fmt: str | None
+    suffix: str
+    overwrite: bool
+    seed: int | None
+    dry_run: bool
+    as_json: bool
+    quiet: bool
+    device: str
+    dtype: str
+    allow_pickle: bool
+    model_config: str | None
+    preset: str | None
+    settings: Mapping[str, Any]  # Settings fields set on the command line (see `given_settings`)
 
-def settings_overrides(values: dict) -> dict:
-    """The command's flags that are Settings fields (unset flags are None and left out)."""
-    from dataclasses import fields
-
-    from stylekit.presets import Settings
-
-    names = {f.name for f in fields(Settings)}
-    found = {RENAMES.get(k, k): v for k, v in values.items() if RENAMES.get(k, k) in names}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if v is not None}
-
-
-def run_batch(task: str, values: dict, *, events_class=None, **task_args) -> None:
-    """Run one batch task of `stylekit.api` with the command's flags; exit with its exit code.
-
-    Progress goes to stderr, `--json` records to stdout.
-    """
-    from stylekit.progress import ConsoleEvents
-
-    events_class = events_class or ConsoleEvents
-
-    with cli_errors():
-        from stylekit.media.images import parse_size
+    def output(self):
+        """Where and how the batch writes (`stylekit.runner.Output`)."""
         from stylekit.runner import Output
 
-        size = parse_size(values["size"]) if values.get("size") else None
-        max_size = values.get("max_size")
-        if max_size is not None and max_size < 8:
-            raise UsageError(f"--max-size must be at least 8, got {max_size}")
-        v = {k: values.get(k) for k in COMMON}
-        output = Output(
-            v["out"], v["fmt"], v["suffix"] or "", v["overwrite"], v["seed"], v["dry_run"]
-        )
-        if values.get("style") is not None:
-            task_args["style"] = [str(p) for p in values["style"]]
-        from stylekit import api
+        return Output(self.out, self.fmt, self.suffix, self.overwrite, self.seed, self.dry_run)
 
-        runtime = api.Runtime(
-            v["device"], v["dtype"], v["allow_pickle"], values.get("model_config")
-        )
-        events = events_class(
-            err, as_json=values.get("as_json", False), quiet=values.get("quiet", False)
-        )
-        with events:
-            report = getattr(api, task)(
-                preset=values.get("preset"),
-                output=output,
-                runtime=runtime,
-                size=size,
-                max_size=max_size,
-                events=events,
-                **task_args,
-                **settings_overrides(values),
-            )
-        events.summary(report)
-        raise typer.Exit(report.exit_code())
+    def runtime(self):
+        """Device, dtype and loading permissions (`stylekit.api.Runtime`)."""
+        from stylekit.api import Runtime
+
+        return Runtime(self.device, self.dtype, self.allow_pickle, self.model_config)
+
+    def events(self, kind=None):
+        """Progress on stderr, `--json` records on stdout (`ConsoleEvents` unless `kind`)."""
+        from stylekit.progress import ConsoleEvents
+
+        return (kind or ConsoleEvents)(err, as_json=self.as_json, quiet=self.quiet)
+
+
+def given_settings(**flags) -> dict[str, Any]:
+    """The Settings fields given as flags, by field name: unset ones (None) left out, lists as tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items() if v is not None}
+
+
+def style_paths(style: list[Path] | None) -> list[str]:
+    """The --style references as path strings (none if not given)."""
+    return [str(p) for p in style or ()]
+
+
+def parse_size_flag(size: str | None) -> tuple[int, int] | None:
+    """--size WxH as (W, H); None when not given."""
+    from stylekit.media.images import parse_size
+
+    return parse_size(size) if size else None
+
+
+def check_max_size(max_size: int | None) -> int | None:
+    """--max-size as given; refuse one under 8 px."""
+    if max_size is not None and max_size < 8:
+        raise UsageError(f"--max-size must be at least 8, got {max_size}")
+    return max_size
+
+
+def exit_with(events, report) -> NoReturn:
+    """Print the batch summary, then exit with the report's code (0 all done, 1 some failed)."""
+    events.summary(report)
+    raise typer.Exit(report.exit_code())
 
 
 class cli_errors:
