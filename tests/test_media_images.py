@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from stylekit.errors import InputError, UsageError
-from stylekit.media.images import is_degenerate, load_image, parse_size, save_image
+from stylekit.media.images import load_image, parse_size, save_image
 from stylekit.media.metadata import a1111_parameters, read_metadata, read_parameters
 
 SETTINGS = {
@@ -211,14 +211,3 @@ def test_a1111_parameters_text():
 def test_a1111_parameters_quotes_and_skips():
     text = a1111_parameters({"prompt": "", "negative_prompt": None, "seed": 1, "note": "a, b: c"})
     assert text == 'Seed: 1, Note: "a, b: c"'
-
-
-def test_is_degenerate():
-    ok = np.full((8, 8, 3), 0.5, dtype=np.float32)
-    assert is_degenerate(ok) is None
-    assert is_degenerate(np.zeros((8, 8, 3), dtype=np.float32)) == "image is all black"
-    nan = ok.copy()
-    nan[0, 0, 0] = np.nan
-    assert "NaN" in is_degenerate(nan)
-    assert is_degenerate(Image.new("RGB", (8, 8))) == "image is all black"
-    assert is_degenerate(np.full((8, 8, 3), 3, dtype=np.uint8)) is None

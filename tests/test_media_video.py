@@ -16,7 +16,7 @@ from stylekit.media.video import (
     probe,
     read_frames,
     select_frames,
-    write_frames_dir,
+    write_frame_png,
 )
 
 NTSC = Fraction(30000, 1001)
@@ -177,9 +177,11 @@ def test_interrupted_writer_leaves_no_output_and_no_temp_file(videos, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_frames_dir_writes_padded_pngs_atomically(tmp_path):
+def test_frame_pngs_are_zero_padded_and_lossless(tmp_path):
     frames = [np.full((8, 9, 3), value, np.uint8) for value in (0, 128, 255)]
-    assert write_frames_dir(iter(frames), tmp_path / "frames", "clip") == 3
+    (tmp_path / "frames").mkdir()
+    for index, frame in enumerate(frames):
+        write_frame_png(frame, tmp_path / "frames", "clip", index)
     names = sorted(p.name for p in (tmp_path / "frames").iterdir())
     assert names == ["clip_000000.png", "clip_000001.png", "clip_000002.png"]
     back = np.asarray(Image.open(tmp_path / "frames" / "clip_000001.png"))

@@ -274,7 +274,7 @@ def sdxl_with_adapter(sdxl_path, sdxl_ip_adapter):
 )
 def test_set_style_scale_only_on_the_style_block(request, which, block):
     model = request.getfixturevalue(which)
-    assert model.has_ip_adapter and model.pipe.image_encoder is not None
+    assert model.pipe.image_encoder is not None and model.unet.encoder_hid_proj is not None
     unet = model.unet
     layers = ip_adapter_layers(unet)
     active = set_style_scale(unet, 0.7)

@@ -97,7 +97,12 @@ def test_img2img_matches_diffusers(
         negative=negative,
         style_mode="none",
     )
-    ours = np.asarray(open_session(settings, runtime=CPU32).img2img([content], [11])[0], dtype=np.float32) / 255
+    ours = (
+        np.asarray(
+            open_session(settings, runtime=CPU32).img2img([content], [11])[0], dtype=np.float32
+        )
+        / 255
+    )
     ref = diffusers_img2img(
         path,
         family,
@@ -128,9 +133,13 @@ def test_lora_changes_the_output(sd15_path, sd15_lora, content):
         cfg=1.0,
         style_mode="none",
     )
-    plain = np.asarray(open_session(base, runtime=CPU32).img2img([content], [1])[0], dtype=np.float32)
+    plain = np.asarray(
+        open_session(base, runtime=CPU32).img2img([content], [1])[0], dtype=np.float32
+    )
     with_lora = Settings(**{**base.__dict__, "loras": (str(sd15_lora),)})
-    changed = np.asarray(open_session(with_lora, runtime=CPU32).img2img([content], [1])[0], dtype=np.float32)
+    changed = np.asarray(
+        open_session(with_lora, runtime=CPU32).img2img([content], [1])[0], dtype=np.float32
+    )
     assert np.abs(plain - changed).mean() > 1.0
 
 

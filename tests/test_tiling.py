@@ -314,9 +314,7 @@ def test_tiles_blend_exactly_for_a_local_decoder(h, w, wrap):
     from stylekit.engine.latents import decode
 
     torch.manual_seed(0)
-    model = LoadedModel(
-        SimpleNamespace(vae=LocalDecoder()), "sd15", False, "cpu", torch.float32, ""
-    )
+    model = LoadedModel(SimpleNamespace(vae=LocalDecoder()), "sd15", False, "cpu", torch.float32)
     z = torch.randn(2, 4, h, w)
     with torch.no_grad(), circular_padding(model.vae, x=wrap, y=wrap):
         whole = decode(model, z)
@@ -340,8 +338,6 @@ def test_tiled_decode_is_close_to_plain_decode(sd15):
 
 @pytest.mark.parametrize("tile, overlap", [(0, 0), (16, 8), (16, -1)])
 def test_bad_tile_settings_are_refused(tile, overlap):
-    model = LoadedModel(
-        SimpleNamespace(vae=LocalDecoder()), "sd15", False, "cpu", torch.float32, ""
-    )
+    model = LoadedModel(SimpleNamespace(vae=LocalDecoder()), "sd15", False, "cpu", torch.float32)
     with pytest.raises(UsageError, match="overlap"):
         decode_tiled(model, torch.zeros(1, 4, 8, 8), tile=tile, overlap=overlap)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,10 +84,7 @@ class LoadedModel:
     turbo: bool
     device: torch.device
     dtype: torch.dtype
-    source: str
-    accelerator: str | None = None
-    loras: list[str] = field(default_factory=list)
-    has_ip_adapter: bool = False
+    accelerator: str | None = None  # the few-step LoRA merged in, recorded in every output
 
     @property
     def unet(self):
@@ -429,8 +426,5 @@ def load(spec: ModelSpec) -> LoadedModel:
         turbo,
         device,
         dtype,
-        spec.model,
         accel,
-        [lora.source for lora in spec.loras],
-        spec.ip_adapter is not None,
     )

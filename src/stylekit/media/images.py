@@ -135,20 +135,3 @@ def save_image(
     with atomic_write(path) as f:
         img.save(f, format=_PIL_FORMATS[fmt], **options)
     return path
-
-
-def is_degenerate(pixels: Any) -> str | None:
-    """Return why a decoded image is unusable (NaN, inf, all black) or None if it looks fine.
-
-    Takes a float array in [0, 1] of shape (H, W, 3), a uint8 array or a PIL image; a non-None
-    answer is the engine's cue to decode the latents again in fp32.
-    """
-    arr = np.asarray(pixels)
-    if np.issubdtype(arr.dtype, np.floating):
-        if np.isnan(arr).any():
-            return "image contains NaN values"
-        if np.isinf(arr).any():
-            return "image contains infinite values"
-    if arr.size == 0 or arr.max() <= 0:
-        return "image is all black"
-    return None

@@ -27,7 +27,7 @@ import os
 import re
 import subprocess
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -610,13 +610,3 @@ def write_frame_png(frame: np.ndarray, out_dir: str | os.PathLike, stem: str, in
         part.unlink(missing_ok=True)
         raise
     return target
-
-
-def write_frames_dir(frames: Iterable[np.ndarray], out_dir: str | os.PathLike, stem: str) -> int:
-    """Write frames as zero-padded PNGs `<stem>_000000.png`, ... (for --frames-out); the count."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    count = 0
-    for index, frame in enumerate(frames):
-        write_frame_png(frame, out_dir, stem, index)
-        count += 1
-    return count
