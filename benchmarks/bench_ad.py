@@ -1,7 +1,7 @@
 """Benchmark AD-guided stylization: stylekit's few-step AD vs the reference 50-step AD sampler.
 
 The reference sampler follows the attention-distillation release's guided sampling (spec:
-`shared/specs/attention-distillation.md`): DDIM 50 steps, CFG 7.5, after each step AdaIN to the
+docs/attention-distillation.md): DDIM 50 steps, CFG 7.5, after each step AdaIN to the
 reference noised to the next timestep, its features recorded, then 3 Adam iterations (lr 0.015).
 stylekit runs the same guidance after each of 4 few-step (LCM) steps, with the reference features
 computed once per run. Both use stylekit's attention recording and losses, so only the schedule
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stylekit.api import Runtime, Stylizer
-from stylekit.engine import guidance
-from stylekit.engine.conditioning import encode_text, noise_predictor
-from stylekit.engine.sampling import add_noise
+from stylekit.engine import ad
+from stylekit.engine.conditioning import encode_text
+from stylekit.engine.predict import noise_predictor
 from stylekit.presets import Settings
+from stylekit.session import Runtime, Session, open_session
 from stylekit.testing import build_sd15
 
 CACHE = Path(__file__).parent / ".cache"
@@ -85,11 +85,11 @@ def settings(model: Path) -> Settings:
     )
 
 
-def reference_sampler(stylizer: Stylizer, size: int, seed: int, *, steps=50, cfg=7.5, iters=3):
+def reference_sampler(stylizer: Session, size: int, seed: int, *, steps=50, cfg=7.5, iters=3):
     """The AD release's guided sampling: DDIM `steps`, CFG, then AdaIN + AD refinement each step."""
     from diffusers import DDIMScheduler
 
-    model, guide = stylizer.model, stylizer.guide
+    model, refs, ac = stylizer.model, stylizer.references, stylizer.sampler.ac
     ddim = DDIMScheduler.from_config(model.pipe.scheduler.config)
     ddim.set_timesteps(steps)
     cond = encode_text(model, "", "", cfg=cfg)
@@ -101,24 +101,24 @@ def reference_sampler(stylizer: Stylizer, size: int, seed: int, *, steps=50, cfg
         for i, t in enumerate(ts):
             x = ddim.step(eps(x, t), t, x).prev_sample
             t_next = ts[i + 1] if i + 1 < len(ts) else 0
-            x = guide.adain(x, t_next)
-            refs = [
-                guidance.reference_features(
+            x = ad.adain_to(refs, x, t_next, ac)
+            goals = [
+                ad.reference_features(
                     model.unet,
-                    add_noise(r, n, t_next, guide.sampler.ac),
+                    ad.noised(refs, i, t_next, ac),
                     t_next,
-                    guide.unet_inputs(r),
-                    guide.layers,
+                    ad.unet_inputs(model, refs, z),
+                    refs.layers,
                 )
-                for r, n in zip(guide.refs, guide.ref_noise, strict=True)
+                for i, z in enumerate(refs.latents)
             ]  # recomputed every step, as the reference implementation does
-            x = guidance.refine(
+            x = ad.refine(
                 model.unet,
                 x,
                 t_next,
-                guide.unet_inputs(x),
-                refs,
-                layers=guide.layers,
+                ad.unet_inputs(model, refs, x),
+                goals,
+                layers=refs.layers,
                 iters=iters,
                 lr=0.015,
             ).x
@@ -136,14 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         build_sd15(model, size="tiny" if args.tiny else "full", dtype=torch.bfloat16)
     size = 64 if args.tiny else 256
     runtime = Runtime(device="cpu", dtype="bf16")
-    stylizer = Stylizer(settings(model), style=[image(0, size)], runtime=runtime, seed=0)
+    stylizer = open_session(settings(model), runtime, style=[image(0, size)], seed=0)
     counter = count_calls(stylizer.model.unet)
-    stylizer(image(1, size), seed=0)  # warm-up (also fills the reference-feature cache)
-    stylizer.guide.cache.clear()
+    stylizer.img2img([image(1, size)], [0])  # warm-up (also fills the reference-feature cache)
+    stylizer.features.noised.clear()
     counter.forward = counter.backward = 0
     start = time.perf_counter()
     for i in range(args.images):
-        stylizer(image(1 + i, size), seed=i)
+        stylizer.img2img([image(1 + i, size)], [i])
     sk_time = (time.perf_counter() - start) / args.images
     sk_calls = counter.equivalents / args.images
     print(

@@ -10,7 +10,7 @@ whole child's peak from `os.wait4` (ru_maxrss). The model is the real SD1.5 arch
 random weights (`stylekit.testing.build_sd15(size="full")`, built once under benchmarks/.cache):
 random weights show cost, not quality.
 
-The run goes through the task's own functions (`stylekit.textures`: plan, MultiDiffusion over
+The run goes through the task's own functions (`stylekit.tasks.textures`: plan, MultiDiffusion over
 the UNet, tiled decoding) with settings chosen to keep the whole table within minutes on a small
 CPU: 1 step, AD off, stride = window (no overlap: the fewest windows), view batch 1. Time should
 then grow with the number of windows and decode tiles; memory while sampling with the latent
@@ -74,9 +74,8 @@ def ensure_models(model: Path, vae: str) -> None:
 
 def load(args):
     """The texture model as the task loads it, with the benchmark's settings."""
-    from stylekit.api import Runtime
     from stylekit.presets import Settings
-    from stylekit.textures import load_texture_model
+    from stylekit.session import Runtime, open_session
 
     settings = Settings(
         model=str(args.model),
@@ -88,7 +87,7 @@ def load(args):
         ad_iters=args.ad_iters,
         ad_lr=0.05,
     )
-    tm = load_texture_model(settings, Runtime("cpu", args.dtype))
+    tm = open_session(settings, Runtime("cpu", args.dtype))
     if args.vae == "taesd":
         from diffusers import AutoencoderTiny
 
@@ -102,10 +101,9 @@ def child(args) -> dict:
     import torch
     from PIL import Image
 
-    from stylekit.textures import (
+    from stylekit.tasks.textures import (
         decode_canvas,
         initial_noise,
-        make_texture_guide,
         plan_canvas,
         sample_canvas,
         to_image,
@@ -124,13 +122,12 @@ def child(args) -> dict:
         view_batch=args.view_batch,
     )
     pixels = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    guide = make_texture_guide(tm, Image.fromarray(pixels), seed=0)
+    if tm.settings.style_mode != "none":
+        tm = tm.with_references([Image.fromarray(pixels)], seed=0)
     generator = torch.Generator("cpu").manual_seed(0)
     resettable = reset_peak()
     t0 = time.perf_counter()
-    z = sample_canvas(
-        tm, plan, initial_noise(tm, plan, generator), generator=generator, guide=guide
-    )
+    z = sample_canvas(tm, plan, initial_noise(tm, plan, generator), generator=generator)
     t1 = time.perf_counter()
     peak_sample = memory_mb("VmHWM")
     reset_peak()

@@ -156,7 +156,7 @@ def run_naive(pipe, frames, *, steps: int, strength: float, seed: int) -> list[n
 
 
 def stylizer(model: Path, vae: Path, args):
-    from stylekit.api import Runtime, Stylizer, resolve_settings
+    from stylekit.session import Runtime, open_session, resolve_settings
 
     settings = resolve_settings(
         None,
@@ -174,7 +174,7 @@ def stylizer(model: Path, vae: Path, args):
             style_mode="none",
         ),
     )
-    return Stylizer(settings, runtime=Runtime(device=args.device, dtype=args.dtype))
+    return open_session(settings, Runtime(device=args.device, dtype=args.dtype))
 
 
 def run_stylekit(s, frames, *, args, stream_batch: bool | None):

@@ -22,7 +22,7 @@ class Conditioning:
     cfg: float
     pooled: torch.Tensor | None = None  # SDXL pooled text embeds, same row layout
     image_embeds: list[torch.Tensor] | None = None  # IP-Adapter embeds, same row layout
-    timestep_cond: torch.Tensor | None = None  # LCM-distilled UNets' guidance embedding
+    timestep_cond: torch.Tensor | None = None  # LCM-distilled UNets' CFG-scale (w) embedding
     time_ids: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False)
 
     @property
@@ -31,7 +31,7 @@ class Conditioning:
 
 
 def uses_cfg(model: LoadedModel, cfg: float) -> bool:
-    """Real CFG (a second, unconditional UNet row) when g > 1 and the UNet has no guidance embedding."""
+    """Real CFG (a second, unconditional UNet row) when g > 1 and the UNet has no CFG-scale (w) embedding."""
     return cfg > 1.0 and model.unet.config.time_cond_proj_dim is None
 
 
