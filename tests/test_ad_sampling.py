@@ -263,3 +263,12 @@ def test_optimize_mode_computes_reference_features_once_per_run(sd15_path):
     # per image and step: content features + one optimised forward; reference passes once per step
     assert len(calls) == images * steps * 2 + steps
     assert sorted(stylizer.features.clean) == ad.leading_timesteps(steps)[::-1]
+
+
+def test_ad_references_are_resized_to_the_native_size(sd15_path):
+    """As the AD release does: any reference becomes the model's native size (256 px here), so
+    its token count does not depend on the file's size."""
+    refs = [noise_image(1, w=72, h=40), noise_image(3, w=300, h=200)]
+    session = open_session(ad_settings(sd15_path, ad_iters=1), style=refs, runtime=CPU32, seed=0)
+    native = session.model.unet.config.sample_size
+    assert [tuple(z.shape[-2:]) for z in session.references.latents] == [(native, native)] * 2
