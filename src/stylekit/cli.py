@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -587,47 +587,7 @@ def stylize(
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     """
-    settings = given_settings(
-        mode=mode,
-        opt_steps=opt_steps,
-        model=model,
-        loras=lora,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        tiny_vae_model=tiny_vae_model,
-        ip_adapter=ip_adapter,
-        image_encoder=image_encoder,
-        scheduler=scheduler,
-        steps=steps,
-        strength=strength,
-        cfg=cfg,
-        gamma=gamma,
-        prompt=prompt,
-        negative=negative,
-        style_mode=style_mode,
-        style_scale=style_scale,
-        ad_iters=ad_iters,
-        ad_lr=ad_lr,
-        ad_adain=adain,
-        content_weight=content_weight,
-        ad_checkpointing=ad_checkpointing,
-    )
-    common = CommonOptions(
-        out=out,
-        fmt=fmt,
-        suffix=suffix,
-        overwrite=overwrite,
-        seed=seed,
-        dry_run=dry_run,
-        as_json=as_json,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        model_config=model_config,
-        preset=preset,
-        settings=settings,
-    )
+    common = CommonOptions.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -690,42 +650,7 @@ def t2i_styled(
 
     Example: stylekit t2i-styled "a lighthouse at dusk" --style ref.jpg -n 4 --steps 4
     """
-    settings = given_settings(
-        model=model,
-        loras=lora,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        tiny_vae_model=tiny_vae_model,
-        ip_adapter=ip_adapter,
-        image_encoder=image_encoder,
-        scheduler=scheduler,
-        steps=steps,
-        cfg=cfg,
-        gamma=gamma,
-        negative=negative,
-        style_mode=style_mode,
-        style_scale=style_scale,
-        ad_iters=ad_iters,
-        ad_lr=ad_lr,
-        ad_adain=adain,
-        ad_checkpointing=ad_checkpointing,
-    )
-    common = CommonOptions(
-        out=out,
-        fmt=fmt,
-        suffix=suffix,
-        overwrite=overwrite,
-        seed=seed,
-        dry_run=dry_run,
-        as_json=as_json,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        model_config=model_config,
-        preset=preset,
-        settings=settings,
-    )
+    common = CommonOptions.of(locals())
     with cli_errors():
         wh = parse_size_flag(size)
         from stylekit import api
@@ -793,45 +718,7 @@ def inpaint(
 
     Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
     """
-    settings = given_settings(
-        model=model,
-        loras=lora,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        tiny_vae_model=tiny_vae_model,
-        ip_adapter=ip_adapter,
-        image_encoder=image_encoder,
-        scheduler=scheduler,
-        steps=steps,
-        strength=strength,
-        cfg=cfg,
-        gamma=gamma,
-        prompt=prompt,
-        negative=negative,
-        style_mode=style_mode,
-        style_scale=style_scale,
-        ad_iters=ad_iters,
-        ad_lr=ad_lr,
-        ad_adain=adain,
-        content_weight=content_weight,
-        ad_checkpointing=ad_checkpointing,
-    )
-    common = CommonOptions(
-        out=out,
-        fmt=fmt,
-        suffix=suffix,
-        overwrite=overwrite,
-        seed=seed,
-        dry_run=dry_run,
-        as_json=as_json,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        model_config=model_config,
-        preset=preset,
-        settings=settings,
-    )
+    common = CommonOptions.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -911,45 +798,7 @@ def video(
 
     Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
     """
-    settings = given_settings(
-        model=model,
-        loras=lora,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        tiny_vae_model=tiny_vae_model,
-        ip_adapter=ip_adapter,
-        image_encoder=image_encoder,
-        scheduler=scheduler,
-        steps=steps,
-        strength=strength,
-        cfg=cfg,
-        gamma=gamma,
-        prompt=prompt,
-        negative=negative,
-        style_mode=style_mode,
-        style_scale=style_scale,
-        ad_iters=ad_iters,
-        ad_lr=ad_lr,
-        ad_adain=adain,
-        content_weight=content_weight,
-        ad_checkpointing=ad_checkpointing,
-    )
-    common = CommonOptions(
-        out=out,
-        fmt=fmt,
-        suffix=suffix,
-        overwrite=overwrite,
-        seed=seed,
-        dry_run=dry_run,
-        as_json=as_json,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        model_config=model_config,
-        preset=preset,
-        settings=settings,
-    )
+    common = CommonOptions.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -1025,40 +874,7 @@ def texture_expand(
 
     Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
     """
-    settings = given_settings(
-        model=model,
-        loras=lora,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        tiny_vae_model=tiny_vae_model,
-        scheduler=scheduler,
-        steps=steps,
-        cfg=cfg,
-        gamma=gamma,
-        prompt=prompt,
-        negative=negative,
-        style_mode=style_mode,
-        ad_iters=ad_iters,
-        ad_lr=ad_lr,
-        ad_adain=adain,
-        ad_checkpointing=ad_checkpointing,
-    )
-    common = CommonOptions(
-        out=out,
-        fmt=fmt,
-        suffix=suffix,
-        overwrite=overwrite,
-        seed=seed,
-        dry_run=dry_run,
-        as_json=as_json,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        model_config=model_config,
-        preset=preset,
-        settings=settings,
-    )
+    common = CommonOptions.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -1128,42 +944,7 @@ def texture(
 
     Example: stylekit texture moss.png --source-mask moss-labels.png --target-mask layout.png
     """
-    settings = given_settings(
-        mode=mode,
-        opt_steps=opt_steps,
-        model=model,
-        loras=lora,
-        accelerator=accelerator,
-        tiny_vae=tiny_vae,
-        tiny_vae_model=tiny_vae_model,
-        scheduler=scheduler,
-        steps=steps,
-        cfg=cfg,
-        gamma=gamma,
-        prompt=prompt,
-        negative=negative,
-        style_mode=style_mode,
-        ad_iters=ad_iters,
-        ad_lr=ad_lr,
-        ad_adain=adain,
-        ad_checkpointing=ad_checkpointing,
-    )
-    common = CommonOptions(
-        out=out,
-        fmt=fmt,
-        suffix=suffix,
-        overwrite=overwrite,
-        seed=seed,
-        dry_run=dry_run,
-        as_json=as_json,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        model_config=model_config,
-        preset=preset,
-        settings=settings,
-    )
+    common = CommonOptions.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -1216,7 +997,19 @@ class CommonOptions:
     allow_pickle: bool
     model_config: str | None
     preset: str | None
-    settings: Mapping[str, Any]  # Settings fields set on the command line (see `given_settings`)
+    settings: Mapping[str, Any]  # Settings fields set on the command line, by field name
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> CommonOptions:
+        """The shared options from a command's parameters (its `locals()`): the run and file
+        options by name, and every Settings field the command has and the user set."""
+        from stylekit.presets import Settings
+
+        mine = {f.name for f in fields(cls)} - {"settings"}
+        known = {f.name for f in fields(Settings)}
+        flags = {SETTINGS_FIELD.get(k, k): v for k, v in params.items()}
+        settings = given_settings(**{k: v for k, v in flags.items() if k in known})
+        return cls(**{k: params[k] for k in mine}, settings=settings)
 
     def output(self):
         """Where and how the batch writes (`stylekit.runner.Output`)."""
@@ -1235,6 +1028,9 @@ class CommonOptions:
         from stylekit.progress import ConsoleEvents
 
         return (kind or ConsoleEvents)(err, as_json=self.as_json, quiet=self.quiet)
+
+
+SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain"}  # flag parameter → Settings field
 
 
 def given_settings(**flags) -> dict[str, Any]:
