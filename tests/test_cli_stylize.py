@@ -505,9 +505,52 @@ def test_uncached_hub_model_fails_fast_offline(folder, tmp_path):
 def test_pickle_checkpoint_is_refused(folder, tmp_path):
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"not really a pickle")
-    line = one_error(stylize(folder, "-o", tmp_path / "out", model=checkpoint), 1)
+    line = one_error(stylize(folder, "-o", tmp_path / "out", model=checkpoint), 2)
     assert str(checkpoint) in line and "--allow-pickle" in line
     assert not (tmp_path / "out").exists()
+
+
+# --- single-file checkpoints -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd15_ckpt(sd15_single_file, tmp_path_factory):
+    """The tiny SD1.5 as a pickled original-layout `.ckpt` (`{"state_dict": ...}`, as SD 1.x shipped)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "sd15.ckpt"
+    torch.save({"state_dict": load_file(sd15_single_file)}, path)
+    return path
+
+
+def test_model_config_loads_a_single_file_checkpoint(tmp_path, sd15_path, sd15_single_file):
+    folder = run_one(tmp_path, sd15_path, "folder")
+    config = ["--model-config", sd15_path]
+    single = run_one(tmp_path, sd15_single_file, "single", *config)
+    # the same weights under the original key layout: the same image, up to 8-bit rounding
+    assert np.abs(single - folder).max() <= 1 / 255
+    # without --model-config diffusers looks for the default config on the hub (offline here)
+    source = tmp_path / "content.png"
+    result = stylize(source, "-o", tmp_path / "no-config.png", model=sd15_single_file)
+    line = one_error(result, 1)
+    assert str(sd15_single_file) in line and "could not load" in line
+
+
+def test_allow_pickle_loads_a_ckpt(tmp_path, sd15_path, sd15_ckpt):
+    folder = run_one(tmp_path, sd15_path, "folder")
+    ckpt = run_one(tmp_path, sd15_ckpt, "ckpt", "--allow-pickle", "--model-config", sd15_path)
+    assert np.abs(ckpt - folder).max() <= 1 / 255  # same weights, same image (8-bit rounding)
+    assert read_metadata(tmp_path / "ckpt.png")["model"] == str(sd15_ckpt)
+
+
+def test_ckpt_without_allow_pickle_is_a_usage_error(tmp_path, sd15_path, sd15_ckpt):
+    source = write_image(tmp_path / "a.png", 0)
+    out = tmp_path / "out.png"
+    result = stylize(source, "-o", out, "--model-config", sd15_path, model=sd15_ckpt)
+    line = one_error(result, 2)
+    assert str(sd15_ckpt) in line and "--allow-pickle" in line
+    assert not out.exists()
 
 
 # --- LoRA, style, tiny VAE -------------------------------------------------------------------

@@ -70,6 +70,23 @@ def test_detect_family_of_single_files(sd15_single_file, tmp_path):
     assert detect_family(str(xl)) == "sdxl"
 
 
+def test_detect_family_of_pickled_checkpoints(sd15_single_file, tmp_path):
+    from safetensors.torch import load_file
+
+    sd15 = tmp_path / "sd15.ckpt"
+    torch.save({"state_dict": load_file(sd15_single_file)}, sd15)  # as SD 1.x .ckpt files
+    assert detect_family(str(sd15), allow_pickle=True) == "sd15"
+    xl = tmp_path / "xl.pt"
+    torch.save({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, xl)  # no wrapper
+    assert detect_family(str(xl), allow_pickle=True) == "sdxl"
+    with pytest.raises(UsageError, match="--allow-pickle"):
+        detect_family(str(sd15))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a pickle")
+    with pytest.raises(ModelError, match="not a readable pickled checkpoint"):
+        detect_family(str(garbage), allow_pickle=True)
+
+
 def test_detect_family_refuses_what_is_not_a_model(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelError, match="no model_index.json"):
@@ -177,7 +194,7 @@ def test_resolve_device():
 def test_check_source_refuses_pickle_unless_allowed(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"pickle")
-    with pytest.raises(ModelError, match="--allow-pickle") as info:
+    with pytest.raises(UsageError, match="--allow-pickle") as info:
         check_source(str(path), what="model", allow_pickle=False)
     assert str(path) in str(info.value)
     check_source(str(path), what="model", allow_pickle=True)
