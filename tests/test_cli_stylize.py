@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -617,6 +618,30 @@ def test_tiny_vae_decodes_the_output(tmp_path, sd15_path, tiny_vae_path, monkeyp
     assert tiny_vae.shape == plain.shape == (64, 64, 3)
     assert np.abs(tiny_vae - plain).mean() > 1e-3
     assert read_metadata(tmp_path / "tiny.png")["tiny_vae"] is True
+
+
+def test_tiny_vae_model_path_is_the_vae_used(tmp_path, sd15_path, tiny_vae_path, monkeypatch):
+    """`--tiny-vae --tiny-vae-model PATH` loads that folder, which encodes and decodes the image."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    real_load, loaded = models.load, []
+
+    def recording_load(spec):
+        loaded.append(real_load(spec))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load", recording_load)
+    full = run_one(tmp_path, sd15_path, "full")
+    tiny = run_one(tmp_path, sd15_path, "tiny", "--tiny-vae", "--tiny-vae-model", tiny_vae_path)
+    assert isinstance(loaded[0].vae, AutoencoderKL)
+    assert isinstance(loaded[1].vae, AutoencoderTiny)
+    reference = AutoencoderTiny.from_pretrained(tiny_vae_path)  # the fixture's weights, not TAESD's
+    for name, weight in reference.state_dict().items():
+        assert torch.equal(loaded[1].vae.state_dict()[name], weight), name
+    assert tiny.shape == full.shape == (64, 64, 3)
+    assert np.abs(tiny - full).mean() > 1e-2  # a random tiny VAE gives another image
+    assert read_metadata(tmp_path / "tiny.png")["tiny_vae"] is True
+    assert read_metadata(tmp_path / "full.png").get("tiny_vae") is None
 
 
 # --- once per batch --------------------------------------------------------------------------
