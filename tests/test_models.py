@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 from stylekit.engine import models
 from stylekit.engine.models import (
     LCM_LORA,
-    STD_REPO,
     LoraSpec,
     ModelSpec,
     accelerator_source,
@@ -104,23 +103,41 @@ def test_detect_family_refuses_what_is_not_a_model(tmp_path):
 # --- accelerator -----------------------------------------------------------------------------
 
 
+# STD's published image LoRAs, copied from shared/specs/sampling.md (hub repo
+# `SecondComming/Single-Trajectory-Distillation`, files `std_sdxl_i2i_eta{0.65,0.75,0.85,0.95}`),
+# spelled out rather than built by the loader's own f-string.
+STD_I2I_FILES = [
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.65.safetensors",
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.75.safetensors",
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.85.safetensors",
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.95.safetensors",
+]
+
+
 @pytest.mark.parametrize(
-    ("strength", "eta"),
+    ("strength", "expected"),
     [
-        (0.3, "0.65"),
-        (0.65, "0.65"),
-        (0.72, "0.75"),
-        (0.75, "0.75"),
-        (0.85, "0.85"),
-        (0.88, "0.85"),
-        (0.95, "0.95"),
-        (1.0, "0.95"),
+        (0.3, STD_I2I_FILES[0]),
+        (0.65, STD_I2I_FILES[0]),
+        (0.72, STD_I2I_FILES[1]),
+        (0.75, STD_I2I_FILES[1]),
+        (0.85, STD_I2I_FILES[2]),
+        (0.88, STD_I2I_FILES[2]),
+        (0.95, STD_I2I_FILES[3]),
+        (1.0, STD_I2I_FILES[3]),
     ],
 )
-def test_sdxl_accelerator_is_std_lora_for_the_strength(strength, eta):
+def test_sdxl_accelerator_is_std_lora_for_the_strength(strength, expected):
     spec = ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", strength=strength)
-    expected = f"{STD_REPO}/std_sdxl_i2i_eta{eta}.safetensors"
     assert accelerator_source(spec, "sdxl", turbo=False) == expected
+
+
+def test_sdxl_accelerator_only_names_published_std_files():
+    picked = {
+        accelerator_source(ModelSpec("x/y", strength=i / 100), "sdxl", turbo=False)
+        for i in range(1, 101)
+    }
+    assert picked == set(STD_I2I_FILES)
 
 
 def test_accelerator_for_sd15_turbo_none_and_explicit():
@@ -220,7 +237,7 @@ def test_check_source_refuses_what_is_neither_path_nor_hub_id():
         "stabilityai/stable-diffusion-xl-base-1.0",
         "latent-consistency/lcm-lora-sdv1-5",
         "owner/repo/file.safetensors",
-        f"{STD_REPO}/std_sdxl_i2i_eta0.75.safetensors",  # the SDXL accelerator `auto` picks
+        STD_I2I_FILES[1],  # the SDXL accelerator `auto` picks at the default strength
         "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",  # `--ip-adapter owner/repo/file`
     ],
 )
