@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import typer.main
 from PIL import Image
 from typer.testing import CliRunner
@@ -176,7 +177,7 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, sd15_path):
 def interrupt_second(monkeypatch, *, during_save: bool = False) -> None:
     """Raise KeyboardInterrupt on the 2nd model call, or half-way through writing the 2nd output.
 
-    The model is interrupted at `img2img`, which every `Stylizer` path calls once per UNet batch
+    The model is interrupted at `img2img`, which every image-to-image path calls once per UNet batch
     (one image, or several of one size when the runner batches them).
     """
     import stylekit.engine.img2img as engine
@@ -569,9 +570,52 @@ def test_uncached_hub_model_fails_fast_offline(folder, tmp_path):
 def test_pickle_checkpoint_is_refused(folder, tmp_path):
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"not really a pickle")
-    line = one_error(stylize(folder, "-o", tmp_path / "out", model=checkpoint), 1)
+    line = one_error(stylize(folder, "-o", tmp_path / "out", model=checkpoint), 2)
     assert str(checkpoint) in line and "--allow-pickle" in line
     assert not (tmp_path / "out").exists()
+
+
+# --- single-file checkpoints -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd15_ckpt(sd15_single_file, tmp_path_factory):
+    """The tiny SD1.5 as a pickled original-layout `.ckpt` (`{"state_dict": ...}`, as SD 1.x shipped)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "sd15.ckpt"
+    torch.save({"state_dict": load_file(sd15_single_file)}, path)
+    return path
+
+
+def test_model_config_loads_a_single_file_checkpoint(tmp_path, sd15_path, sd15_single_file):
+    folder = run_one(tmp_path, sd15_path, "folder")
+    config = ["--model-config", sd15_path]
+    single = run_one(tmp_path, sd15_single_file, "single", *config)
+    # the same weights under the original key layout: the same image, up to 8-bit rounding
+    assert np.abs(single - folder).max() <= 1 / 255
+    # without --model-config diffusers looks for the default config on the hub (offline here)
+    source = tmp_path / "content.png"
+    result = stylize(source, "-o", tmp_path / "no-config.png", model=sd15_single_file)
+    line = one_error(result, 1)
+    assert str(sd15_single_file) in line and "could not load" in line
+
+
+def test_allow_pickle_loads_a_ckpt(tmp_path, sd15_path, sd15_ckpt):
+    folder = run_one(tmp_path, sd15_path, "folder")
+    ckpt = run_one(tmp_path, sd15_ckpt, "ckpt", "--allow-pickle", "--model-config", sd15_path)
+    assert np.abs(ckpt - folder).max() <= 1 / 255  # same weights, same image (8-bit rounding)
+    assert read_metadata(tmp_path / "ckpt.png")["model"] == str(sd15_ckpt)
+
+
+def test_ckpt_without_allow_pickle_is_a_usage_error(tmp_path, sd15_path, sd15_ckpt):
+    source = write_image(tmp_path / "a.png", 0)
+    out = tmp_path / "out.png"
+    result = stylize(source, "-o", out, "--model-config", sd15_path, model=sd15_ckpt)
+    line = one_error(result, 2)
+    assert str(sd15_ckpt) in line and "--allow-pickle" in line
+    assert not out.exists()
 
 
 # --- LoRA, style, tiny VAE -------------------------------------------------------------------
@@ -594,6 +638,8 @@ def test_lora_changes_the_output_and_scale_zero_does_not(tmp_path, sd15_path, sd
     zero = run_one(tmp_path, sd15_path, "zero", "--lora", f"{sd15_lora}:0.0")
     assert np.abs(lora - plain).mean() > 1e-3
     assert np.abs(zero - plain).mean() < 1e-6
+    # scale 0 is the base model: float noise may flip one 8-bit rounding at most (0 measured)
+    assert np.abs(zero - plain).max() <= 1 / 255
     assert read_metadata(tmp_path / "lora.png")["loras"] == [str(sd15_lora)]
 
 
@@ -605,6 +651,8 @@ def test_style_reference_through_ip_adapter(tmp_path, sd15_path, sd15_ip_adapter
     zero = run_one(tmp_path, sd15_path, "zero", *style, "--style-scale", "0")
     assert np.abs(styled - plain).mean() > 1e-3
     assert np.abs(zero - plain).mean() < 1e-6
+    # scale 0 is the base model: float noise may flip one 8-bit rounding at most (0 measured)
+    assert np.abs(zero - plain).max() <= 1 / 255
     meta = read_metadata(tmp_path / "styled.png")
     assert meta["style"] == ["ref.png"] and meta["style_mode"] == "ipadapter"
     assert meta["style_scale"] == 1.0
@@ -638,6 +686,33 @@ def test_tiny_vae_decodes_the_output(tmp_path, sd15_path, tiny_vae_path, monkeyp
     assert tiny_vae.shape == plain.shape == (64, 64, 3)
     assert np.abs(tiny_vae - plain).mean() > 1e-3
     assert read_metadata(tmp_path / "tiny.png")["tiny_vae"] is True
+
+
+def test_tiny_vae_model_path_is_the_vae_used(tmp_path, sd15_path, tiny_vae_path, monkeypatch):
+    """`--tiny-vae-model PATH` (with or without `--tiny-vae`) loads that folder, which encodes and
+    decodes the image; the output records which tiny VAE it was."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    real_load, loaded = models.load, []
+
+    def recording_load(spec):
+        loaded.append(real_load(spec))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load", recording_load)
+    full = run_one(tmp_path, sd15_path, "full")
+    tiny = run_one(tmp_path, sd15_path, "tiny", "--tiny-vae", "--tiny-vae-model", tiny_vae_path)
+    implied = run_one(tmp_path, sd15_path, "implied", "--tiny-vae-model", tiny_vae_path)
+    assert isinstance(loaded[0].vae, AutoencoderKL)
+    assert isinstance(loaded[1].vae, AutoencoderTiny) and isinstance(loaded[2].vae, AutoencoderTiny)
+    np.testing.assert_array_equal(implied, tiny)
+    reference = AutoencoderTiny.from_pretrained(tiny_vae_path)  # the fixture's weights, not TAESD's
+    for name, weight in reference.state_dict().items():
+        assert torch.equal(loaded[1].vae.state_dict()[name], weight), name
+    assert tiny.shape == full.shape == (64, 64, 3)
+    assert np.abs(tiny - full).mean() > 1e-2  # a random tiny VAE gives another image
+    assert read_metadata(tmp_path / "tiny.png")["tiny_vae"] == str(tiny_vae_path)
+    assert read_metadata(tmp_path / "full.png").get("tiny_vae") is None
 
 
 # --- once per batch --------------------------------------------------------------------------

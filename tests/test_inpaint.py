@@ -126,9 +126,12 @@ def test_matches_diffusers_inpaint_pipeline(case, request, loaded):
         seed=seed,
     )
     assert ours.shape == ref.shape == (H, W, 3)
-    diff = float(np.abs(ours - ref).mean())
-    print(f"{case}: mean abs diff {diff:.2e}")
-    assert diff <= 1e-5  # the requirement is 1/255; the same draws in the same order give ~1e-7
+    diff = np.abs(ours - ref)
+    print(f"{case}: mean abs diff {diff.mean():.2e}, max {diff.max():.2e}")
+    # the requirement is 1/255; the same draws in the same order give ~1e-7 on average (0 measured
+    # on CPU) and no pixel may stray further than float noise: 1e-4 is 25x below one 8-bit level
+    assert diff.mean() <= 1e-5
+    assert diff.max() <= 1e-4
 
 
 def test_paste_back_keeps_every_pixel_outside_the_feather():

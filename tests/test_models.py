@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 from stylekit.engine import models
 from stylekit.engine.models import (
     LCM_LORA,
-    STD_REPO,
     LoraSpec,
     ModelSpec,
     accelerator_source,
@@ -70,6 +69,23 @@ def test_detect_family_of_single_files(sd15_single_file, tmp_path):
     assert detect_family(str(xl)) == "sdxl"
 
 
+def test_detect_family_of_pickled_checkpoints(sd15_single_file, tmp_path):
+    from safetensors.torch import load_file
+
+    sd15 = tmp_path / "sd15.ckpt"
+    torch.save({"state_dict": load_file(sd15_single_file)}, sd15)  # as SD 1.x .ckpt files
+    assert detect_family(str(sd15), allow_pickle=True) == "sd15"
+    xl = tmp_path / "xl.pt"
+    torch.save({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, xl)  # no wrapper
+    assert detect_family(str(xl), allow_pickle=True) == "sdxl"
+    with pytest.raises(UsageError, match="--allow-pickle"):
+        detect_family(str(sd15))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a pickle")
+    with pytest.raises(ModelError, match="not a readable pickled checkpoint"):
+        detect_family(str(garbage), allow_pickle=True)
+
+
 def test_detect_family_refuses_what_is_not_a_model(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelError, match="no model_index.json"):
@@ -87,23 +103,41 @@ def test_detect_family_refuses_what_is_not_a_model(tmp_path):
 # --- accelerator -----------------------------------------------------------------------------
 
 
+# STD's published image LoRAs, copied from shared/specs/sampling.md (hub repo
+# `SecondComming/Single-Trajectory-Distillation`, files `std_sdxl_i2i_eta{0.65,0.75,0.85,0.95}`),
+# spelled out rather than built by the loader's own f-string.
+STD_I2I_FILES = [
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.65.safetensors",
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.75.safetensors",
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.85.safetensors",
+    "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.95.safetensors",
+]
+
+
 @pytest.mark.parametrize(
-    ("strength", "eta"),
+    ("strength", "expected"),
     [
-        (0.3, "0.65"),
-        (0.65, "0.65"),
-        (0.72, "0.75"),
-        (0.75, "0.75"),
-        (0.85, "0.85"),
-        (0.88, "0.85"),
-        (0.95, "0.95"),
-        (1.0, "0.95"),
+        (0.3, STD_I2I_FILES[0]),
+        (0.65, STD_I2I_FILES[0]),
+        (0.72, STD_I2I_FILES[1]),
+        (0.75, STD_I2I_FILES[1]),
+        (0.85, STD_I2I_FILES[2]),
+        (0.88, STD_I2I_FILES[2]),
+        (0.95, STD_I2I_FILES[3]),
+        (1.0, STD_I2I_FILES[3]),
     ],
 )
-def test_sdxl_accelerator_is_std_lora_for_the_strength(strength, eta):
+def test_sdxl_accelerator_is_std_lora_for_the_strength(strength, expected):
     spec = ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", strength=strength)
-    expected = f"{STD_REPO}/std_sdxl_i2i_eta{eta}.safetensors"
     assert accelerator_source(spec, "sdxl", turbo=False) == expected
+
+
+def test_sdxl_accelerator_only_names_published_std_files():
+    picked = {
+        accelerator_source(ModelSpec("x/y", strength=i / 100), "sdxl", turbo=False)
+        for i in range(1, 101)
+    }
+    assert picked == set(STD_I2I_FILES)
 
 
 def test_accelerator_for_sd15_turbo_none_and_explicit():
@@ -177,7 +211,7 @@ def test_resolve_device():
 def test_check_source_refuses_pickle_unless_allowed(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"pickle")
-    with pytest.raises(ModelError, match="--allow-pickle") as info:
+    with pytest.raises(UsageError, match="--allow-pickle") as info:
         check_source(str(path), what="model", allow_pickle=False)
     assert str(path) in str(info.value)
     check_source(str(path), what="model", allow_pickle=True)
@@ -203,7 +237,7 @@ def test_check_source_refuses_what_is_neither_path_nor_hub_id():
         "stabilityai/stable-diffusion-xl-base-1.0",
         "latent-consistency/lcm-lora-sdv1-5",
         "owner/repo/file.safetensors",
-        f"{STD_REPO}/std_sdxl_i2i_eta0.75.safetensors",  # the SDXL accelerator `auto` picks
+        STD_I2I_FILES[1],  # the SDXL accelerator `auto` picks at the default strength
         "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",  # `--ip-adapter owner/repo/file`
     ],
 )

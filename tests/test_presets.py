@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stylekit.cli import app
-from stylekit.engine.models import IP_ADAPTER, STD_REPO, ModelSpec, accelerator_source
+from stylekit.engine.models import IP_ADAPTER, ModelSpec, accelerator_source
 from stylekit.errors import PresetError, UsageError
 from stylekit.media.metadata import read_metadata
 from stylekit.presets import DEFAULT_PRESET, Settings, builtin_names, list_presets, load_preset
@@ -49,7 +49,8 @@ def test_std_sdxl_is_the_std_recipe():
     assert (s.scheduler, s.gamma, s.cfg, s.steps, s.strength) == ("tcd", 0.0, 6.0, 8, 0.75)
     assert (s.style_mode, s.style_scale, s.ip_adapter) == ("ipadapter", 1.0, "auto")
     spec = ModelSpec(s.model, accelerator=s.accelerator, strength=s.strength)
-    expected = f"{STD_REPO}/std_sdxl_i2i_eta0.75.safetensors"
+    # the published file name (shared/specs/sampling.md), not the loader's f-string
+    expected = "SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.75.safetensors"
     assert accelerator_source(spec, "sdxl", turbo=False) == expected
     assert IP_ADAPTER["sdxl"][2] == "ip-adapter_sdxl_vit-h.safetensors"  # STD's ViT-H adapter
 

@@ -1,8 +1,18 @@
 """The pure samplers against the spec's arithmetic and diffusers' own schedulers."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from diffusers import LCMScheduler, TCDScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    TCDScheduler,
+)
 
 from stylekit.engine import sampling
 from stylekit.errors import UsageError
@@ -118,6 +128,47 @@ def test_trailing_timesteps_for_turbo():
     assert sampling.trailing_timesteps(4) == [999, 749, 499, 249]
     _, ts = sampling.img2img_schedule(2, 0.5, turbo=True)
     assert ts == [499, 249]
+
+
+# stabilityai/sd-turbo ships EulerDiscreteScheduler and stabilityai/sdxl-turbo
+# EulerAncestralDiscreteScheduler, both scaled_linear with timestep_spacing "trailing" and
+# steps_offset 1 (which trailing spacing ignores); DDPM/DDIM implement the same spacing.
+# LCMScheduler is not among them: it ignores timestep_spacing (sampling.md, "Traps").
+TURBO_CONFIG = {**SD_CONFIG, "timestep_spacing": "trailing", "steps_offset": 1}
+TRAILING_SCHEDULERS = [
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    DDPMScheduler,
+    DDIMScheduler,
+]
+
+
+def _diffusers_timesteps(cls, n: int) -> list[int]:
+    sched = cls(**TURBO_CONFIG)
+    sched.set_timesteps(n)
+    ts = sched.timesteps
+    assert torch.equal(ts, ts.round()), cls  # Euler keeps them as floats; all are whole numbers
+    return [int(t) for t in ts]
+
+
+@pytest.mark.parametrize("cls", TRAILING_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("n", [*range(1, 51), 64, 100, 333, 999, 1000])
+def test_trailing_timesteps_match_diffusers_trailing_spacing(cls, n):
+    assert sampling.trailing_timesteps(n) == _diffusers_timesteps(cls, n)
+
+
+@pytest.mark.parametrize("cls", TRAILING_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4])
+@pytest.mark.parametrize("strength", [0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0])
+def test_turbo_img2img_schedule_matches_diffusers_get_timesteps(cls, nfe, strength):
+    """What diffusers' img2img pipeline runs for a turbo model at (n, strength), by its own code."""
+    n, ts = sampling.img2img_schedule(nfe, strength, turbo=True)
+    sched = cls(**TURBO_CONFIG)
+    sched.set_timesteps(n)
+    pipe = SimpleNamespace(scheduler=sched)  # get_timesteps reads only self.scheduler
+    want, steps = StableDiffusionImg2ImgPipeline.get_timesteps(pipe, n, strength, "cpu")
+    assert ts == [int(t) for t in want]
+    assert len(ts) == steps == nfe
 
 
 def test_sampler_validation():

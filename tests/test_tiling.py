@@ -135,7 +135,9 @@ def test_panorama_parity_tcd(sd15, empty_prompt):
         z = multidiffusion(eps, z, ts, sampler, window=64, stride=8, view_batch=2)
         ours = decode(sd15, z)
     assert ours.shape == theirs.shape == (1, height, width, 3)
+    # parity means every pixel within one 8-bit level (the same loop measures 0 on CPU)
     assert np.abs(ours - theirs).mean() <= 1 / 255
+    assert np.abs(ours - theirs).max() <= 1 / 255
 
 
 @pytest.mark.parametrize("wrap", [False, True])
@@ -334,6 +336,9 @@ def test_tiled_decode_is_close_to_plain_decode(sd15):
         one_tile = decode_tiled(sd15, z[..., :32, :32], tile=32, overlap=8)
         np.testing.assert_array_equal(one_tile, decode(sd15, z[..., :32, :32]))
     assert np.abs(tiled - plain).mean() < 0.015  # 0.0086 measured; 0.0031 at 96 × 128, tile 64
+    # per-tile GroupNorm statistics move single pixels more (0.12 measured); a seam or a
+    # misplaced tile would be off by the image's whole range
+    assert np.abs(tiled - plain).max() < 0.25
 
 
 @pytest.mark.parametrize("tile, overlap", [(0, 0), (16, 8), (16, -1)])

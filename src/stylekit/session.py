@@ -110,7 +110,7 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> mod
         loras=tuple(models.LoraSpec.parse(s) for s in settings.loras),
         accelerator=settings.accelerator,
         strength=settings.strength,
-        tiny_vae=(settings.tiny_vae_model or True) if settings.tiny_vae else False,
+        tiny_vae=tiny_vae(settings) or False,
         ip_adapter=settings.ip_adapter if ip_adapter else None,
         image_encoder=settings.image_encoder,
         device=runtime.device,
@@ -119,6 +119,16 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> mod
         model_config=runtime.model_config,
         variant=settings.variant,
     )
+
+
+def tiny_vae(settings: Settings) -> str | bool | None:
+    """The tiny VAE to decode with: its id or folder, True for the family's default, or None.
+
+    `--tiny-vae-model` alone implies `--tiny-vae`: naming a tiny VAE and not using it would be a
+    silent no-op."""
+    if settings.tiny_vae_model:
+        return settings.tiny_vae_model
+    return True if settings.tiny_vae else None
 
 
 def ad_options(settings: Settings) -> ad.ADOptions:
@@ -325,7 +335,7 @@ class Session:
             "ad_lr": (s.ad_lr if sample else s.opt_lr) if ad_on else None,
             "ad_adain": s.ad_adain if ad_on and sample else None,
             "content_weight": self.references.options.content_weight if ad_on else None,
-            "tiny_vae": s.tiny_vae or None,
+            "tiny_vae": tiny_vae(s),
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
             "stylekit": __version__,

@@ -89,21 +89,24 @@ def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.nd
     finally:
         if dtype != old:
             vae.to(old)
-    x = (x / 2 + 0.5).clamp(0, 1)
+    x = x / 2 + 0.5
+    x = torch.where(x.isfinite(), x.clamp(0, 1), x)  # clamping would hide ±inf from `degenerate`
     return x.float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
 
 def degenerate(arr: np.ndarray) -> str | None:
-    """Why a decoded image is unusable (NaN, or black from an fp16 overflow), or None."""
+    """Why a decoded image is unusable (NaN, ±inf, or black from an fp16 overflow), or None."""
     if np.isnan(arr).any():
         return "NaN"
+    if np.isinf(arr).any():
+        return "infinite"
     if arr.max() <= 0.0:
         return "all black"
     return None
 
 
 def decode(model: LoadedModel, z: torch.Tensor) -> np.ndarray:
-    """Decode; a NaN or black result from a half-precision VAE is decoded again in fp32, never saved."""
+    """Decode; a NaN, infinite or black result from a half-precision VAE is decoded again in fp32, never saved."""
     dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
     arr = decode_raw(model, z, dtype)
     if degenerate(arr) and dtype != torch.float32:

@@ -1,16 +1,20 @@
 """The only place that loads weights: base models, LoRAs, the few-step accelerator, tiny VAE, IP-Adapter.
 
-`--model` is a hub id, a local diffusers folder or a single `.safetensors` checkpoint. The family
-(SD 1.x/2.x vs SDXL) is read from the model itself; turbo (ADD) models are recognised by name.
+`--model` is a hub id, a local diffusers folder or a single `.safetensors` checkpoint (a pickled
+`.ckpt` with `--allow-pickle`). The family (SD 1.x/2.x vs SDXL) is read from the model itself;
+turbo (ADD) models are recognised by name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -152,14 +156,19 @@ def check_source(source: str, *, what: str, allow_pickle: bool) -> None:
     """Refuse missing local paths and pickle files (unless allowed) with one clear line."""
     path = Path(source).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise ModelError(
-            f"{what} {source}: pickle checkpoints can run arbitrary code; convert it to .safetensors "
-            "or pass --allow-pickle if you trust it"
-        )
+        refuse_pickle(what, source)
     if is_local(source) and not path.exists():
         raise ModelError(f"{what} {source}: no such file or folder")
     if not is_local(source) and not re.fullmatch(r"[\w.\-]+/[\w.\-]+(/.+)?", source):
         raise ModelError(f"{what} {source!r}: not a local path or a hub id like owner/name")
+
+
+def refuse_pickle(what: str, source: str | Path) -> NoReturn:
+    """A pickle file without --allow-pickle is a usage error: the user decides whether to trust it."""
+    raise UsageError(
+        f"{what} {source}: pickle checkpoints can run arbitrary code; convert it to .safetensors "
+        "or pass --allow-pickle if you trust it"
+    )
 
 
 def family_of_config(index: dict) -> str:
@@ -168,15 +177,40 @@ def family_of_config(index: dict) -> str:
     return "sdxl" if "XL" in name else "sd15"
 
 
-def family_of_checkpoint(path: Path) -> str:
-    """Read the family from a single-file checkpoint's tensor names (header only, no weights)."""
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a `.safetensors` file (header only, no weights)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+            return list(f.keys())
     except Exception as exc:  # safetensors raises its own error types for a bad header
         raise ModelError(f"model {path}: not a readable .safetensors checkpoint ({exc})") from exc
+
+
+def pickle_keys(path: Path) -> list[str]:
+    """The tensor names of a pickled checkpoint, loaded as diffusers loads it: weights only, memory-mapped."""
+    mmap = {"mmap": True} if zipfile.is_zipfile(path) else {}  # only the zip format maps
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, **mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model {path}: not a readable pickled checkpoint ({first[:300]})"
+        ) from exc
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # Lightning-style `.ckpt`, as diffusers unwraps it
+    return [str(k) for k in state] if isinstance(state, dict) else []
+
+
+def family_of_checkpoint(path: Path, *, allow_pickle: bool = False) -> str:
+    """Read the family from a single-file checkpoint's tensor names."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            refuse_pickle("model", path)
+        keys = pickle_keys(path)
+    else:
+        keys = safetensors_keys(path)
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):
@@ -184,11 +218,11 @@ def family_of_checkpoint(path: Path) -> str:
     raise ModelError(f"model {path}: not a Stable Diffusion or SDXL checkpoint")
 
 
-def detect_family(source: str) -> str:
+def detect_family(source: str, *, allow_pickle: bool = False) -> str:
     """Detect SD1.5-family vs SDXL-family from the model itself (folder, hub id or checkpoint)."""
     path = Path(source).expanduser()
     if path.is_file():
-        return family_of_checkpoint(path)
+        return family_of_checkpoint(path, allow_pickle=allow_pickle)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.exists():
@@ -403,7 +437,7 @@ def load(spec: ModelSpec) -> LoadedModel:
     check_source(spec.model, what="model", allow_pickle=spec.allow_pickle)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    family = detect_family(spec.model)
+    family = detect_family(spec.model, allow_pickle=spec.allow_pickle)
     turbo = is_turbo(spec.model)
     pipe = load_pipeline(spec, family, dtype)
     accel = accelerator_source(spec, family, turbo)
