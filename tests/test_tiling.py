@@ -135,7 +135,8 @@ def test_panorama_parity_tcd(sd15, empty_prompt):
         z = multidiffusion(eps, z, ts, sampler, window=64, stride=8, view_batch=2)
         ours = decode(sd15, z)
     assert ours.shape == theirs.shape == (1, height, width, 3)
-    assert np.abs(ours - theirs).mean() <= 1 / 255
+    diff = np.abs(ours - theirs)  # measured 0; the max bound catches a wrong window the mean hides
+    assert diff.mean() <= 1 / 255 and diff.max() <= 2 / 255
 
 
 @pytest.mark.parametrize("wrap", [False, True])
@@ -317,7 +318,11 @@ def test_tiled_decode_is_close_to_plain_decode(sd15):
         tiled = decode_tiled(sd15, z, tile=32, overlap=8)
         one_tile = decode_tiled(sd15, z[..., :32, :32], tile=32, overlap=8)
         np.testing.assert_array_equal(one_tile, decode(sd15, z[..., :32, :32]))
-    assert np.abs(tiled - plain).mean() < 0.015  # 0.0086 measured; 0.0031 at 96 × 128, tile 64
+    diff = np.abs(tiled - plain)
+    assert diff.mean() < 0.015  # 0.0086 measured; 0.0031 at 96 × 128, tile 64
+    # per-tile normalisation shifts values smoothly (max 0.12 measured, 99th percentile 0.043);
+    # a seam or a misplaced strip, invisible in the mean, would reach the image's full range
+    assert diff.max() < 0.25
 
 
 @pytest.mark.parametrize("tile, overlap", [(0, 0), (16, 8), (16, -1)])
