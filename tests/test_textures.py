@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-# Engine-level names the AD-loss measurements need, in one place to re-point when the engine moves.
-from stylekit.engine import guidance
+# Engine-level names (AD-loss measurements, the 4096² test's patches), in one place to re-point
+# when the engine moves. img2img, inpaint, stream and txt2img bind `latents.decode` by name: they
+# are imported before a test patches it, so they never keep the patched one.
+from stylekit.engine import guidance, img2img, inpaint, latents, stream, tiling, txt2img  # noqa: F401
 from stylekit.engine.attention import ad_loss
 from stylekit.engine.tiling import crop
 from stylekit.errors import UsageError
@@ -149,14 +151,54 @@ def test_reference_noise_seed_differs_from_the_canvas_seed():
         assert 0 <= reference_seed(seed) < 2**63
 
 
-def test_a_4096_request_counts_windows_and_decodes_in_tiles(tmp_path, sd15_path, monkeypatch):
-    """The task's wiring at 4096² without the compute: the UNet loop and the decoder are stubs."""
+@pytest.fixture(scope="module")
+def lean_taesd(tmp_path_factory) -> Path:
+    """A real `AutoencoderTiny` (TAESD layout) cheap enough to decode 4096² px in a few seconds:
+    8 channels and no block at full resolution (the `tiny_vae_path` fixture's 16 channels take
+    13 s there on one thread). Its decoder sees about 7 latents around a pixel, less than the
+    decode tiles' 16 latents of context, so tiled decoding equals whole decoding up to float
+    error."""
+    from diffusers import AutoencoderTiny
+
+    path = tmp_path_factory.mktemp("lean-taesd")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 0),
+            latent_channels=4,
+        )
+    vae.save_pretrained(path)
+    return path
+
+
+def smooth_latent(height: int, width: int) -> torch.Tensor:
+    """(1, 4, height, width) slow waves: a decoded canvas with structure that PNG packs fast."""
+    yy, xx = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32),
+        torch.arange(width, dtype=torch.float32),
+        indexing="ij",
+    )
+    waves = [torch.sin(xx / 37), torch.cos(yy / 23), torch.sin((xx + yy) / 51), torch.cos(xx / 29)]
+    return 2 * torch.stack(waves)[None]
+
+
+def test_a_4096_request_counts_windows_and_decodes_in_tiles(
+    tmp_path, sd15_path, lean_taesd, monkeypatch
+):
+    """The task's wiring at 4096²: the UNet loop is a stub (its canvas is a smooth latent), the
+    tiled decode is real (a tiny TAESD) and is checked: tile count and size, the canvas's values,
+    the written file, and one corner against decoding that corner's latents directly."""
+    from diffusers import AutoencoderTiny
+
     from stylekit.api import Runtime
-    from stylekit.engine import latents, tiling
     from stylekit.runner import Output
     from stylekit.textures import texture_expand
 
-    calls = {}
+    calls, tiles = {}, []
+    canvas = smooth_latent(512, 512)
 
     def fake_multidiffusion(eps, z, ts, sampler, **kw):
         calls["windows"] = len(
@@ -165,26 +207,36 @@ def test_a_4096_request_counts_windows_and_decodes_in_tiles(tmp_path, sd15_path,
         calls["md"] = (tuple(z.shape), kw["refine"] is not None, kw["view_batch"])
         total = len(ts) * calls["windows"]
         kw["callback"](total, total)
-        return z
+        return canvas.to(z.dtype)
 
-    def fake_decode_tiled(model, z, *, tile, overlap, wrap_x, wrap_y):
-        calls["decode"] = (tuple(z.shape), tile, overlap)
-        return np.zeros((1, 8 * z.shape[-2], 8 * z.shape[-1], 3), np.float16)
+    real_decode_tiled, whole_decode = tiling.decode_tiled, latents.decode
+
+    def spy_decode_tiled(model, z, **kw):
+        calls["decode"] = (tuple(z.shape), kw["tile"], kw["overlap"])
+        arr = real_decode_tiled(model, z, **kw)
+        calls["model"], calls["finite"] = model, bool(np.isfinite(arr).all())
+        calls["shape"], calls["range"] = arr.shape, (float(arr.min()), float(arr.max()))
+        calls["std"], calls["corner"] = float(arr.std()), arr[0, :640, :640].copy()
+        return arr  # the task writes it, overwriting it in place (see `to_image`)
 
     def no_whole_decode(*args, **kwargs):
         raise AssertionError("a 4096² canvas must not be decoded in one piece")
 
-    # modules that bind `latents.decode` by name must be imported before it is patched here
-    from stylekit.engine import img2img, inpaint, stream, txt2img  # noqa: F401
+    real_vae_decode = AutoencoderTiny.decode
+
+    def spy_vae_decode(self, z, *args, **kwargs):
+        tiles.append(tuple(z.shape))
+        return real_vae_decode(self, z, *args, **kwargs)
 
     monkeypatch.setattr(tiling, "multidiffusion", fake_multidiffusion)
-    monkeypatch.setattr(tiling, "decode_tiled", fake_decode_tiled)
+    monkeypatch.setattr(tiling, "decode_tiled", spy_decode_tiled)
     monkeypatch.setattr(latents, "decode", no_whole_decode)
+    monkeypatch.setattr(AutoencoderTiny, "decode", spy_vae_decode)
     events = Recorder()
     report = texture_expand(
         [str(write_image(tmp_path / "ex.png"))],
         size=(4096, 4096),
-        settings=tiny_settings(sd15_path),
+        settings=tiny_settings(sd15_path, tiny_vae=True, tiny_vae_model=str(lean_taesd)),
         output=Output(out=tmp_path / "out", seed=0),
         runtime=Runtime(**CPU),
         events=events,
@@ -193,10 +245,22 @@ def test_a_4096_request_counts_windows_and_decodes_in_tiles(tmp_path, sd15_path,
     expected = plan_canvas((4096, 4096), native=32)  # tiny UNet: window 32, stride 16
     assert calls["windows"] == len(expected.windows()) == 31 * 31
     assert calls["md"] == ((1, 4, 512, 512), True, 4)
-    assert calls["decode"] == ((1, 4, 512, 512), 64, 16)
     assert events.steps == [(2 * 31 * 31, 2 * 31 * 31)]
-    assert Image.open(tmp_path / "out" / "ex.png").size == (4096, 4096)
     assert events.records[0].settings["windows"] == 961
+
+    assert calls["decode"] == ((1, 4, 512, 512), 64, 16)
+    # the VAE decodes 8 × 8 tiles and nothing else, each within tile + 2 × overlap latents
+    assert len(tiles) == 8 * 8 and max(max(t[-2:]) for t in tiles) <= 64 + 2 * 16
+    assert calls["shape"] == (1, 4096, 4096, 3) and calls["finite"]
+    low, high = calls["range"]
+    assert 0 <= low < high <= 1 and calls["std"] > 0.01  # an image (measured std 0.056)
+    # the first tile and its neighbours' cross-fade, against its latents decoded directly
+    corner = whole_decode(calls["model"], canvas[..., :96, :96])[0, :640, :640]
+    np.testing.assert_allclose(calls["corner"], corner, atol=1e-5)
+    with Image.open(tmp_path / "out" / "ex.png") as image:
+        assert image.size == (4096, 4096)
+        written = np.asarray(image)[:640, :640]
+    np.testing.assert_array_equal(written, (calls["corner"] * 255).round().astype(np.uint8))
 
 
 # --- the CLI contract --------------------------------------------------------------------------
