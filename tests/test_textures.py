@@ -406,27 +406,35 @@ def window_ad_loss(tm, guide, plan, z) -> float:
     return float(np.mean([final_ad_loss(tm, guide, crop(z, view)) for view in plan.windows()]))
 
 
+# Guided / baseline window AD loss (lr 0.05, 2 iterations), measured over 4 exemplar/noise seeds:
+# AdaIN off, against unguided sampling: 0.984-0.989 (MultiDiffusion averages the refined windows
+# where they overlap, which gives back most of Adam's gain); AdaIN on, against AdaIN alone (0
+# iterations; AdaIN alone halves the loss, so unguided sampling is no baseline): 0.76-0.88.
+AD_AT_MOST = {False: 0.995, True: 0.93}
+
+
 @pytest.mark.parametrize("adain", [True, False])
 def test_ad_guidance_lowers_the_ad_loss(tmp_path, texture_model, adain):
     """Window level: the final canvas's windows against the exemplar's features at t' = 0 (the
-    last refinement's target), guided vs unguided from the same noise and seed. MultiDiffusion
-    averages the refined windows where they overlap, which gives back part of the gain.
+    last refinement's target), from the same noise and seed: Adam's iterations lower it beyond
+    what the baseline without them reaches (unguided, or AdaIN alone).
     """
     from dataclasses import replace
 
     from stylekit.textures import initial_noise, make_texture_guide, sample_canvas
 
-    tm = replace(texture_model, settings=texture_model.settings.with_overrides(ad_adain=adain))
-    plan = plan_canvas((W, H), native=tm.native, window=16)
+    plan = plan_canvas((W, H), native=texture_model.native, window=16)
     exemplar = Image.open(write_image(tmp_path / "ex.png", 4))
-    guide = make_texture_guide(tm, exemplar, seed=5)
-    z0 = initial_noise(tm, plan, torch.Generator().manual_seed(5))
+    z0 = initial_noise(texture_model, plan, torch.Generator().manual_seed(5))
     runs = {}
-    for name, g in (("guided", guide), ("plain", None)):
-        z = sample_canvas(tm, plan, z0, generator=torch.Generator().manual_seed(5), guide=g)
+    for name, iters in (("guided", 2), ("baseline", 0)):
+        settings = texture_model.settings.with_overrides(ad_adain=adain, ad_iters=iters)
+        tm = replace(texture_model, settings=settings)
+        guide = make_texture_guide(tm, exemplar, seed=5)
+        use = guide if adain or iters else None  # AdaIN off, 0 iterations: unguided sampling
+        z = sample_canvas(tm, plan, z0, generator=torch.Generator().manual_seed(5), guide=use)
         runs[name] = window_ad_loss(tm, guide, plan, z)
-    print(runs)  # measured: AdaIN on 0.141 vs 0.282; Adam alone (lr 0.05, 2 iters) 0.278 vs 0.282
-    assert runs["guided"] < (0.95 if adain else 0.995) * runs["plain"]
+    assert runs["guided"] < AD_AT_MOST[adain] * runs["baseline"], runs
 
 
 # --- controlled synthesis and optimisation -----------------------------------------------------
