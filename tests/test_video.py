@@ -11,6 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+# Engine-level names (the stream's tests), in one place to re-point when the engine moves.
+from stylekit.engine import stream as stream_module
+from stylekit.engine.stream import FrameStream, SimilarityFilter, StreamOptions
 from stylekit.media.video import ffmpeg_exe, probe, read_frames
 from stylekit.runner import Events, Output
 
@@ -84,8 +87,6 @@ class Recorder(Events):
 
 
 def stream(stylizer, **options):
-    from stylekit.engine.stream import FrameStream, StreamOptions
-
     s = stylizer.settings
     opts = StreamOptions(steps=s.steps, strength=s.strength, seed=3, **options)
     return FrameStream(stylizer.model, stylizer.cond, stylizer.sampler, opts)
@@ -371,8 +372,6 @@ def test_similarity_filter_skips_static_frames_and_max_skip_forces_one(stylizer,
 
 
 def test_similarity_filter_probability():
-    from stylekit.engine.stream import SimilarityFilter
-
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     never = SimilarityFilter(0.98, 10, seed=0)
@@ -433,7 +432,6 @@ def test_stream_pulls_frames_lazily(stylizer, moving_frames, batched):
 
 
 def test_bad_options_are_usage_errors():
-    from stylekit.engine.stream import StreamOptions
     from stylekit.errors import UsageError
 
     for bad in (
@@ -482,7 +480,6 @@ def test_broken_input_is_reported_and_the_batch_goes_on(videos, sd15_path, tmp_p
 def test_ctrl_c_mid_video_leaves_no_output(
     videos, settings, runtime, tmp_path, monkeypatch, frames_out
 ):
-    from stylekit.engine import stream as stream_module
     from stylekit.videos import stylize_video
 
     decode, count = stream_module.decode, []
