@@ -320,7 +320,7 @@ def test_refine_lowers_ad_loss(unet, cond):
     finally:
         handle.remove()
     after = ad_loss(reference_features(unet, result.x, t, cond), refs).item()
-    assert after < before
+    assert after < 0.8 * before  # by a margin: 0.64-0.70 measured over 5 seed pairs
     assert math.isfinite(result.loss) and result.loss < before
     assert len(calls) == 4  # one UNet forward per iteration
     assert all(p.grad is None for p in unet.parameters())
@@ -338,7 +338,7 @@ def test_refine_content_term_pulls_queries(unet, cond):
         unet, x, t, cond, refs, iters=4, lr=0.05, content_feats=content, content_weight=10.0
     )
     after = content_loss(reference_features(unet, result.x, t, cond), content).item()
-    assert after < before
+    assert after < 0.95 * before  # 0.906-0.914 measured over 5 seed triples
     with pytest.raises(UsageError, match="content_feats"):
         refine(unet, x, t, cond, refs, iters=1, lr=0.05, content_weight=1.0)
 
@@ -397,7 +397,9 @@ def test_optimize_lowers_loss(unet, cond):
         )
     finally:
         handle.remove()
-    assert total(result.x) < total(z_content)
+    # the AD part of the objective (the content term pulls the other way): 0.86-0.96 measured
+    # over 5 seed pairs, 0.86 for these
+    assert total(result.x) < 0.98 * total(z_content)
     assert len(calls) == 3 * len(timesteps)  # reference, content, optimised latent
     assert [(i, n) for i, n, _ in progress] == [(i, 5) for i in range(5)]
     assert progress[-1][2] == result.loss

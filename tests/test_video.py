@@ -3,6 +3,7 @@
 import json
 import subprocess
 from fractions import Fraction
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+# Engine-level names (the stream's tests), in one place to re-point when the engine moves.
+from stylekit.engine import stream as stream_module
+from stylekit.engine.stream import FrameStream, SimilarityFilter, StreamOptions
 from stylekit.media.video import ffmpeg_exe, probe, read_frames
 from stylekit.runner import Events, Output
 
@@ -83,8 +87,6 @@ class Recorder(Events):
 
 
 def stream(stylizer, **options):
-    from stylekit.engine.stream import FrameStream, StreamOptions
-
     s = stylizer.settings
     opts = StreamOptions(steps=s.steps, strength=s.strength, seed=3, **options)
     return FrameStream(stylizer.model, stylizer.cond, stylizer.sampler, opts)
@@ -113,25 +115,85 @@ def pngs(folder):
 # --- the batch task ----------------------------------------------------------------------------
 
 
-def test_static_video_with_fixed_noise_gives_identical_frames(videos, settings, runtime, tmp_path):
-    from stylekit.tasks.video import stylize_video
+def static_frames(videos, settings, runtime, folder, **options) -> list[np.ndarray]:
+    """The 12 static frames stylised through `stylize_video` into PNGs under `folder`."""
+    from stylekit.api import stylize_video
 
-    for mode in ("noise", "none"):
-        report = stylize_video(
-            [str(videos["static"])],
-            settings=settings,
-            runtime=runtime,
-            output=Output(seed=7),
-            frames_out=tmp_path / mode,
-            consistency=mode,
-        )
-        assert report.exit_code() == 0 and len(report.done) == 1
-    fixed, fresh = pngs(tmp_path / "noise" / "static"), pngs(tmp_path / "none" / "static")
-    assert len(fixed) == len(fresh) == 12
-    assert fixed[0].shape == (50, 66, 3)  # padded to 72x56 for the VAE, cropped back
+    report = stylize_video(
+        [str(videos["static"])],
+        settings=settings,
+        runtime=runtime,
+        output=Output(seed=7),
+        frames_out=folder,
+        **options,
+    )
+    assert report.exit_code() == 0 and len(report.done) == 1
+    assert not list(folder.glob(".*"))  # no part folders left
+    frames = pngs(folder / "static")
+    assert len(frames) == 12 and frames[0].shape == (50, 66, 3)  # padded to 72x56, cropped back
+    return frames
+
+
+def max_mean(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    """Largest and mean absolute difference of two uint8 images, in grey levels."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return int(diff.max()), float(diff.mean())
+
+
+# Stream batch changes the UNet batch a frame's stage runs in (one row while the pipeline fills
+# and drains, two in between), and oneDNN picks its kernels and blocking by batch size: on an
+# Intel CPU with AMX this moved a few pixels of a 12-frame static clip by 1 grey level. The math
+# is the same, so batched results are compared with this tolerance; exact equality is asserted
+# only on the sequential path, where every frame runs the same computation in a batch of one.
+BATCH_ROUNDING = dict(max=2, mean=0.05)
+
+
+def within_batch_rounding(a: np.ndarray, b: np.ndarray) -> bool:
+    worst, mean = max_mean(a, b)
+    return worst <= BATCH_ROUNDING["max"] and mean <= BATCH_ROUNDING["mean"]
+
+
+def test_static_video_with_fixed_noise_gives_identical_frames(videos, settings, runtime, tmp_path):
+    sequential = dict(stream_batch=False)  # batch-invariant: bit-identical frames are expected
+    fixed = static_frames(videos, settings, runtime, tmp_path / "noise", **sequential)
+    fresh = static_frames(
+        videos, settings, runtime, tmp_path / "none", consistency="none", **sequential
+    )
     assert all(np.array_equal(frame, fixed[0]) for frame in fixed)
-    assert not all(np.array_equal(frame, fresh[0]) for frame in fresh[1:])
-    assert not list((tmp_path / "noise").glob(".*"))  # no part folders left
+    # fresh noise every frame flickers: measured 41-43 grey levels mean between frames
+    flicker = [max_mean(a, b)[1] for a, b in pairwise(fresh)]
+    assert min(flicker) > 10
+
+
+def test_static_video_in_stream_batch_stays_within_rounding(videos, settings, runtime, tmp_path):
+    batched = static_frames(
+        videos, settings, runtime, tmp_path / "batched", consistency="noise", stream_batch=True
+    )
+    sequential = static_frames(videos, settings, runtime, tmp_path / "seq", stream_batch=False)
+    assert all(within_batch_rounding(frame, sequential[0]) for frame in batched)
+
+
+def test_static_video_with_anchor_stays_identical(videos, settings, runtime, tmp_path):
+    """Sequential path, anchors at frames 0, 4, 8: frames of one role run the same computation
+    (an anchor attends to itself; every other frame also to the anchor's identical k/v) and are
+    bit-identical. Across roles the math is the same too (a duplicate of a frame's own keys
+    leaves its attention unchanged), but sums over twice the tokens may round differently: there
+    1 grey level is allowed (0 measured)."""
+    frames = static_frames(
+        videos,
+        settings,
+        runtime,
+        tmp_path / "anchor",
+        consistency="anchor",
+        anchor_every=4,
+        stream_batch=False,
+    )
+    anchors = [frames[i] for i in (0, 4, 8)]
+    readers = [f for i, f in enumerate(frames) if i % 4]
+    assert all(np.array_equal(f, anchors[0]) for f in anchors)
+    assert all(np.array_equal(f, readers[0]) for f in readers)
+    worst, mean = max_mean(anchors[0], readers[0])
+    assert worst <= 1 and mean <= 0.05  # a few pixels at most, not a shifted image
 
 
 def test_output_keeps_frame_count_size_exact_rate_and_audio(videos, settings, runtime, tmp_path):
@@ -178,14 +240,120 @@ def test_trim_and_every_keep_the_selection(videos, settings, runtime, tmp_path):
     assert out.audio_codec is not None
 
 
+PAN = 2  # px the panned clip's content moves left per frame
+
+
+@pytest.fixture(scope="module")
+def panned(tmp_path_factory):
+    """8 frames of 64x48 px: a smooth colour pattern panning left by PAN px per frame, lossless."""
+    root = tmp_path_factory.mktemp("pan")
+    yy, xx = np.mgrid[0:48, 0 : 64 + 8 * PAN]
+    waves = np.stack([np.sin(xx / 5), np.cos(yy / 4 + xx / 9), np.sin((xx + yy) / 7)], axis=-1)
+    pattern = (127 + 100 * waves).astype(np.uint8)  # (48, 80, 3)
+    for i in range(8):
+        Image.fromarray(pattern[:, PAN * i : PAN * i + 64]).save(root / f"f{i:03d}.png")
+    clip = root / "pan.mkv"
+    _ffmpeg(
+        *("-framerate", "10", "-i", str(root / "f%03d.png")),
+        *("-c:v", "libx264rgb", "-qp", "0", str(clip)),  # lossless RGB
+    )
+    decoded = list(read_frames(clip))
+    assert all(np.array_equal(f, pattern[:, PAN * i : PAN * i + 64]) for i, f in enumerate(decoded))
+    return clip
+
+
+def flicker(frames: list[np.ndarray]) -> tuple[int, float]:
+    """Largest and mean absolute difference between consecutive frames, in grey levels."""
+    pairs = [max_mean(a, b) for a, b in pairwise(frames)]
+    return max(p[0] for p in pairs), float(np.mean([p[1] for p in pairs]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_panned_clip_flickers_less_with_fixed_noise_and_anchor(
+    panned, settings, runtime, tmp_path, seed
+):
+    """Frame-to-frame change of a panned clip, sequential path: fresh noise per frame (none)
+    against fixed noise and anchor attention. Measured on the tiny random model (strength 0.5,
+    LCM 2 steps), seeds 0-3: mean none 41.1-42.9 grey levels, noise and anchor 0.60-0.86; max
+    none 213-255, noise and anchor 5-10. A tenth of none's mean, and a max of 40 (no region
+    may flicker while the rest holds still), leave wide margins either way. Random weights make
+    the output depend little on the input: the anchor's own gain over fixed noise (at most 1
+    grey level in a few pixels here) is not measurable, only that anchor mode keeps the fixed
+    noise's stability.
+    """
+    from stylekit.api import stylize_video
+
+    change = {}
+    for mode in ("none", "noise", "anchor"):
+        folder = tmp_path / mode
+        stylize_video(
+            [str(panned)],
+            settings=settings,
+            runtime=runtime,
+            output=Output(seed=seed),
+            frames_out=folder,
+            consistency=mode,
+            anchor_every=4,
+            stream_batch=False,
+        )
+        frames = pngs(folder / "pan")
+        assert len(frames) == 8 and frames[0].shape == (48, 64, 3)
+        change[mode] = flicker(frames)
+    for mode in ("noise", "anchor"):
+        worst, mean = change[mode]
+        assert mean < 0.1 * change["none"][1] and worst <= 40, (mode, change)
+    assert change["noise"][1] > 0  # the pan still shows through: the input is not ignored
+
+
+def video_cli(clip, model, out, *extra):
+    from stylekit import cli
+
+    args = [str(clip), "--model", str(model), "--accelerator", "none", "--scheduler", "lcm"]
+    args += ["--steps", "2", "--strength", "0.5", "--cfg", "1", "--device", "cpu"]
+    args += ["--dtype", "fp32", "--seed", "1", "--json", "-q", "--frames-out", str(out)]
+    result = CliRunner().invoke(cli.app, ["video", *args, *map(str, extra)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["status"] for r in records] == ["done"]
+    return records[0], pngs(out / clip.stem)
+
+
+@pytest.mark.parametrize("style_mode", ["ad", "ipadapter"])
+def test_styled_video_through_the_cli_in_stream_batch(
+    videos, sd15_path, sd15_ip_adapter, tmp_path, style_mode
+):
+    """`--style ref --style-mode ad|ipadapter` on the stream-batch path writes every frame, and
+    the style changes them (against the same run with --style-mode none)."""
+    ref = tmp_path / "ref.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(ref)
+    style = ["--style", ref, "--style-mode", style_mode, "--ad-iters", "1"]
+    if style_mode == "ipadapter":
+        style += ["--ip-adapter", sd15_ip_adapter]
+    clip, batch = videos["moving"], ["--stream-batch", "--max-frames", "4"]
+    record, styled = video_cli(clip, sd15_path, tmp_path / "styled", *batch, *style)
+    _, plain = video_cli(clip, sd15_path, tmp_path / "plain", *batch, "--style-mode", "none")
+    assert len(styled) == len(plain) == 4 and styled[0].shape == (49, 65, 3)
+    meta = record["settings"]
+    assert meta["stream_batch"] is True and meta["unet_calls"] == 4 + 1  # 2 stages in 1 batch
+    assert meta["style_mode"] == style_mode and meta["style"] == ["ref.png"]
+    # the style shows on every frame, over much of it (not a few stray pixels)
+    for a, b in zip(styled, plain, strict=True):
+        changed = np.abs(a.astype(int) - b.astype(int)).max(axis=-1) > 2
+        assert changed.mean() > 0.2
+
+
 # --- the engine --------------------------------------------------------------------------------
 
 
 def test_first_frame_matches_the_still_image_path(stylizer):
     frame = np.asarray(Image.effect_mandelbrot((64, 48), (-2, -1.2, 1, 1.2), 60).convert("RGB"))
-    outs, _ = run_stream(stylizer, [frame, frame[::-1].copy()])
+    frames = [frame, frame[::-1].copy()]
     still = np.asarray(stylizer.img2img([Image.fromarray(frame)], [3])[0])
-    assert np.array_equal(outs[0], still)
+    sequential, _ = run_stream(stylizer, frames, stream_batch=False)
+    assert np.array_equal(sequential[0], still)  # both a batch of one: the same computation
+    batched, _ = run_stream(stylizer, frames, stream_batch=True)
+    assert within_batch_rounding(batched[0], still)  # its second stage shares a 2-row batch
 
 
 def test_similarity_filter_skips_static_frames_and_max_skip_forces_one(stylizer, videos):
@@ -204,8 +372,6 @@ def test_similarity_filter_skips_static_frames_and_max_skip_forces_one(stylizer,
 
 
 def test_similarity_filter_probability():
-    from stylekit.engine.stream import SimilarityFilter
-
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     never = SimilarityFilter(0.98, 10, seed=0)
@@ -226,22 +392,23 @@ def test_stream_batch_equals_sequential(stylizer, moving_frames):
         handle.remove()
     assert len(calls) == stats.unet_calls == 10 + 1  # one call per frame, plus one to drain
     assert max(calls) == 2  # both stages in one UNet batch
-    diff = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(seq, batched, strict=True))
-    assert diff <= 1  # batched matmuls may round differently; the math is the same
-    anchor_seq, _ = run_stream(stylizer, moving_frames, consistency="anchor", anchor_every=4)
-    anchor_batch, _ = run_stream(
-        stylizer, moving_frames, consistency="anchor", anchor_every=4, stream_batch=True
-    )
+    assert all(within_batch_rounding(a, b) for a, b in zip(seq, batched, strict=True))
+    anchor = dict(consistency="anchor", anchor_every=4)
+    anchor_seq, _ = run_stream(stylizer, moving_frames, stream_batch=False, **anchor)
+    anchor_batch, _ = run_stream(stylizer, moving_frames, stream_batch=True, **anchor)
     pairs = zip(anchor_seq, anchor_batch, strict=True)
-    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in pairs) <= 1
+    assert all(within_batch_rounding(a, b) for a, b in pairs)
 
 
 def test_anchor_mode_runs_and_differs_from_noise_mode(stylizer, moving_frames):
     processors = dict(stylizer.model.unet.attn_processors)
-    noise, _ = run_stream(stylizer, moving_frames)
-    anchor, stats = run_stream(stylizer, moving_frames, consistency="anchor", anchor_every=5)
+    sequential = dict(stream_batch=False)  # frame 0 runs in a batch of one in both modes
+    noise, _ = run_stream(stylizer, moving_frames, **sequential)
+    anchor, stats = run_stream(
+        stylizer, moving_frames, consistency="anchor", anchor_every=5, **sequential
+    )
     assert stats.anchors == 2  # frames 0 and 5
-    assert np.abs(noise[0].astype(int) - anchor[0]).max() <= 1  # the anchor reads nothing
+    assert np.array_equal(noise[0], anchor[0])  # the anchor reads nothing: the same computation
     assert any(not np.array_equal(a, b) for a, b in zip(noise[1:], anchor[1:], strict=True))
     assert {k: type(v) for k, v in stylizer.model.unet.attn_processors.items()} == {
         k: type(v) for k, v in processors.items()
@@ -265,7 +432,6 @@ def test_stream_pulls_frames_lazily(stylizer, moving_frames, batched):
 
 
 def test_bad_options_are_usage_errors():
-    from stylekit.engine.stream import StreamOptions
     from stylekit.errors import UsageError
 
     for bad in (
@@ -314,7 +480,6 @@ def test_broken_input_is_reported_and_the_batch_goes_on(videos, sd15_path, tmp_p
 def test_ctrl_c_mid_video_leaves_no_output(
     videos, settings, runtime, tmp_path, monkeypatch, frames_out
 ):
-    from stylekit.engine import stream as stream_module
     from stylekit.tasks.video import stylize_video
 
     decode, count = stream_module.decode, []
