@@ -761,3 +761,20 @@ def test_model_and_conditioning_once_per_batch(tmp_path, sd15_path, sd15_ip_adap
     assert three["text_encoder"] == one["text_encoder"]
     assert three["image_encoder"] == one["image_encoder"]
     assert three["unet"] > one["unet"]  # the hooks see the work that does scale with images
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_an_output_never_replaces_a_style_reference(tmp_path, sd15_path, overwrite):
+    """`-o ref.png` naming the --style file is a usage error, not a skip nor a replaced file."""
+    content, ref = tmp_path / "content.png", tmp_path / "ref.png"
+    Image.new("RGB", (64, 64), "red").save(content)
+    Image.new("RGB", (64, 64), "blue").save(ref)
+    before = ref.read_bytes()
+    result = CliRunner().invoke(
+        app,
+        ["stylize", str(content), "--style", str(ref), "-o", str(ref), "--model", str(sd15_path),
+         "--device", "cpu", *overwrite],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "would overwrite --style" in result.output
+    assert ref.read_bytes() == before

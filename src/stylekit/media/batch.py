@@ -208,6 +208,17 @@ def refuse_overwriting_inputs(jobs: list[Job]) -> None:
         )
 
 
+def refuse_overwriting_files(jobs: list[Job], files: Iterable[str | Path], flag: str) -> None:
+    """Raise a UsageError if any output would replace one of `files` (the run's `flag` files,
+    e.g. style references or masks), which would destroy what the run reads."""
+    ids = {fid: Path(f) for f in files if (fid := _file_id(Path(f)))}
+    for job in jobs:
+        if (fid := _file_id(job.output)) in ids:
+            raise UsageError(
+                f"output {job.output} would overwrite {flag} {ids[fid]}; choose another -o or a --suffix"
+            )
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     """Return (device, inode) of an existing file, so hard links and case variants compare equal."""
     try:

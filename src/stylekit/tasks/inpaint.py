@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from stylekit.engine import inpaint as engine
 from stylekit.errors import InputError, UsageError
-from stylekit.media.batch import BatchReport, Job, collect_inputs
+from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwriting_files
 from stylekit.media.images import load_image, open_rgb
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
@@ -119,6 +119,8 @@ def inpaint(
     ]
     if not jobs:
         raise UsageError("every input is one of the masks; put the masks in another folder")
+    refuse_overwriting_files(jobs, style, "--style")
+    refuse_overwriting_files(jobs, mask_files, "--mask")
     events = events or Events()
     run = LazySession(
         settings, style, runtime=runtime, seed=output.seed, events=events, check=refuse_ad_on_9ch

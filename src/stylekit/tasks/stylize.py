@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from stylekit.errors import UsageError
-from stylekit.media.batch import BatchReport, Job
+from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
 from stylekit.media.images import load_image
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_batched
@@ -42,6 +42,7 @@ def stylize(
     settings = resolve_settings(settings, preset, overrides)
     output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
+    refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
     run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
 

@@ -17,6 +17,7 @@ from stylekit.media.batch import (
     BatchReport,
     Job,
     output_format,
+    refuse_overwriting_files,
 )
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, run_jobs
@@ -66,6 +67,7 @@ def t2i_styled(
     settings = resolve_settings(settings, preset, {**overrides, "prompt": prompt})
     output = with_seed(output or Output())
     jobs = plan_generated(count, prompt, output)
+    refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
     run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
 

@@ -39,6 +39,7 @@ from stylekit.media.batch import (
     BatchReport,
     Job,
     collect_inputs,
+    refuse_overwriting_files,
     refuse_overwriting_inputs,
     unique_outputs,
 )
@@ -308,6 +309,7 @@ def stylize_video(
         stream_batch=stream_batch,
     ).check()
     jobs = plan_videos(inputs, output, frames_out)
+    refuse_overwriting_files(jobs, style, "--style")
     check_encoding(jobs, clip, frames_out)
     run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
 
