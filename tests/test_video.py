@@ -415,6 +415,22 @@ def test_anchor_mode_runs_and_differs_from_noise_mode(stylizer, moving_frames):
     }  # processors restored
 
 
+def test_anchor_keeps_only_the_k_and_v_that_later_frames_read(stylizer, moving_frames):
+    fs = stream(stylizer, consistency="anchor", anchor_every=0, stream_batch=False)
+    outs = list(fs.run(moving_frames[:3]))
+    assert len(outs) == 3 and fs.stats.anchors == 1
+    stages = fs._anchor.stages
+    assert len(stages) == len(fs.ts) and all(stage is not None for stage in stages)
+    for stage in stages:
+        assert set(stage) == set(fs._layers)  # the recorded layers, nothing else
+        for pair in stage.values():
+            assert isinstance(pair, tuple) and len(pair) == 2  # (k, v): no q, no attention output
+            k, v = pair
+            assert k.ndim == v.ndim == 4 and k.shape == v.shape  # (R, heads, N, d)
+            for x in pair:  # each owns only its own projection's memory, not a q/out buffer
+                assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_stream_pulls_frames_lazily(stylizer, moving_frames, batched):
     pulled = []

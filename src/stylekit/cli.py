@@ -83,6 +83,14 @@ TinyVaeModel = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+Vae = Annotated[
+    str | None,
+    typer.Option(
+        "--vae",
+        help="Full VAE replacing the model's: hub id, folder or .safetensors (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).",
+        rich_help_panel=MODEL,
+    ),
+]
 IpAdapter = Annotated[
     str | None,
     typer.Option(
@@ -220,7 +228,7 @@ AdCheckpointing = Annotated[
     bool | None,
     typer.Option(
         "--ad-checkpointing/--no-ad-checkpointing",
-        help="Gradient checkpointing during AD refinement: less memory, slower.",
+        help="Gradient checkpointing during AD refinement: less memory, slower (default: only when AD would not fit in free memory).",
         rich_help_panel=STYLE,
     ),
 ]
@@ -553,6 +561,7 @@ def stylize(
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
     ip_adapter: IpAdapter = None,
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
@@ -620,6 +629,7 @@ def t2i_styled(
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
     ip_adapter: IpAdapter = None,
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
@@ -684,6 +694,7 @@ def inpaint(
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
     ip_adapter: IpAdapter = None,
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
@@ -764,6 +775,7 @@ def video(
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
     ip_adapter: IpAdapter = None,
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
@@ -846,6 +858,7 @@ def texture_expand(
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
     scheduler: Scheduler = None,
     steps: Steps = None,
     cfg: Cfg = None,
@@ -916,6 +929,7 @@ def texture(
     accelerator: Accelerator = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
     scheduler: Scheduler = None,
     steps: Steps = None,
     cfg: Cfg = None,

@@ -38,11 +38,14 @@ class Settings:
     image_encoder: str | None = None
     tiny_vae: bool = False
     tiny_vae_model: str | None = None  # hub id or folder of the tiny VAE (default: TAESD / TAESDXL)
+    vae: str | None = None  # full VAE replacing the model's, e.g. madebyollin/sdxl-vae-fp16-fix
     ad_iters: int = 3  # AD refinement iterations per step (upstream SD1.5 default)
     ad_lr: float = 0.015  # AD refinement Adam learning rate (upstream default)
     ad_adain: bool = True
     content_weight: float | None = None  # AD content loss; default 0 when sampling, 0.25 optimising
-    ad_checkpointing: bool = False  # gradient checkpointing in AD refinement (less memory, slower)
+    # gradient checkpointing in AD refinement (less memory, slower); None: on, with one image per
+    # refinement, only where the estimate exceeds free device memory (ad.memory_plan)
+    ad_checkpointing: bool | None = None
     mode: str = "sample"  # sample: few-step sampling; optimize: AD's optimisation-based transfer
     opt_steps: int = 200  # optimisation timesteps (AD release: 200 style transfer, 300 texture)
     opt_lr: float = 0.05  # the AD release's optimisation learning rate

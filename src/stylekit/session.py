@@ -27,7 +27,7 @@ from stylekit import __version__
 from stylekit.engine import ad, conditioning, models, sampling
 from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
-from stylekit.engine.latents import decode, to_pil
+from stylekit.engine.latents import decode, to_pil, upcast_needed
 from stylekit.engine.sampling import AfterStep
 from stylekit.errors import UsageError
 from stylekit.media.images import load_image
@@ -111,6 +111,7 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> mod
         accelerator=settings.accelerator,
         strength=settings.strength,
         tiny_vae=tiny_vae(settings) or False,
+        vae=settings.vae,
         ip_adapter=settings.ip_adapter if ip_adapter else None,
         image_encoder=settings.image_encoder,
         device=runtime.device,
@@ -129,6 +130,17 @@ def tiny_vae(settings: Settings) -> str | bool | None:
     if settings.tiny_vae_model:
         return settings.tiny_vae_model
     return True if settings.tiny_vae else None
+
+
+def vae_notice(model: models.LoadedModel) -> str | None:
+    """One line when the model's own SDXL VAE must run in fp32 under fp16, naming the fix.
+
+    The fp16-fix VAE is not loaded unasked: it is another download (a surprise offline) and a
+    different VAE (outputs change slightly); the fp32 upcast is correct, only slower."""
+    if not upcast_needed(model):
+        return None
+    fix = f" (--vae {models.SDXL_FP16_VAE} runs in fp16)" if model.family == "sdxl" else ""
+    return f"the VAE overflows in fp16, so it encodes and decodes in fp32{fix}"
 
 
 def ad_options(settings: Settings) -> ad.ADOptions:
@@ -336,6 +348,7 @@ class Session:
             "ad_adain": s.ad_adain if ad_on and sample else None,
             "content_weight": self.references.options.content_weight if ad_on else None,
             "tiny_vae": tiny_vae(s),
+            "vae": s.vae,
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
             "stylekit": __version__,
@@ -377,6 +390,9 @@ class LazySession:
         )
         if self.check is not None:
             self.check(session)
+        notice = vae_notice(session.model)
+        if notice:
+            self.events.warning(notice)
         self.session = session
 
     def __call__(self) -> Session:

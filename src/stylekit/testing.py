@@ -141,7 +141,27 @@ def _sd15_unet_config(size: str, in_channels: int) -> dict:
     }
 
 
-def _sdxl_unet_config() -> dict:
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, where it differs from the defaults
+_SDXL_FULL_UNET = {
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2048,  # CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280) concatenated
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + pooled bigG 1280
+}
+
+
+def _sdxl_unet_config(size: str = "tiny") -> dict:
+    if size == "full":
+        return dict(_SDXL_FULL_UNET)
     # (Down, CrossAttnDown) / (CrossAttnUp, Up) with 2 layers, like SDXL's last levels: up block 0
     # has 3 attentions, so InstantStyle's style layer `up_blocks.0.attentions.1` exists.
     return {
@@ -160,9 +180,9 @@ def _sdxl_unet_config() -> dict:
     }
 
 
-def _vae_config(size: str, scaling_factor: float) -> dict:
+def _vae_config(size: str, scaling_factor: float, **extra) -> dict:
     channels = (128, 256, 512, 512) if size == "full" else (32, 32, 32, 32)
-    return {
+    return extra | {
         "block_out_channels": channels,  # four levels: scale factor 8 like SD
         "down_block_types": ("DownEncoderBlock2D",) * 4,
         "up_block_types": ("UpDecoderBlock2D",) * 4,
@@ -173,18 +193,25 @@ def _vae_config(size: str, scaling_factor: float) -> dict:
     }
 
 
+_CLIP_TEXT_DIMS = {  # hidden size, MLP size, layers, heads, activation
+    "tiny": (32, 64, 2, 4, "quick_gelu"),
+    "full": (768, 3072, 12, 12, "quick_gelu"),  # CLIP ViT-L/14: SD1.5's and SDXL's first
+    "bigG": (1280, 5120, 32, 20, "gelu"),  # OpenCLIP ViT-bigG/14: SDXL's second text encoder
+}
+
+
 def _clip_text_config(size: str, vocab_size: int, **extra):
     from transformers import CLIPTextConfig
 
-    dims = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
-    if size == "tiny":
-        dims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    hidden, mlp, layers, heads, act = _CLIP_TEXT_DIMS[size]
     return CLIPTextConfig(
-        **dims,
-        num_attention_heads=12 if size == "full" else 4,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         vocab_size=vocab_size,
         max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        hidden_act="quick_gelu",
+        hidden_act=act,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
@@ -244,23 +271,45 @@ def build_sd15(
     return path
 
 
-def build_sdxl(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a tiny SDXL-layout pipeline folder (two text encoders) and return its path."""
+def build_sdxl(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    size: Literal["tiny", "full"] = "tiny",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write an SDXL-layout pipeline folder (two text encoders) and return its path.
+
+    `size="tiny"` builds in about a second; `size="full"` is the real SDXL base architecture
+    (2.6 G UNet parameters, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, VAE) for benchmarks:
+    its UNet and VAE are filled in `dtype` directly (`random_unet`), so fp16 needs ~7 GB of RAM and
+    disk, never an fp32 copy of the UNet.
+    """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
     path = Path(path)
     tokenizer = _load_tokenizer(path / "tokenizer")
     tokenizer_2 = _load_tokenizer(path / "tokenizer_2", pad_token="!")  # as SDXL's
     vocab_size = len(tokenizer)
+    vae_config = _vae_config(size, scaling_factor=0.13025, force_upcast=True)
+    big, proj = ("bigG", 1280) if size == "full" else ("tiny", 32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**_sdxl_unet_config())
-        vae = AutoencoderKL(**_vae_config("tiny", scaling_factor=0.13025))
-        text_encoder = CLIPTextModel(_clip_text_config("tiny", vocab_size))
+        if size == "full":
+            unet = random_unet("sdxl", size="full", dtype=dtype, seed=seed)
+            vae = _materialize(_on_meta(AutoencoderKL, vae_config), dtype, "cpu", seed + 1)
+        else:
+            unet = UNet2DConditionModel(**_sdxl_unet_config())
+            vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(_clip_text_config(size, vocab_size))
         text_encoder_2 = CLIPTextModelWithProjection(
-            _clip_text_config("tiny", vocab_size, projection_dim=32)
+            _clip_text_config(big, vocab_size, projection_dim=proj)
         )
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.to(dtype)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -275,6 +324,54 @@ def build_sdxl(path: str | Path, *, seed: int = 0) -> Path:
     )
     _save_pipeline(pipe, path, _SDXL_SCHEDULER)
     return path
+
+
+def random_unet(
+    family: Literal["sd15", "sdxl"],
+    *,
+    size: Literal["tiny", "full"] = "full",
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """A `UNet2DConditionModel` of the family's architecture with random weights, in memory.
+
+    Built on the meta device and filled in `dtype` on `device` (`_materialize`): a full SDXL UNet
+    in bf16 takes its 5 GB and never an fp32 copy. For benchmarks that need only the UNet.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"family must be 'sd15' or 'sdxl', got {family!r}")
+    config = _sd15_unet_config(size, 4) if family == "sd15" else _sdxl_unet_config(size)
+    return _materialize(_on_meta(UNet2DConditionModel, config), dtype, device, seed)
+
+
+def _on_meta(cls, config: dict):
+    """The model built on the meta device: its layers and shapes, no memory."""
+    with torch.device("meta"):
+        return cls(**config)
+
+
+@torch.no_grad()
+def _materialize(model, dtype: torch.dtype, device, seed: int):
+    """Give a meta-device model random weights in `dtype`: PyTorch's default scale for linear and
+    convolution weights (uniform ±1/√fan_in), zero biases, unit norm weights.
+
+    Only for models without buffers (diffusers' UNet and VAE have none)."""
+    if any(True for _ in model.buffers()):
+        raise ValueError(f"{type(model).__name__} has buffers; _materialize would leave them empty")
+    model.to(dtype=dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.ndim >= 2:
+            bound = param[0].numel() ** -0.5  # fan_in: inputs (x kernel size) of one output
+            param.uniform_(-bound, bound, generator=generator)
+        elif name.endswith("weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    return model
 
 
 def build_tiny_vae(path: str | Path, *, seed: int = 0) -> Path:

@@ -26,7 +26,7 @@ from PIL import Image
 from stylekit.engine import conditioning
 from stylekit.engine.ad_loss import LabelMaps, ad_loss, content_loss
 from stylekit.engine.attention import Features, FeatureStore, record_attention, select_layers
-from stylekit.engine.latents import to_tensor
+from stylekit.engine.latents import encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import AfterStep, add_noise
 from stylekit.engine.tiling import View, map_windows
@@ -161,10 +161,14 @@ def _step(
     cond: UNetInputs,
     objective: Callable[[Features], torch.Tensor],
 ) -> float:
-    """One Adam step on latent `z` against `objective` of its features at `t`; return the loss."""
+    """One Adam step on latent `z` against `objective` of its features at `t`; return the loss.
+
+    The losses are means over the batch too: scaled by the rows, each row's gradient is what it
+    would be alone, so a row's result does not depend on the rows refined with it (Adam's eps
+    would otherwise see a gradient 1/B as large)."""
     loss = objective(_features(unet, store, z, t, cond))
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * z.shape[0]).backward()
     store.clear()  # a checkpointed backward records again
     opt.step()
     return loss.item()
@@ -305,7 +309,7 @@ class ADOptions:
     lr: float = 0.015
     adain: bool = True
     content_weight: float = 0.0
-    checkpointing: bool = False
+    checkpointing: bool | None = None  # None: decided by `memory_plan` from free device memory
     layers: int | Sequence[str] | None = None  # default: the last 6 self-attention layers
 
 
@@ -324,20 +328,125 @@ class References:
 
 @dataclass
 class FeatureCache:
-    """Reference features per timestep: noised (guided sampling) and clean (optimisation)."""
+    """Reference features per timestep: noised (guided sampling) and clean (optimisation); and
+    the run's memory plan per latent shape, decided once so every batch of a shape runs alike."""
 
     noised: dict[int, list[Features]] = field(default_factory=dict)
     clean: dict[int, list[Features]] = field(default_factory=dict)
     passes: int = 0  # reference feature passes actually run
+    plans: dict[tuple[int, ...], MemoryPlan] = field(default_factory=dict)
 
 
-@torch.no_grad()
+# --- memory ------------------------------------------------------------------------------------
+
+# Bytes one AD refinement step (forward + backward of the whole UNet, the last 6 self-attention
+# layers recorded) holds beyond the loaded model, per latent token of one image, in a 2-byte dtype:
+# (checkpointing off, on). Measured on CPU in bf16 with the full-size architectures and random
+# weights at 512² and 768² (benchmarks/bench_ad_memory.py, table in benchmarks/README.md); the
+# largest of the measured sizes, so an estimate errs on the large side.
+AD_BYTES_PER_TOKEN = {"sd15": (400_000, 100_000), "sdxl": (1_000_000, 250_000)}  # PROVISIONAL
+MEMORY_HEADROOM = 0.8  # plan within this share of free memory: allocator slack, sampler tensors
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How AD refines a batch: rows per refinement, checkpointing, and the bytes that needs."""
+
+    checkpointing: bool
+    micro_batch: int
+    estimate: int
+
+
+def ad_memory_estimate(
+    family: str, tokens: int, *, rows: int, checkpointing: bool, dtype_bytes: int = 2
+) -> int:
+    """Bytes an AD refinement of `rows` latents of `tokens` (h·w) each needs over the model.
+
+    An unknown family gets SDXL's figures (the larger)."""
+    per_token = AD_BYTES_PER_TOKEN.get(family, AD_BYTES_PER_TOKEN["sdxl"])[checkpointing]
+    return int(per_token * tokens * rows * dtype_bytes / 2)
+
+
+def memory_plan(
+    free: int | None,
+    family: str,
+    tokens: int,
+    rows: int,
+    *,
+    dtype_bytes: int = 2,
+    checkpointing: bool | None = None,
+) -> MemoryPlan:
+    """The cheapest way to refine `rows` latents that fits `free` bytes (with headroom).
+
+    Tried in order, the first whose estimate fits: all rows at once without checkpointing, one
+    row at a time without (a little slower on a GPU), all rows with checkpointing (one more
+    forward per step), one row at a time with it (the last also when nothing fits).
+    `checkpointing` True/False keeps only the plans with it on/off; `free` None (unknown) takes
+    the first plan."""
+    ladder = [(False, rows), (False, 1), (True, rows), (True, 1)]
+    if checkpointing is not None:
+        ladder = [plan for plan in ladder if plan[0] == checkpointing]
+    plans = [
+        MemoryPlan(
+            ck,
+            batch,
+            ad_memory_estimate(
+                family, tokens, rows=batch, checkpointing=ck, dtype_bytes=dtype_bytes
+            ),
+        )
+        for ck, batch in dict.fromkeys(ladder)
+    ]
+    budget = None if free is None else free * MEMORY_HEADROOM
+    return next((p for p in plans if budget is None or p.estimate <= budget), plans[-1])
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`, or None where that cannot be told.
+
+    CUDA: the driver's free memory plus what PyTorch's allocator holds unused; CPU: MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        return mem_available()
+    return None
+
+
+def plan_for(
+    model: LoadedModel, refs: References, cache: FeatureCache, z: torch.Tensor
+) -> MemoryPlan:
+    """The run's memory plan for latents shaped like `z` (B, C, h, w), decided on first use."""
+    key = tuple(z.shape)
+    if key not in cache.plans:
+        cache.plans[key] = memory_plan(
+            free_memory(model.device),
+            model.family,
+            z.shape[-2] * z.shape[-1],
+            z.shape[0],
+            dtype_bytes=model.unet.dtype.itemsize,
+            checkpointing=refs.options.checkpointing,
+        )
+    return cache.plans[key]
+
+
 def clean_latent(model: LoadedModel, image: Image.Image) -> torch.Tensor:
-    """The posterior mean of an image, scaled: the reference/content latent AD works with."""
-    vae = model.vae
-    out = vae.encode(to_tensor(image).to(model.device, vae.dtype))
-    z = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
-    return (z * vae.config.scaling_factor).to(model.dtype)
+    """The posterior mean of an image, scaled: the reference/content latent AD works with.
+
+    Encoded like every other image (`encode_pixels`: fp32 for an SDXL VAE in fp16), only the
+    posterior's mean instead of a sample."""
+    return encode_pixels(model, to_tensor(image), sample=False)
 
 
 def make_references(
@@ -418,8 +527,33 @@ def refine_at(
         z = adain_to(refs, z, t, ac)
     if o.iters == 0:
         return z
+    plan = plan_for(model, refs, cache, z)
+    if content is None or not o.content_weight:
+        content = None
+    rows = z.split(plan.micro_batch)
+    contents = content.split(plan.micro_batch) if content is not None else [None] * len(rows)
+    refined = [
+        _refine_rows(model, refs, cache, zi, t, ac, ci, checkpointing=plan.checkpointing)
+        for zi, ci in zip(rows, contents, strict=True)
+    ]
+    return torch.cat(refined)
+
+
+def _refine_rows(
+    model: LoadedModel,
+    refs: References,
+    cache: FeatureCache,
+    z: torch.Tensor,
+    t: int,
+    ac: torch.Tensor,
+    content: torch.Tensor | None,
+    *,
+    checkpointing: bool,
+) -> torch.Tensor:
+    """`refine` rows of z against the noised references (and their content latents when given)."""
+    o = refs.options
     content_feats = None
-    if content is not None and o.content_weight:
+    if content is not None:
         inputs = unet_inputs(model, refs, content)
         content_feats = reference_features(model.unet, content, t, inputs, refs.layers)
     return refine(
@@ -434,7 +568,7 @@ def refine_at(
         content_feats=content_feats,
         content_weight=o.content_weight,
         masks=refs.masks,
-        checkpointing=o.checkpointing,
+        checkpointing=checkpointing,
     ).x
 
 
@@ -524,7 +658,7 @@ def optimize_transfer(
         lr=lr,
         layers=refs.layers,
         masks=refs.masks,
-        checkpointing=refs.options.checkpointing,
+        checkpointing=plan_for(model, refs, cache, start).checkpointing,
         callback=None if callback is None else (lambda i, n, loss: callback(i + 1, n)),
         ref_cache=cache.clean,
     )

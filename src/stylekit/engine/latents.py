@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 import torch
 from PIL import Image
@@ -28,29 +31,65 @@ def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Te
     )
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype an enclosing `torch.autocast` on this device computes in, or None."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 takes no device argument
+        return None
+    return None
+
+
 def upcast_needed(model: LoadedModel) -> bool:
-    """SDXL's VAE overflows in fp16: diffusers runs it in fp32 when its config says force_upcast."""
+    """SDXL's VAE overflows in fp16: diffusers runs it in fp32 when its config says force_upcast.
+
+    fp16 here is the VAE's own dtype or an enclosing fp16 autocast (which would compute its
+    convolutions in fp16 whatever its weights)."""
     vae = model.vae
-    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+    if not getattr(vae.config, "force_upcast", False):
+        return False
+    return torch.float16 in (vae.dtype, autocast_dtype(model.device))
+
+
+@contextmanager
+def vae_dtype(model: LoadedModel, dtype: torch.dtype) -> Iterator[None]:
+    """Run the VAE in `dtype` for the block, then put it back in its own dtype, even on error.
+
+    In fp32 an enclosing autocast is switched off too, so fp32 means fp32."""
+    vae = model.vae
+    old = vae.dtype
+    if dtype != old:
+        vae.to(dtype)
+    no_autocast = dtype == torch.float32 and autocast_dtype(model.device) is not None
+    try:
+        with torch.autocast(model.device.type, enabled=False) if no_autocast else nullcontext():
+            yield
+    finally:
+        if dtype != old:
+            vae.to(old)
 
 
 @torch.no_grad()
-def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tensor:
+def encode_pixels(
+    model: LoadedModel, x: torch.Tensor, generator=None, *, sample: bool = True
+) -> torch.Tensor:
     """(B, 3, H, W) pixels in [−1, 1] → scaled latents; a KL VAE samples its posterior.
 
+    The one encode path: images, masked images, video frames and AD's references and content
+    all go through it, with the same fp32 upcast for a `force_upcast` VAE in fp16.
+    `sample=False` takes a KL VAE's posterior mean instead (AD's clean latents; no generator).
     `generator` is one generator or one per row (each row then draws exactly as it would alone).
     Rows are encoded one at a time: unlike the UNet, the VAE gets no faster per image in a batch
     (SD1.5 at 256 px, 2 CPU threads: 0.41 s alone, 0.49 s per image in a batch of 4).
     """
     vae = model.vae
-    upcast = upcast_needed(model)
-    if upcast:
-        vae.to(torch.float32)
-    x = x.to(device=model.device, dtype=vae.dtype)
+    dtype = torch.float32 if upcast_needed(model) else vae.dtype
     gens = generator if isinstance(generator, list) else [generator] * x.shape[0]
-    z = torch.cat([posterior_sample(vae, x[i : i + 1], g) for i, g in enumerate(gens)])
-    if upcast:
-        vae.to(model.dtype)
+    with vae_dtype(model, dtype):
+        x = x.to(device=model.device, dtype=dtype)
+        rows = [posterior(vae, x[i : i + 1], g, sample=sample) for i, g in enumerate(gens)]
+        z = torch.cat(rows)
     z = z.to(model.dtype)
     mean, std = latent_stats(vae, z)
     if mean is not None:
@@ -58,10 +97,12 @@ def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tenso
     return vae.config.scaling_factor * z
 
 
-def posterior_sample(vae, x: torch.Tensor, generator) -> torch.Tensor:
-    """Encode one image: a KL VAE's posterior sample (one draw), or a tiny VAE's latents."""
+def posterior(vae, x: torch.Tensor, generator, *, sample: bool = True) -> torch.Tensor:
+    """Encode one image: a KL VAE's posterior sample (one draw) or mean, or a tiny VAE's latents."""
     out = vae.encode(x)
-    return out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
+    if not hasattr(out, "latent_dist"):
+        return out.latents
+    return out.latent_dist.sample(generator) if sample else out.latent_dist.mean
 
 
 def encode(model: LoadedModel, images, generator) -> torch.Tensor:
@@ -80,15 +121,9 @@ def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.nd
         if mean is not None
         else z / vae.config.scaling_factor
     )
-    old = vae.dtype
-    if dtype != old:
-        vae.to(dtype)
-    try:  # one row at a time: batching does not make the VAE faster per image (see encode_pixels)
+    with vae_dtype(model, dtype):  # one row at a time: no faster per image in a batch
         z = z.to(dtype)
         x = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
-    finally:
-        if dtype != old:
-            vae.to(old)
     x = x / 2 + 0.5
     x = torch.where(x.isfinite(), x.clamp(0, 1), x)  # clamping would hide ±inf from `degenerate`
     return x.float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)

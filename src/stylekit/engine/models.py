@@ -1,4 +1,4 @@
-"""The only place that loads weights: base models, LoRAs, the few-step accelerator, tiny VAE, IP-Adapter.
+"""The only place that loads weights: base models, LoRAs, the few-step accelerator, VAEs, IP-Adapter.
 
 `--model` is a hub id, a local diffusers folder or a single `.safetensors` checkpoint (a pickled
 `.ckpt` with `--allow-pickle`). The family (SD 1.x/2.x vs SDXL) is read from the model itself;
@@ -29,6 +29,9 @@ LCM_LORA = {
     "sdxl": "latent-consistency/lcm-lora-sdxl",
 }
 TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+# SDXL's VAE finetuned to keep its activations within fp16 (same latents, scaling 0.13025): the
+# usual cure for SDXL's fp16 NaNs. Loaded only when asked (`--vae`), never by default.
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 IP_ADAPTER = {  # (repo, subfolder, weight file, image encoder folder relative to the repo root)
     "sd15": ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors", "models/image_encoder"),
     # STD's release: the ViT-H SDXL adapter, which needs the ViT-H encoder, not sdxl_models/image_encoder
@@ -70,6 +73,9 @@ class ModelSpec:
     accelerator: str = "auto"  # auto | none | a LoRA spec
     strength: float = 0.75  # picks the STD LoRA whose η matches
     tiny_vae: bool | str = False  # True: the family's TAESD from the hub; str: a path or hub id
+    vae: str | None = (
+        None  # a full AutoencoderKL (folder, hub id or .safetensors) replacing the VAE
+    )
     ip_adapter: str | None = None  # None: no style adapter; "auto": the family's default
     image_encoder: str | None = None
     device: str = "auto"
@@ -339,6 +345,32 @@ def fuse_loras(pipe, loras: list[tuple[str, float]]) -> None:
     pipe.unload_lora_weights()
 
 
+def load_vae(pipe, source: str, dtype: torch.dtype, *, allow_pickle: bool) -> None:
+    """Replace the pipeline's VAE with an `AutoencoderKL` (e.g. SDXL_FP16_VAE) of the same latents.
+
+    `source` is a hub id (`owner/repo` or `owner/repo/subfolder`), a folder with the VAE's
+    config.json (or a pipeline folder with `vae/`), or a single-file `.safetensors` VAE."""
+    from diffusers import AutoencoderKL
+
+    check_source(source, what="VAE", allow_pickle=allow_pickle)
+    path = Path(source).expanduser()
+    with hub_errors("VAE", source):
+        if path.is_file():
+            vae = AutoencoderKL.from_single_file(str(path), dtype=dtype)
+        elif path.is_dir():
+            sub = "vae" if not (path / "config.json").exists() and (path / "vae").is_dir() else None
+            vae = AutoencoderKL.from_pretrained(str(path), subfolder=sub, dtype=dtype)
+        else:
+            owner, repo, *sub = source.split("/")
+            vae = AutoencoderKL.from_pretrained(
+                f"{owner}/{repo}", subfolder="/".join(sub) or None, dtype=dtype
+            )
+    want, got = pipe.vae.config.latent_channels, vae.config.latent_channels
+    if got != want:
+        raise ModelError(f"VAE {source}: {got} latent channels, this model's VAE has {want}")
+    pipe.vae = vae
+
+
 def load_tiny_vae(pipe, family: str, source: bool | str, dtype: torch.dtype) -> None:
     """Swap the pipeline's VAE for TAESD / TAESDXL (`AutoencoderTiny`)."""
     from diffusers import AutoencoderTiny
@@ -434,6 +466,8 @@ def speed_up(pipe, device: torch.device) -> None:
 def load(spec: ModelSpec) -> LoadedModel:
     """Load the base model with its LoRAs, accelerator, tiny VAE and IP-Adapter, ready for sampling."""
     quiet_libraries()
+    if spec.vae and spec.tiny_vae:
+        raise UsageError("--vae and --tiny-vae both replace the VAE: pass one of them")
     check_source(spec.model, what="model", allow_pickle=spec.allow_pickle)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -447,6 +481,8 @@ def load(spec: ModelSpec) -> LoadedModel:
     for name, source, _ in adapters:
         load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle)
     fuse_loras(pipe, [(name, scale) for name, _, scale in adapters])
+    if spec.vae:
+        load_vae(pipe, spec.vae, dtype, allow_pickle=spec.allow_pickle)
     if spec.tiny_vae:
         load_tiny_vae(pipe, family, spec.tiny_vae, dtype)
     if spec.ip_adapter is not None:

@@ -46,7 +46,13 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit.engine.attention import Features, inject_attention, record_attention, select_layers
+from stylekit.engine.attention import (
+    KV,
+    Features,
+    inject_attention,
+    record_attention,
+    select_layers,
+)
 from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
@@ -136,12 +142,24 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
+AnchorKV = dict[str, KV]  # layer name -> the anchor's (k, v), each (R, heads, N, d), R CFG rows
+
+
 @dataclass
 class Anchor:
-    """An anchor frame's self-attention features, one `Features` per denoising stage."""
+    """An anchor frame's self-attention k/v, one `AnchorKV` per denoising stage.
+
+    Only k and v are kept: later frames attend to them; the anchor's q and attention output
+    (which recording also sees) are never read, so they are not held for the anchor's lifetime.
+    """
 
     index: int
-    stages: list[Features | None]
+    stages: list[AnchorKV | None]
+
+
+def anchor_kv(features: Features) -> AnchorKV:
+    """The (k, v) of each recorded layer: what anchor attention reads."""
+    return {name: (f.k, f.v) for name, f in features.items()}
 
 
 @dataclass
@@ -166,11 +184,11 @@ class _Item:
         self.stage += 1
 
 
-def stack_kv(rows: Sequence[Features]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def stack_kv(rows: Sequence[AnchorKV]) -> AnchorKV:
     """Per-row anchor k/v for one batched call, in the UNet's row order (all uncond rows first)."""
     kv = {}
     for name in rows[0]:
-        parts = [(f[name].k, f[name].v) for f in rows]  # each (R, heads, N, d), R = 1 or 2 (CFG)
+        parts = [row[name] for row in rows]  # (k, v), each (R, heads, N, d), R = 1 or 2 (CFG)
         cfg_rows = range(parts[0][0].shape[0])
         k = torch.cat([k[r : r + 1] for r in cfg_rows for k, _ in parts])  # (R·B, heads, N, d)
         v = torch.cat([v[r : r + 1] for r in cfg_rows for _, v in parts])
@@ -333,7 +351,7 @@ class FrameStream:
             with self._attention([item]) as recorded:
                 eps = self._eps(z, t)
             if item.records:
-                item.anchor.stages[item.stage] = dict(recorded.features)
+                item.anchor.stages[item.stage] = anchor_kv(recorded.features)
             self.stats.unet_calls += 1
             item.send(eps)
 
