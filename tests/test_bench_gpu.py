@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
 
 
-def load_bench():
+def load_bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_gpu_runs_every_case_on_cpu_tiny(tmp_path, capsys):
-    bench = load_bench()
+def test_bench_gpu_runs_every_case_on_cpu_tiny(tmp_path, capsys, monkeypatch):
+    bench = load_bench(monkeypatch)
     out = tmp_path / "rows.json"
     argv = ["--device", "cpu", "--tiny", "--models", str(tmp_path / "models"), "--json", str(out)]
     rows = bench.main([*argv, "--images", "1", "--seconds", "0.1"])
