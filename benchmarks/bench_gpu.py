@@ -300,7 +300,7 @@ def run_family(family: str, path: Path, args, runtime, device, dtype) -> list[Ro
         release(device)
     from stylekit.session import default_batch
 
-    batch = default_batch(runtime)
+    batch = args.batch or (1 if args.tiny else default_batch(runtime))
     for case in mine:
         session = stylekit_session(path, case, runtime, [image])
         step = (
@@ -319,6 +319,7 @@ def run_family(family: str, path: Path, args, runtime, device, dtype) -> list[Ro
 
 
 def table(rows: list[Row]) -> str:
+    rows = sorted(rows, key=lambda r: (CASES.index(r.case), r.side))
     head = (
         "| case | side | images | s | images/s | peak GiB | stylekit / diffusers | note |\n"
         "|---|---|---|---|---|---|---|---|"
@@ -339,6 +340,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny models at 64 px: seconds, on a CPU")
     p.add_argument("--images", type=int, help="most images per side (default 16; tiny 2)")
     p.add_argument("--seconds", type=float, help="time box per side (default 20; tiny 2)")
+    p.add_argument("--batch", type=int, help="stylekit's images per call (default: its own; tiny 1)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--models", type=Path, default=CACHE, help="where the models are built")
     p.add_argument("--json", type=Path, help="also write the rows here")

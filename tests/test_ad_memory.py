@@ -18,11 +18,6 @@ SDXL_1024 = 128 * 128  # latent tokens of a 1024² image
 SD15_512 = 64 * 64
 
 
-def fits(free_gib: float, family: str, tokens: int, rows: int, ck: bool, dtype_bytes=2) -> bool:
-    need = ad_memory_estimate(family, tokens, rows=rows, checkpointing=ck, dtype_bytes=dtype_bytes)
-    return need <= free_gib * GIB * ad.MEMORY_HEADROOM
-
-
 def test_estimate_grows_with_pixels_rows_and_dtype_and_checkpointing_saves():
     one = ad_memory_estimate("sdxl", SDXL_1024, rows=1, checkpointing=False)
     assert ad_memory_estimate("sdxl", SDXL_1024, rows=2, checkpointing=False) == 2 * one
@@ -36,49 +31,36 @@ def test_estimate_grows_with_pixels_rows_and_dtype_and_checkpointing_saves():
     assert ad_memory_estimate("sd2", SDXL_1024, rows=1, checkpointing=False) == one
 
 
-# (free GiB, family, latent tokens, rows, forced checkpointing) -> (checkpointing, micro-batch)
+# (free GiB, family, latent tokens, rows, forced checkpointing) -> (checkpointing, micro-batch).
 # Devices as users have them, with the default SDXL preset at 1024² and SD1.5 at 512²; free memory
-# is what is left beside the fp16 weights (SDXL ~7 GiB with its text encoders, SD1.5 ~2 GiB).
+# is what is left beside the fp16 weights (SDXL ~7 GiB with its text encoders, SD1.5 ~2 GiB). With
+# the measured figures one SDXL 1024² image needs ~6.5 GiB without checkpointing, ~1.9 GiB with.
 TABLE = [
     (None, "sdxl", SDXL_1024, 2, None, (False, 2)),  # unknown (MPS): as configured
     (130.0, "sdxl", SDXL_1024, 2, None, (False, 2)),  # H200
     (70.0, "sdxl", SDXL_1024, 4, None, (False, 4)),  # A100-80GB, 4 texture windows
-    (16.0, "sdxl", SDXL_1024, 2, None, None),  # RTX 4090: computed below from the estimate
-    (8.0, "sdxl", SDXL_1024, 2, None, None),  # a 16 GB card
+    (16.0, "sdxl", SDXL_1024, 2, None, (False, 1)),  # RTX 4090: one image at a time
+    (16.0, "sdxl", SDXL_1024, 4, None, (False, 1)),  # 4 texture windows of 128² latents
+    (8.0, "sdxl", SDXL_1024, 2, None, (True, 2)),  # a 16 GB card: checkpointing
+    (3.0, "sdxl", SDXL_1024, 2, None, (True, 1)),  # a 12 GB card: both
     (0.5, "sdxl", SDXL_1024, 2, None, (True, 1)),  # nothing fits: the leanest plan
     (0.5, "sdxl", SDXL_1024, 2, False, (False, 1)),  # --no-ad-checkpointing: never on
     (130.0, "sdxl", SDXL_1024, 2, True, (True, 2)),  # --ad-checkpointing: always on
-    (20.0, "sd15", SD15_512, 4, None, (False, 4)),  # SD1.5 fits everywhere a GPU has 20 GiB
+    (20.0, "sd15", SD15_512, 4, None, (False, 4)),  # SD1.5 on a 24 GB card
+    (2.0, "sd15", SD15_512, 4, None, (False, 1)),  # SD1.5 on a 4 GB card
 ]
-
-
-def expected_plan(free, family, tokens, rows) -> tuple[bool, int]:
-    """The ladder spelled out: the first of these that fits, else the last."""
-    for ck, batch in [(False, rows), (False, 1), (True, rows), (True, 1)]:
-        if fits(free, family, tokens, batch, ck):
-            return ck, batch
-    return True, 1
 
 
 @pytest.mark.parametrize(("free", "family", "tokens", "rows", "forced", "want"), TABLE)
 def test_memory_plan_table(free, family, tokens, rows, forced, want):
     free_bytes = None if free is None else int(free * GIB)
     plan = memory_plan(free_bytes, family, tokens, rows, checkpointing=forced)
-    if want is None:
-        want = expected_plan(free, family, tokens, rows)
     assert (plan.checkpointing, plan.micro_batch) == want
     assert plan.estimate == ad_memory_estimate(
         family, tokens, rows=plan.micro_batch, checkpointing=plan.checkpointing
     )
-
-
-def test_memory_plan_needs_checkpointing_and_one_row_on_a_24gb_card_at_1024_with_batch_4():
-    """The issue's worry: 4 texture windows of 128² latents on a 24 GB GPU (~16 GiB free)."""
-    plan = memory_plan(16 * GIB, "sdxl", SDXL_1024, 4)
-    assert plan != MemoryPlan(False, 4, plan.estimate)  # the old default does not fit
-    assert plan.estimate <= 16 * GIB * ad.MEMORY_HEADROOM or plan == MemoryPlan(
-        True, 1, plan.estimate
-    )
+    fits = free is None or plan.estimate <= free * GIB * ad.MEMORY_HEADROOM
+    assert fits or plan == MemoryPlan(forced is not False, 1, plan.estimate)  # or the leanest
 
 
 def test_free_memory_on_cpu_reads_memavailable():
