@@ -243,3 +243,27 @@ def test_single_file_layout_of_full_size_sd15():
     assert infer_diffusers_model_type(checkpoint) == "v1"
     assert convert_ldm_unet_checkpoint(checkpoint, unet.config).keys() == unet.state_dict().keys()
     assert convert_ldm_vae_checkpoint(checkpoint, vae.config).keys() == vae.state_dict().keys()
+
+
+def test_full_size_sdxl_unet_is_sdxl_base():
+    """The full SDXL config builds SDXL base's UNet (2,567,463,684 parameters; meta: no weights)."""
+    from stylekit import testing
+
+    unet = testing._on_meta(UNet2DConditionModel, testing._sdxl_unet_config("full"))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert unet.config.cross_attention_dim == 2048 and unet.config.sample_size == 128
+    layers = [n for n in unet.attn_processors if n.endswith("attn1.processor")]
+    assert len(layers) == 70  # transformer blocks: 2·2 + 2·10 down, 10 mid, 3·10 + 3·2 up
+
+
+def test_random_unet_is_filled_in_its_dtype_from_the_seed():
+    from stylekit.testing import random_unet
+
+    a = random_unet("sdxl", size="tiny", dtype=torch.bfloat16, seed=1)
+    b = random_unet("sdxl", size="tiny", dtype=torch.bfloat16, seed=1)
+    c = random_unet("sdxl", size="tiny", dtype=torch.bfloat16, seed=2)
+    assert {p.dtype for p in a.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters(), strict=True))
+    out = unet_output(a.float())
+    assert torch.isfinite(out).all() and out.std() > 0
