@@ -340,7 +340,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny models at 64 px: seconds, on a CPU")
     p.add_argument("--images", type=int, help="most images per side (default 16; tiny 2)")
     p.add_argument("--seconds", type=float, help="time box per side (default 20; tiny 2)")
-    p.add_argument("--batch", type=int, help="stylekit's images per call (default: its own; tiny 1)")
+    p.add_argument(
+        "--batch", type=int, help="stylekit's images per call (default: its own; tiny 1)"
+    )
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--models", type=Path, default=CACHE, help="where the models are built")
     p.add_argument("--json", type=Path, help="also write the rows here")

@@ -34,7 +34,7 @@ def test_estimate_grows_with_pixels_rows_and_dtype_and_checkpointing_saves():
 # (free GiB, family, latent tokens, rows, forced checkpointing) -> (checkpointing, micro-batch).
 # Devices as users have them, with the default SDXL preset at 1024² and SD1.5 at 512²; free memory
 # is what is left beside the fp16 weights (SDXL ~7 GiB with its text encoders, SD1.5 ~2 GiB). With
-# the measured figures one SDXL 1024² image needs ~6.5 GiB without checkpointing, ~1.9 GiB with.
+# the measured figures one SDXL 1024² image is estimated at 6.5 GiB without checkpointing, 1.9 with.
 TABLE = [
     (None, "sdxl", SDXL_1024, 2, None, (False, 2)),  # unknown (MPS): as configured
     (130.0, "sdxl", SDXL_1024, 2, None, (False, 2)),  # H200
