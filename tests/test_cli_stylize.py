@@ -25,6 +25,7 @@ from stylekit import __version__
 from stylekit.cli import app
 from stylekit.engine import models
 from stylekit.media.metadata import EXIF_IFD, USER_COMMENT, read_metadata, read_parameters
+from stylekit.presets import load_preset
 
 RUNNER = CliRunner()
 
@@ -394,8 +395,9 @@ def test_each_output_carries_its_own_settings(folder, tmp_path, sd15_path, fmt):
         assert meta["model"] == str(sd15_path) and meta["input"] == f"{name}.png"
         assert meta["stylekit"] == __version__
         text = read_parameters(path)
-        first, params = text.split("\n")
+        first, negative, params = text.split("\n")
         assert first == "a red cat"
+        assert negative == f"Negative prompt: {load_preset(None).negative}"  # the preset's, STD's
         assert params.startswith("Steps: 2, Sampler: TCD, CFG scale: 6.0, ")
         assert f"Seed: {seed}, Size: 64x64, " in params and "Denoising strength: 0.5" in params
         with Image.open(path) as img:

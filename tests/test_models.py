@@ -141,7 +141,7 @@ def test_sdxl_accelerator_only_names_published_std_files():
 
 
 def test_accelerator_for_sd15_turbo_none_and_explicit():
-    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", scheduler="lcm")
     assert accelerator_source(sd15, "sd15", turbo=False) == LCM_LORA["sd15"]
     for name, family in [("stabilityai/sd-turbo", "sd15"), ("stabilityai/sdxl-turbo", "sdxl")]:
         assert models.is_turbo(name)
@@ -263,12 +263,29 @@ def test_hub_lora_file_fails_offline_naming_it(sd15_path):
 
 def test_style_block_on_full_size_unets():
     assert style_block(meta_unet(SDXL_UNET)) == "up_blocks.0.attentions.1"
-    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1.attentions.1"
+    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1"
+
+
+def cross_attention_layers(unet, block: str) -> list[str]:
+    """The cross-attention processors (where IP-Adapter attaches) inside `block`."""
+    return sorted(n for n in unet.attn_processors if n.startswith(block + ".") and ".attn2." in n)
+
+
+def test_style_block_layers_on_full_size_unets():
+    """InstantStyle's targets: SDXL's 10 transformer layers of `up_blocks.0.attentions.1` (its
+    SDXL map), all 3 attentions of SD1.5's `up_blocks.1` (its SD1.5 code's `target_blocks`)."""
+    sdxl, sd15 = meta_unet(SDXL_UNET), meta_unet(SD15_UNET)
+    xl = cross_attention_layers(sdxl, style_block(sdxl))
+    assert len(xl) == 10
+    assert all(n.startswith("up_blocks.0.attentions.1.transformer_blocks.") for n in xl)
+    assert cross_attention_layers(sd15, style_block(sd15)) == [
+        f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(3)
+    ]
 
 
 def test_style_block_on_tiny_fixtures(sd15_path, sdxl_path):
     for path, block in [
-        (sd15_path, "up_blocks.1.attentions.1"),
+        (sd15_path, "up_blocks.1"),
         (sdxl_path, "up_blocks.0.attentions.1"),
     ]:
         config = UNet2DConditionModel.load_config(path, subfolder="unet")
@@ -300,13 +317,17 @@ def sdxl_with_adapter(sdxl_path, sdxl_ip_adapter):
 
 
 @pytest.mark.parametrize(
-    ("which", "block"),
-    [
-        ("sd15_with_adapter", "up_blocks.1.attentions.1"),
-        ("sdxl_with_adapter", "up_blocks.0.attentions.1"),
+    ("which", "block", "attentions"),
+    [  # the tiny SD1.5's up block 1 has 2 attentions: both take the scale, as InstantStyle's SD1.5
+        (
+            "sd15_with_adapter",
+            "up_blocks.1",
+            ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1"],
+        ),
+        ("sdxl_with_adapter", "up_blocks.0.attentions.1", ["up_blocks.0.attentions.1"]),
     ],
 )
-def test_set_style_scale_only_on_the_style_block(request, which, block):
+def test_set_style_scale_only_on_the_style_block(request, which, block, attentions):
     model = request.getfixturevalue(which)
     assert model.pipe.image_encoder is not None and model.unet.encoder_hid_proj is not None
     unet = model.unet
@@ -317,6 +338,7 @@ def test_set_style_scale_only_on_the_style_block(request, which, block):
         expected = 0.7 if name.startswith(block + ".") else 0.0
         assert proc.scale == [expected] * len(proc.scale), name
     assert sorted(active) == sorted(n for n in layers if n.startswith(block + "."))
+    assert sorted({n.split(".transformer_blocks")[0] for n in active}) == attentions
     assert len(active) < len(layers)
 
     everywhere = set_style_scale(unet, 0.3, block="")

@@ -63,7 +63,7 @@ Accelerator = Annotated[
     str | None,
     typer.Option(
         "--accelerator",
-        help="Few-step LoRA: auto (STD for SDXL, LCM-LoRA for SD1.5, none for turbo), none, or a LoRA.",
+        help="Few-step LoRA: auto (per command: STD for SDXL images and video, TCD/LCM-LoRA from noise and on SD1.5, none for turbo), none, or a LoRA.",
         rich_help_panel=MODEL,
     ),
 ]
@@ -95,7 +95,7 @@ ImageEncoder = Annotated[
     str | None,
     typer.Option(
         "--image-encoder",
-        help="CLIP image encoder folder for the IP-Adapter.",
+        help="CLIP image encoder for the IP-Adapter: a local folder or a folder of its hub repo (default: the one the adapter needs).",
         rich_help_panel=MODEL,
     ),
 ]

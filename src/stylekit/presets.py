@@ -23,7 +23,7 @@ class Settings:
 
     model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     variant: str | None = None  # hub weight variant to prefer, e.g. "fp16" (halves the download)
-    accelerator: str = "auto"  # auto: STD LoRA (SDXL), LCM-LoRA (SD1.5), nothing (turbo)
+    accelerator: str = "auto"  # auto: the LoRA for the command and its sampler (see README)
     loras: tuple[str, ...] = ()
     scheduler: str = "tcd"
     steps: int = 8  # UNet evaluations actually run (NFE); CFG doubles the batch, not the steps

@@ -57,6 +57,10 @@ class ConsoleEvents(Events):
         if not self.quiet:
             self.console.print(f"loading {escape(what)} …")
 
+    def notice(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(escape(message), soft_wrap=True)
+
     def started(self, job) -> None:
         name = job.input.name if job.input is not None else job.output.name
         if self.steps is None:  # the first item: rate and ETA count from here, not from model load

@@ -103,13 +103,18 @@ def reference_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(derived[0]) << 31 | int(derived[1]) >> 1)
 
 
-def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> models.ModelSpec:
-    """Translate settings into what the engine loads."""
+def model_spec(
+    settings: Settings, runtime: Runtime, *, ip_adapter: bool, task: str = "img2img"
+) -> models.ModelSpec:
+    """Translate settings into what the engine loads; `task` (img2img, noise, video) is where the
+    command's sampling starts, which decides the accelerator `auto` picks."""
     return models.ModelSpec(
         model=settings.model,
         loras=tuple(models.LoraSpec.parse(s) for s in settings.loras),
         accelerator=settings.accelerator,
         strength=settings.strength,
+        task=task,
+        scheduler=settings.scheduler,
         tiny_vae=tiny_vae(settings) or False,
         ip_adapter=settings.ip_adapter if ip_adapter else None,
         image_encoder=settings.image_encoder,
@@ -151,15 +156,19 @@ def open_session(
     style: Sequence[Image.Image] = (),
     style_names: Sequence[str] = (),
     seed: int = 0,
+    task: str = "img2img",
 ) -> Session:
     """Load the model, build its sampler, encode the prompt and the style references: one run.
+
+    `task` says where sampling starts: "img2img" (stylize, inpaint), "noise" (t2i-styled,
+    textures) or "video"; `--accelerator auto` picks the LoRA distilled for it.
 
     With style mode ad/both (or optimize mode) the references are resized to the model's native
     size, as the AD release does, encoded once, and given their fixed noise (see
     `reference_generator`).
     """
     use_ad, use_ip = uses_ad(settings, style), wants_ip_adapter(settings, style)
-    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip))
+    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip, task=task))
     config = dict(model.pipe.scheduler.config)
     sampler = sampling.make_sampler(settings.scheduler, config, gamma=settings.gamma)
     cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
@@ -342,6 +351,14 @@ class Session:
         }
 
 
+def announce(model: models.LoadedModel, events: Events) -> None:
+    """Tell the user what the loader chose for them (the accelerator) and what may go wrong."""
+    for line in model.notices:
+        events.notice(line)
+    for line in model.warnings:
+        events.warning(line)
+
+
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
@@ -358,9 +375,10 @@ class LazySession:
         seed: int,
         events: Events,
         check: Callable[[Session], None] | None = None,
+        task: str = "img2img",
     ):
         self.settings, self.runtime = settings, runtime or Runtime()
-        self.seed, self.events, self.check = seed, events, check
+        self.seed, self.events, self.check, self.task = seed, events, check, task
         self.style_names = [Path(p).name for p in style]
         self.style_images = load_style_images(style)
         check_references(settings, self.style_images)
@@ -374,7 +392,9 @@ class LazySession:
             style=self.style_images,
             style_names=self.style_names,
             seed=self.seed,
+            task=self.task,
         )
+        announce(session.model, self.events)
         if self.check is not None:
             self.check(session)
         self.session = session

@@ -123,7 +123,13 @@ def inpaint(
     refuse_overwriting_files(jobs, mask_files, "--mask")
     events = events or Events()
     run = LazySession(
-        settings, style, runtime=runtime, seed=output.seed, events=events, check=refuse_ad_on_9ch
+        settings,
+        style,
+        runtime=runtime,
+        seed=output.seed,
+        events=events,
+        check=refuse_ad_on_9ch,
+        task="img2img",
     )
 
     def process(job: Job, seed: int):

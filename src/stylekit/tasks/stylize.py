@@ -44,7 +44,9 @@ def stylize(
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
-    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+    run = LazySession(
+        settings, style, runtime=runtime, seed=output.seed, events=events, task="img2img"
+    )
 
     def load(job: Job) -> Image.Image:
         return load_image(job.input, size=size, max_size=max_size)

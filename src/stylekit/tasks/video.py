@@ -311,7 +311,9 @@ def stylize_video(
     jobs = plan_videos(inputs, output, frames_out)
     refuse_overwriting_files(jobs, style, "--style")
     check_encoding(jobs, clip, frames_out)
-    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+    run = LazySession(
+        settings, style, runtime=runtime, seed=output.seed, events=events, task="video"
+    )
 
     def process(job: Job, seed: int) -> dict:
         return stylize_one(job, seed, run(), options, clip, frames_out=frames_out, events=events)
