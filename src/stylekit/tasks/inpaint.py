@@ -153,7 +153,7 @@ def inpaint(
         events=events,
         check=refuse_ad_on_9ch,
         announce=lambda session: (
-            f"inpaint: the mask's box and {mask_padding} px around it run at "
+            f"working size: the mask's box plus {mask_padding} px of context, "
             f"{sizing.describe(session.native_px, fill=True)}; outputs keep the input's size"
         ),
     )
