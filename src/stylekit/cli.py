@@ -250,12 +250,32 @@ Overwrite = Annotated[
 ]
 Size = Annotated[
     str | None,
-    typer.Option("--size", help="Resize inputs to WxH (multiples of 8).", rich_help_panel=FILES),
+    typer.Option(
+        "--size", help="Run inputs at exactly WxH (multiples of 8).", rich_help_panel=FILES
+    ),
 ]
 MaxSize = Annotated[
     int | None,
     typer.Option(
-        "--max-size", help="Shrink inputs so the longer side is at most N.", rich_help_panel=FILES
+        "--max-size",
+        help="Run inputs with the longer side at most N (instead of the native pixel budget).",
+        rich_help_panel=FILES,
+    ),
+]
+MaxPixels = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        help="Run inputs at most N pixels (WxH), aspect kept; default the model's native budget (512² SD1.5, 1024² SDXL); 0: no cap.",
+        rich_help_panel=FILES,
+    ),
+]
+KeepSize = Annotated[
+    bool,
+    typer.Option(
+        "--keep-size",
+        help="Write outputs at the input's size, resampled back from the working size.",
+        rich_help_panel=FILES,
     ),
 ]
 DryRun = Annotated[
@@ -349,6 +369,22 @@ MaskBlur = Annotated[
         rich_help_panel=MASK,
     ),
 ]
+MaskPadding = Annotated[
+    int,
+    typer.Option(
+        "--mask-padding",
+        help="Context in px around the mask's box, cropped and repainted with it at the working size.",
+        rich_help_panel=MASK,
+    ),
+]
+CropSize = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        help="Run the mask's crop at exactly WxH (the crop widened to that aspect ratio).",
+        rich_help_panel=FILES,
+    ),
+]
 Videos = Annotated[
     list[str],
     typer.Argument(metavar="INPUT", help="Video files or folders (recursive).", show_default=False),
@@ -438,7 +474,17 @@ StreamBatch = Annotated[
 FrameMaxSize = Annotated[
     int | None,
     typer.Option(
-        "--max-size", help="Shrink frames so the longer side is at most N.", rich_help_panel=FILES
+        "--max-size",
+        help="Run frames with the longer side at most N (instead of the native pixel budget).",
+        rich_help_panel=FILES,
+    ),
+]
+FrameKeepSize = Annotated[
+    bool,
+    typer.Option(
+        "--keep-size/--no-keep-size",
+        help="Write frames at the input's size (default), or at the working size they ran at.",
+        rich_help_panel=FILES,
     ),
 ]
 Exemplars = Annotated[
@@ -572,6 +618,8 @@ def stylize(
     seed: Seed = None,
     size: Size = None,
     max_size: MaxSize = None,
+    max_pixels: MaxPixels = None,
+    keep_size: KeepSize = False,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -601,6 +649,8 @@ def stylize(
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
+                max_pixels=max_pixels,
+                keep_size=keep_size,
                 batch_size=batch_size,
                 events=events,
                 **common.settings,
@@ -676,6 +726,7 @@ def inpaint(
     mask: MaskPath,
     invert_mask: InvertMask = False,
     mask_blur: MaskBlur = 4,
+    mask_padding: MaskPadding = 32,
     style: Style = None,
     out: Out = None,
     preset: Preset = None,
@@ -701,8 +752,9 @@ def inpaint(
     content_weight: ContentWeight = None,
     ad_checkpointing: AdCheckpointing = None,
     seed: Seed = None,
-    size: Size = None,
+    size: CropSize = None,
     max_size: MaxSize = None,
+    max_pixels: MaxPixels = None,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -729,12 +781,14 @@ def inpaint(
                 mask=str(mask),
                 invert_mask=invert_mask,
                 mask_blur=mask_blur,
+                mask_padding=mask_padding,
                 style=style_paths(style),
                 preset=common.preset,
                 output=common.output(),
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
+                max_pixels=max_pixels,
                 events=events,
                 **common.settings,
             )
@@ -783,6 +837,8 @@ def video(
     seed: Seed = None,
     size: Size = None,
     max_size: FrameMaxSize = None,
+    max_pixels: MaxPixels = None,
+    keep_size: FrameKeepSize = True,
     fmt: VideoFormat = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -825,6 +881,8 @@ def video(
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
+                max_pixels=max_pixels,
+                keep_size=keep_size,
                 events=events,
                 **common.settings,
             )
