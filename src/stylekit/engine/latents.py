@@ -51,7 +51,11 @@ def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tenso
     z = torch.cat([posterior_sample(vae, x[i : i + 1], g) for i, g in enumerate(gens)])
     if upcast:
         vae.to(model.dtype)
-    z = z.to(model.dtype)
+    return scale_latents(vae, z.to(model.dtype))
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents → scaled latents (what the UNet sees); `unscale` undoes it."""
     mean, std = latent_stats(vae, z)
     if mean is not None:
         return (z - mean) * vae.config.scaling_factor / std

@@ -19,6 +19,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from stylekit.engine.latents import decode_raw, degenerate, unit_pixels, unscale, upcast_needed
@@ -27,6 +28,9 @@ from stylekit.engine.vae_tiles import (
     WHOLE_MID_TOKENS,
     decode_mid,
     decode_up_tiles,
+    encode_down_tiles,
+    encode_rest,
+    encoder_splits,
     lockstep_bytes,
     splits_at_mid,
 )
@@ -297,6 +301,55 @@ def _decode_one(
             for v in _views(rows, cols)
         )
     return _blend(images, size, rows, cols).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def encode_tiled(
+    model: LoadedModel,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    tile: int = 64,
+    overlap: int = 16,
+    wrap_x: bool = False,
+    wrap_y: bool = False,
+) -> torch.Tensor:
+    """Encode (1, 3, H, W) pixels in [−1, 1] tile by tile like the whole image: scaled latents.
+
+    Tiles of about `tile` latents (8 px each) with `overlap` latents of context run the encoder's
+    down blocks in step with shared GroupNorm statistics (`vae_tiles.encode_down_tiles`); their
+    cores are put together and the mid block (attention), the output layers and the posterior
+    draw run on the whole latent, which has 64 times fewer positions than the image. A KL
+    posterior is sampled with `generator` as `latents.encode_pixels` does. Other VAEs (TAESD),
+    or a latent above WHOLE_MID_TOKENS, are encoded whole.
+    """
+    from stylekit.engine.latents import encode_pixels, scale_latents
+
+    vae = model.vae
+    h, w = x.shape[-2] // 8, x.shape[-1] // 8
+    if not encoder_splits(vae) or h * w > WHOLE_MID_TOKENS:
+        return encode_pixels(model, x, generator)
+    rows = _spans(h, tile=tile, overlap=overlap, wrap=wrap_y)
+    cols = _spans(w, tile=tile, overlap=overlap, wrap=wrap_x)
+    dtype = torch.float32 if upcast_needed(model) else vae.dtype
+    with vae_dtype(vae, dtype):
+        pixels = x.to(device=model.device, dtype=dtype)
+        views = [View(8 * v.top, 8 * v.left, 8 * v.height, 8 * v.width) for v in _views(rows, cols)]
+        cores = [(*r.core_fraction(), *c.core_fraction()) for r in rows for c in cols]
+        parts = encode_down_tiles(vae, [crop(pixels, v) for v in views], cores)
+        whole = torch.zeros(1, parts[0].shape[1], h, w, dtype=parts[0].dtype, device=model.device)
+        for part, r, c in zip(
+            parts, (r for r in rows for _ in cols), cols * len(rows), strict=True
+        ):
+            core = part[
+                ..., r.core_offset : r.core_offset + r.core, c.core_offset : c.core_offset + c.core
+            ]
+            paste_add(
+                whole, View(r.start + r.core_offset, c.start + c.core_offset, r.core, c.core), core
+            )
+        moments = encode_rest(vae, whole)
+    z = DiagonalGaussianDistribution(moments).sample(generator).to(model.dtype)
+    return scale_latents(vae, z)
 
 
 def lockstep_fits(model: LoadedModel, height: int, width: int) -> bool:

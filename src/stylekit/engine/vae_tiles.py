@@ -33,6 +33,45 @@ WHOLE_MID_TOKENS = 256 * 256
 Region = tuple[float, float, float, float]  # a tile's core: top, bottom, left, right as fractions
 
 
+def encoder_splits(vae) -> bool:
+    """Whether the VAE's encoder has diffusers' AutoencoderKL layout (conv_in, down blocks of
+    plain resnets and downsamplers, mid block, norm, conv_out) that `encode_down_tiles` runs."""
+    encoder = getattr(vae, "encoder", None)
+    names = ("conv_in", "down_blocks", "mid_block", "conv_norm_out", "conv_act", "conv_out")
+    if encoder is None or not all(hasattr(encoder, n) for n in names):
+        return False
+    resnets = [r for block in encoder.down_blocks for r in getattr(block, "resnets", [])]
+    return all(
+        r.upsample is None and r.downsample is None and r.time_emb_proj is None for r in resnets
+    )
+
+
+def encode_down_tiles(
+    vae, tiles: list[torch.Tensor], cores: Sequence[Region]
+) -> list[torch.Tensor]:
+    """The encoder up to its mid block on every (1, 3, H, W) pixel tile, in step, GroupNorm
+    statistics shared over the tiles' cores: one (1, C, h, w) feature map per tile."""
+    encoder = vae.encoder
+    tiles = [encoder.conv_in(t) for t in tiles]
+    for block in encoder.down_blocks:
+        for resnet in block.resnets:
+            tiles = _resnet(resnet, tiles, cores)
+        for downsampler in block.downsamplers or ():
+            tiles = [downsampler(t) for t in tiles]
+    return tiles
+
+
+def encode_rest(vae, h: torch.Tensor) -> torch.Tensor:
+    """The encoder from its mid block on the whole (1, C, h, w) feature map, then quant_conv:
+    the posterior's moments (1, 2·latent channels, h, w)."""
+    encoder = vae.encoder
+    h = encoder.mid_block(h)
+    h = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(h)))
+    if getattr(vae, "quant_conv", None) is not None:
+        h = vae.quant_conv(h)
+    return h
+
+
 def splits_at_mid(vae) -> bool:
     """Whether the VAE's decoder has the layout `decode_mid`/`decode_up_tiles` split: diffusers'
     AutoencoderKL decoder (conv_in, mid block, up blocks of plain resnets, norm, conv_out)."""
