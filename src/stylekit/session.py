@@ -118,6 +118,7 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> mod
         allow_pickle=runtime.allow_pickle,
         model_config=runtime.model_config,
         variant=settings.variant,
+        turbo=settings.turbo,
     )
 
 
@@ -172,6 +173,13 @@ def open_session(
     side = session.native * 8
     sized = [im.resize((side, side), Image.Resampling.BICUBIC) for im in style]
     return session.with_references(sized, seed=seed)
+
+
+def show_notices(session: Session, events: Events) -> None:
+    """Show the model's notices (what `--accelerator auto` could not load, a turbo-looking name)
+    once per run, as warnings."""
+    for line in session.model.notices:
+        events.warning(line)
 
 
 class Session:
@@ -375,6 +383,7 @@ class LazySession:
             style_names=self.style_names,
             seed=self.seed,
         )
+        show_notices(session, self.events)
         if self.check is not None:
             self.check(session)
         self.session = session

@@ -67,7 +67,14 @@ from stylekit.media.batch import BatchReport, Job
 from stylekit.media.images import load_image, open_rgb
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
-from stylekit.session import Runtime, Session, open_session, resolve_settings, with_seed
+from stylekit.session import (
+    Runtime,
+    Session,
+    open_session,
+    resolve_settings,
+    show_notices,
+    with_seed,
+)
 
 SEAMLESS = {"none": (False, False), "x": (True, False), "y": (False, True), "xy": (True, True)}
 DEFAULT_VIEW_BATCH = 4  # windows per UNet call: small for CPUs, raise it on a GPU
@@ -441,6 +448,7 @@ def run_textures(
     def prepare() -> None:
         events.loading(settings.model)
         session = open_session(settings, runtime or Runtime())
+        show_notices(session, events)
         if size is not None:  # bad window options fail the run here, not every job
             plan = canvas.plan(size, session.native)
             if maps is not None:
