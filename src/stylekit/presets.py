@@ -62,8 +62,8 @@ class Settings:
         if unknown:
             raise PresetError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         new_model = given.get("model", self.model) != self.model
-        turbo = given.get("turbo", None if new_model else self.turbo)
-        return check(replace(self, **given, turbo=turbo), source="command line")
+        given.setdefault("turbo", None if new_model else self.turbo)
+        return check(replace(self, **given), source="command line")
 
 
 RANGES = {
