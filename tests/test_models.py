@@ -106,6 +106,33 @@ def test_family_of_tiny_unet_configs(sd15_path, sd2_path, sdxl_path):
         assert models.family_of_unet(config) == family
 
 
+def test_detect_family_of_hub_ids_reads_the_unet_config(monkeypatch):
+    """A hub id: model_index.json, then (SD 1.x/2.x only) unet/config.json, both from the hub."""
+    from diffusers import DiffusionPipeline
+
+    configs = {  # the deciding keys of the hub repos' configs
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": ("StableDiffusionPipeline", 768, False),
+        "stabilityai/stable-diffusion-2-1": ("StableDiffusionPipeline", 1024, True),
+        "stabilityai/sd-turbo": ("StableDiffusionPipeline", 1024, True),
+        "stabilityai/sdxl-turbo": ("StableDiffusionXLPipeline", 2048, True),
+    }
+    asked = []
+
+    def index(source, **kwargs):
+        return {"_class_name": configs[source][0]}
+
+    def unet(source, subfolder=None, **kwargs):
+        asked.append(source)
+        _, width, linear = configs[source]
+        return {"cross_attention_dim": width, "use_linear_projection": linear}
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", index)
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", unet)
+    families = [detect_family(source) for source in configs]
+    assert families == ["sd15", "sd2", "sd2", "sdxl"]
+    assert asked == list(configs)[:3]  # SDXL is known from model_index.json alone
+
+
 def test_detect_family_of_sd2_single_files(sd2_single_file, tmp_path):
     assert detect_family(str(sd2_single_file)) == "sd2"
     unet = "model.diffusion_model.input_blocks.1.1."
@@ -495,8 +522,25 @@ def test_load_sd2_refuses_the_default_ip_adapter_before_loading(sd2_path, monkey
 
 def test_load_sd2_single_file(sd2_single_file, sd2_path):
     model = models.load(tiny_spec(sd2_single_file, model_config=str(sd2_path)))
-    assert model.family == "sd2"
+    assert model.family == "sd2" and model.notices == ()
     assert model.pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_sd2_single_file_without_config_says_what_diffusers_assumes(sd2_single_file, tmp_path):
+    """The weights do not say ε or v: diffusers takes stable-diffusion-2-1's (v) config."""
+    spec = tiny_spec(sd2_single_file)
+    (notice,) = models.family_notices(spec, "sd2", turbo=False)
+    assert "v-prediction" in notice and "--model-config" in notice
+    assert models.family_notices(replace(spec, model_config="x/y"), "sd2", turbo=False) == []
+    assert models.family_notices(spec, "sd15", turbo=False) == []
+    turbo_file = tmp_path / "sd_turbo.safetensors"  # the released file loads with its repo's config
+    turbo_file.symlink_to(sd2_single_file)
+    assert models.single_file_config(tiny_spec(turbo_file)) == "stabilityai/sd-turbo"
+    assert models.family_notices(tiny_spec(turbo_file), "sd2", turbo=True) == []
+    xl = ModelSpec("/models/SD_XL_TURBO_1.0_fp16.safetensors")
+    assert models.single_file_config(xl) == "stabilityai/sdxl-turbo"
+    assert models.single_file_config(replace(xl, model_config="me/cfg")) == "me/cfg"
+    assert models.single_file_config(spec) is None
 
 
 def test_turbo_flag_and_name_notice_when_loading(sd15_path, tmp_path):

@@ -35,11 +35,11 @@ TINY_VAE = {  # SD 1.x and 2.x share one VAE latent space, so TAESD serves both
 }
 # The released adversarially distilled models (ADD): the hub repos and their checkpoint files.
 TURBO_REPOS = ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")
-TURBO_FILES = (
-    "sd_turbo.safetensors",
-    "sd_xl_turbo_1.0.safetensors",
-    "sd_xl_turbo_1.0_fp16.safetensors",
-)
+TURBO_FILES = {  # released checkpoint file -> its repo, whose config the file loads with
+    "sd_turbo.safetensors": "stabilityai/sd-turbo",
+    "sd_xl_turbo_1.0.safetensors": "stabilityai/sdxl-turbo",
+    "sd_xl_turbo_1.0_fp16.safetensors": "stabilityai/sdxl-turbo",
+}
 IP_ADAPTER = {  # (repo, subfolder, weight file, image encoder folder relative to the repo root)
     "sd15": ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors", "models/image_encoder"),
     # STD's release: the ViT-H SDXL adapter, which needs the ViT-H encoder, not sdxl_models/image_encoder
@@ -360,8 +360,10 @@ def load_pipeline(spec: ModelSpec, family: str, dtype: torch.dtype):
     extra = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
     with hub_errors("model", spec.model):
         if Path(source).is_file():
-            config = {"config": spec.model_config} if spec.model_config else {}
-            return cls.from_single_file(source, dtype=dtype, **config)
+            config = single_file_config(spec)
+            return cls.from_single_file(
+                source, dtype=dtype, **({"config": config} if config else {})
+            )
         kwargs = dict(dtype=dtype, use_safetensors=not spec.allow_pickle, **extra)
         if spec.variant and not local:
             try:
@@ -369,6 +371,12 @@ def load_pipeline(spec: ModelSpec, family: str, dtype: torch.dtype):
             except (ValueError, OSError):  # no such variant (or not cached): take the full weights
                 pass
         return cls.from_pretrained(source, **kwargs)
+
+
+def single_file_config(spec: ModelSpec) -> str | None:
+    """The diffusers config of a single-file checkpoint: `--model-config`, else the released turbo
+    repo for a released turbo file name, else None (diffusers infers one from the tensor shapes)."""
+    return spec.model_config or TURBO_FILES.get(Path(spec.model).name.lower())
 
 
 def split_hub_file(source: str) -> tuple[str, str | None]:
@@ -419,14 +427,23 @@ def check_family(spec: ModelSpec, family: str) -> None:
 
 
 def family_notices(spec: ModelSpec, family: str, turbo: bool) -> list[str]:
-    """One-line notices about what `--accelerator auto` could not do for this family."""
-    if family == "sd2" and spec.accelerator == "auto" and not turbo:
-        return [
+    """One-line notices about what could not be done or known for an SD 2.x model."""
+    if family != "sd2":
+        return []
+    notices = []
+    if spec.accelerator == "auto" and not turbo:
+        notices.append(
             f"model {spec.model} is SD 2.x: no few-step LoRA (LCM-LoRA, STD) is released for it, "
             "so --accelerator auto loads none; few steps need a distilled model (stabilityai/"
             "sd-turbo) or a LoRA passed with --accelerator"
-        ]
-    return []
+        )
+    if Path(spec.model).expanduser().is_file() and not single_file_config(spec):
+        notices.append(  # the weights do not say whether the model predicts ε or v
+            f"model {spec.model}: diffusers reads an SD 2.x checkpoint with stable-diffusion-2-1's "
+            "config (768 px, v-prediction); for a 512 px ε model (SD 2.x base and its fine-tunes) "
+            "pass --model-config stabilityai/stable-diffusion-2-1-base"
+        )
+    return notices
 
 
 def fuse_loras(pipe, loras: list[tuple[str, float]]) -> None:
