@@ -176,11 +176,11 @@ def test_turbo_by_name_is_a_notice_and_turbo_flag_decides(look_alike, tmp_path):
 
 
 def test_turbo_look_alike_keeps_the_accelerator(look_alike, tmp_path):
-    """`--accelerator auto` on a look-alike still asks for SD1.5's LCM-LoRA (offline here, so the
+    """`--accelerator auto` on a look-alike still asks for SD1.5's TCD-LoRA (offline here, so the
     load fails naming it); with --turbo it asks for none and runs."""
     content = write_image(tmp_path / "a.png")
     auto = invoke("stylize", content, "-o", tmp_path / "o.png", *cpu(look_alike))
-    assert auto.exit_code != 0 and "lcm-lora-sdv1-5" in auto.output
+    assert auto.exit_code != 0 and "TCD-SD15-LoRA" in auto.output
     turbo = invoke("stylize", content, "-o", tmp_path / "o.png", *cpu(look_alike, "--turbo"))
     assert turbo.exit_code == 0, turbo.output
 

@@ -235,7 +235,7 @@ def test_sdxl_accelerator_only_names_published_std_files():
 
 
 def test_accelerator_for_sd15_turbo_none_and_explicit():
-    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", scheduler="lcm")
     assert accelerator_source(sd15, "sd15", turbo=False) == LCM_LORA["sd15"]
     for name, family in [("stabilityai/sd-turbo", "sd2"), ("stabilityai/sdxl-turbo", "sdxl")]:
         assert models.is_turbo(name)
@@ -247,14 +247,18 @@ def test_accelerator_for_sd15_turbo_none_and_explicit():
     assert accelerator_source(own, "sd15", turbo=True) == "me/my-lora/fast.safetensors"
 
 
-def test_sd2_gets_no_accelerator_and_no_default_ip_adapter():
-    sd2 = ModelSpec("stabilityai/stable-diffusion-2-1")
-    assert accelerator_source(sd2, "sd2", turbo=False) is None
-    (notice,) = models.family_notices(sd2, "sd2", turbo=False)
-    assert "SD 2.x" in notice and "--accelerator" in notice
-    assert models.family_notices(sd2, "sd2", turbo=True) == []  # SD-Turbo needs none
-    assert models.family_notices(replace(sd2, accelerator="none"), "sd2", turbo=False) == []
-    assert models.family_notices(sd2, "sd15", turbo=False) == []
+@pytest.mark.parametrize("task", models.TASKS)
+@pytest.mark.parametrize("scheduler", ["tcd", "lcm"])
+def test_sd2_gets_no_accelerator_and_no_default_ip_adapter(task, scheduler):
+    sd2 = ModelSpec("stabilityai/stable-diffusion-2-1", task=task, scheduler=scheduler)
+    choice = models.choose_accelerator(sd2, "sd2", turbo=False)
+    assert choice.source is None and choice.notice is None
+    assert "SD 2.x" in choice.warning and "--accelerator" in choice.warning
+    assert "\n" not in choice.warning
+    turbo = models.choose_accelerator(sd2, "sd2", turbo=True)  # SD-Turbo needs none
+    assert turbo.source is None and turbo.warning is None
+    none = models.choose_accelerator(replace(sd2, accelerator="none"), "sd2", turbo=False)
+    assert none == models.Accelerator(None)
     own = replace(sd2, accelerator="me/sd2-lcm/lora.safetensors")
     assert accelerator_source(own, "sd2", turbo=False) == "me/sd2-lcm/lora.safetensors"
     with pytest.raises(UsageError, match="--style-mode ad"):
@@ -413,12 +417,29 @@ def test_hub_lora_file_fails_offline_naming_it(sd15_path):
 
 def test_style_block_on_full_size_unets():
     assert style_block(meta_unet(SDXL_UNET)) == "up_blocks.0.attentions.1"
-    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1.attentions.1"
+    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1"
+
+
+def cross_attention_layers(unet, block: str) -> list[str]:
+    """The cross-attention processors (where IP-Adapter attaches) inside `block`."""
+    return sorted(n for n in unet.attn_processors if n.startswith(block + ".") and ".attn2." in n)
+
+
+def test_style_block_layers_on_full_size_unets():
+    """InstantStyle's targets: SDXL's 10 transformer layers of `up_blocks.0.attentions.1` (its
+    SDXL map), all 3 attentions of SD1.5's `up_blocks.1` (its SD1.5 code's `target_blocks`)."""
+    sdxl, sd15 = meta_unet(SDXL_UNET), meta_unet(SD15_UNET)
+    xl = cross_attention_layers(sdxl, style_block(sdxl))
+    assert len(xl) == 10
+    assert all(n.startswith("up_blocks.0.attentions.1.transformer_blocks.") for n in xl)
+    assert cross_attention_layers(sd15, style_block(sd15)) == [
+        f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(3)
+    ]
 
 
 def test_style_block_on_tiny_fixtures(sd15_path, sdxl_path):
     for path, block in [
-        (sd15_path, "up_blocks.1.attentions.1"),
+        (sd15_path, "up_blocks.1"),
         (sdxl_path, "up_blocks.0.attentions.1"),
     ]:
         config = UNet2DConditionModel.load_config(path, subfolder="unet")
@@ -450,13 +471,17 @@ def sdxl_with_adapter(sdxl_path, sdxl_ip_adapter):
 
 
 @pytest.mark.parametrize(
-    ("which", "block"),
-    [
-        ("sd15_with_adapter", "up_blocks.1.attentions.1"),
-        ("sdxl_with_adapter", "up_blocks.0.attentions.1"),
+    ("which", "block", "attentions"),
+    [  # the tiny SD1.5's up block 1 has 2 attentions: both take the scale, as InstantStyle's SD1.5
+        (
+            "sd15_with_adapter",
+            "up_blocks.1",
+            ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1"],
+        ),
+        ("sdxl_with_adapter", "up_blocks.0.attentions.1", ["up_blocks.0.attentions.1"]),
     ],
 )
-def test_set_style_scale_only_on_the_style_block(request, which, block):
+def test_set_style_scale_only_on_the_style_block(request, which, block, attentions):
     model = request.getfixturevalue(which)
     assert model.pipe.image_encoder is not None and model.unet.encoder_hid_proj is not None
     unet = model.unet
@@ -467,6 +492,7 @@ def test_set_style_scale_only_on_the_style_block(request, which, block):
         expected = 0.7 if name.startswith(block + ".") else 0.0
         assert proc.scale == [expected] * len(proc.scale), name
     assert sorted(active) == sorted(n for n in layers if n.startswith(block + "."))
+    assert sorted({n.split(".transformer_blocks")[0] for n in active}) == attentions
     assert len(active) < len(layers)
 
     everywhere = set_style_scale(unet, 0.3, block="")
@@ -506,7 +532,7 @@ def test_load_sd2_with_tiny_vae(sd2_path, tiny_vae_path):
     model = models.load(spec)
     assert model.family == "sd2" and not model.turbo and model.accelerator is None
     assert isinstance(model.vae, AutoencoderTiny)
-    assert len(model.notices) == 1 and "SD 2.x" in model.notices[0]
+    assert len(model.warnings) == 1 and "SD 2.x" in model.warnings[0]
     assert model.unet.config.cross_attention_dim == 64
     assert model.pipe.text_encoder.config.hidden_size == 64
 
@@ -522,21 +548,22 @@ def test_load_sd2_refuses_the_default_ip_adapter_before_loading(sd2_path, monkey
 
 def test_load_sd2_single_file(sd2_single_file, sd2_path):
     model = models.load(tiny_spec(sd2_single_file, model_config=str(sd2_path)))
-    assert model.family == "sd2" and model.notices == ()
+    assert model.family == "sd2" and model.notices == model.warnings == ()
     assert model.pipe.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_sd2_single_file_without_config_says_what_diffusers_assumes(sd2_single_file, tmp_path):
     """The weights do not say ε or v: diffusers takes stable-diffusion-2-1's (v) config."""
     spec = tiny_spec(sd2_single_file)
-    (notice,) = models.family_notices(spec, "sd2", turbo=False)
+    (notice,) = models.family_warnings(spec, "sd2")
     assert "v-prediction" in notice and "--model-config" in notice
-    assert models.family_notices(replace(spec, model_config="x/y"), "sd2", turbo=False) == []
-    assert models.family_notices(spec, "sd15", turbo=False) == []
+    assert models.family_warnings(replace(spec, model_config="x/y"), "sd2") == []
+    assert models.family_warnings(spec, "sd15") == []
+    assert models.family_warnings(tiny_spec("stabilityai/stable-diffusion-2-1"), "sd2") == []
     turbo_file = tmp_path / "sd_turbo.safetensors"  # the released file loads with its repo's config
     turbo_file.symlink_to(sd2_single_file)
     assert models.single_file_config(tiny_spec(turbo_file)) == "stabilityai/sd-turbo"
-    assert models.family_notices(tiny_spec(turbo_file), "sd2", turbo=True) == []
+    assert models.family_warnings(tiny_spec(turbo_file), "sd2") == []
     xl = ModelSpec("/models/SD_XL_TURBO_1.0_fp16.safetensors")
     assert models.single_file_config(xl) == "stabilityai/sdxl-turbo"
     assert models.single_file_config(replace(xl, model_config="me/cfg")) == "me/cfg"
@@ -550,14 +577,14 @@ def test_turbo_flag_and_name_notice_when_loading(sd15_path, tmp_path):
     folder.symlink_to(sd15_path, target_is_directory=True)
     plain = models.load(tiny_spec(folder))
     assert not plain.turbo
-    (notice,) = plain.notices
+    (notice,) = plain.warnings
     assert "looks like a turbo model" in notice and "--turbo" in notice
     turbo = models.load(tiny_spec(folder, turbo=True))
-    assert turbo.turbo and turbo.notices == ()
+    assert turbo.turbo and turbo.warnings == ()
     not_turbo = models.load(tiny_spec(folder, turbo=False))
-    assert not not_turbo.turbo and not_turbo.notices == ()
-    # auto still wants SD1.5's LCM-LoRA for the look-alike (offline here: it fails naming it)
-    with pytest.raises(ModelError, match="lcm-lora-sdv1-5"):
+    assert not not_turbo.turbo and not_turbo.warnings == ()
+    # auto still wants SD1.5's few-step LoRA for the look-alike (offline here: it fails naming it)
+    with pytest.raises(ModelError, match="TCD-SD15-LoRA"):
         models.load(replace(tiny_spec(folder), accelerator="auto"))
     assert accelerator_source(replace(tiny_spec(folder), accelerator="auto"), "sd15", True) is None
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from stylekit.engine import sampling
-from stylekit.presets import Settings
+from stylekit.presets import Settings, load_preset
 from stylekit.session import Runtime, open_session
 
 CPU32 = Runtime(device="cpu", dtype="fp32")
@@ -257,11 +257,11 @@ def test_batching_does_not_change_results(sd15_path, tmp_path):
 
 # --- IP-Adapter, through the CLI -------------------------------------------------------------
 
-# InstantStyle's map for the style block stylekit picks (`style.style_block`): the middle
-# attention of the first up block with attentions. Tiny SD1.5: up_blocks.1 has 2 attentions;
-# tiny SDXL: up_blocks.0 has 3 (as SDXL's).
+# InstantStyle's maps for the style block stylekit picks (`style.style_block`): SDXL's middle
+# attention of up block 0 (tiny SDXL: 3 attentions there, as SDXL's), all of SD1.5's up block 1
+# (tiny SD1.5: 2 attentions there).
 STYLE_BLOCK_MAPS = {
-    "sd15": lambda s: {"up": {"block_1": [0.0, s]}},
+    "sd15": lambda s: {"up": {"block_1": s}},
     "sdxl": lambda s: {"up": {"block_0": [0.0, s, 0.0]}},
 }
 
@@ -325,11 +325,12 @@ def test_ip_adapter_img2img_matches_diffusers(
             num_inference_steps=sampling.grid_steps_for(steps, strength),
             strength=strength,
             guidance_scale=cfg,
-            negative_prompt=negative,
+            negative_prompt=negative if negative is not None else preset_negative,
             generator=torch.Generator().manual_seed(11),
             output_type="np",
         ).images[0]
 
+    preset_negative = load_preset(None).negative  # no --negative: the default preset's, STD's
     ref = run_diffusers()
     pipe.set_ip_adapter_scale(0.0)
     unstyled = run_diffusers()

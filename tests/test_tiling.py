@@ -336,20 +336,52 @@ def test_tiles_blend_exactly_for_a_local_decoder(h, w, wrap):
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
-def test_tiled_decode_is_close_to_plain_decode(sd15):
-    """The tiny KL VAE's GroupNorm and mid attention see one tile at a time: close, not equal."""
-    from stylekit.engine.latents import decode
+def border_and_interior(diff: np.ndarray, edges: list[int], band: int) -> tuple[float, float]:
+    """Mean of an (H, W) difference within `band` px of the given column/row edges, and elsewhere."""
+    near = np.zeros(diff.shape, bool)
+    for e in edges:
+        near[max(e - band, 0) : e + band, :] = True
+        near[:, max(e - band, 0) : e + band] = True
+    return float(diff[near].mean()), float(diff[~near].mean())
 
-    z = randn_tensor((1, 4, 48, 48), generator=torch.Generator().manual_seed(0))
+
+@pytest.mark.parametrize("size, tile, overlap", [(48, 32, 8), (64, 48, 8), (64, 32, 12)])
+def test_tiled_decode_agrees_with_the_whole(sd15, size, tile, overlap):
+    """Shared mid block and GroupNorm statistics: the tiles decode like the whole latent.
+
+    Measured (tiny KL VAE, random latents): mean 0.007-0.03/255 with shared statistics against
+    10-12/255 with each tile normalised alone (max 0.3 vs 123/255); the goal is ≤ 2/255 and at
+    least 5× below the per-tile figure, with no more difference along tile borders than inside.
+    """
+    from stylekit.engine.latents import decode
+    from stylekit.engine.tiling import _spans
+
+    z = randn_tensor((1, 4, size, size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = decode(sd15, z)
-        tiled = decode_tiled(sd15, z, tile=32, overlap=8)
-        one_tile = decode_tiled(sd15, z[..., :32, :32], tile=32, overlap=8)
-        np.testing.assert_array_equal(one_tile, decode(sd15, z[..., :32, :32]))
-    assert np.abs(tiled - plain).mean() < 0.015  # 0.0086 measured; 0.0031 at 96 × 128, tile 64
-    # per-tile GroupNorm statistics move single pixels more (0.12 measured); a seam or a
-    # misplaced tile would be off by the image's whole range
-    assert np.abs(tiled - plain).max() < 0.25
+        shared = decode_tiled(sd15, z, tile=tile, overlap=overlap)  # lockstep_fits here
+        alone = decode_tiled(sd15, z, tile=tile, overlap=overlap, lockstep=False)
+    d_shared, d_alone = np.abs(shared - plain)[0].max(-1), np.abs(alone - plain)[0].max(-1)
+    assert d_shared.mean() <= 2 / 255 and 5 * d_shared.mean() <= d_alone.mean()
+    assert d_shared.max() <= 8 / 255  # no tile stands out anywhere (measured ≤ 0.3/255)
+    spans = _spans(size, tile=tile, overlap=overlap, wrap=False)
+    edges = [8 * (s.start + s.core_offset) for s in spans[1:]]  # px where a tile's core begins
+    border, interior = border_and_interior(d_shared, edges, band=8)
+    assert border <= max(2 * interior, 0.5 / 255), (border, interior)
+
+
+def test_one_tile_decodes_as_the_whole(sd15):
+    """A latent within one tile: the same decoder on the same input, either way."""
+    from stylekit.engine.latents import decode
+
+    z = randn_tensor((1, 4, 32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = decode(sd15, z)
+        np.testing.assert_array_equal(
+            decode_tiled(sd15, z, tile=32, overlap=8, lockstep=False), plain
+        )
+        # shared statistics are summed in float64, GroupNorm's kernel sums in float32: 1e-5 apart
+        np.testing.assert_allclose(decode_tiled(sd15, z, tile=32, overlap=8), plain, atol=5e-5)
 
 
 @pytest.mark.parametrize("tile, overlap", [(0, 0), (16, 8), (16, -1)])

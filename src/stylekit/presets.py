@@ -23,7 +23,7 @@ class Settings:
 
     model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     variant: str | None = None  # hub weight variant to prefer, e.g. "fp16" (halves the download)
-    accelerator: str = "auto"  # auto: STD LoRA (SDXL), LCM-LoRA (SD1.5), nothing (turbo, SD 2.x)
+    accelerator: str = "auto"  # auto: the LoRA for the command and its sampler (see README)
     # The model is a turbo (ADD) model: no accelerator, trailing timesteps. None: only the released
     # SD-Turbo / SDXL-Turbo are; a preset's value describes its own model (see with_overrides).
     turbo: bool | None = None
