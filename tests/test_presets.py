@@ -91,7 +91,7 @@ def test_other_builtins():
     lcm, turbo = load_preset("lcm-sd15"), load_preset("sd-turbo")
     assert (lcm.scheduler, lcm.steps, lcm.cfg, lcm.style_mode) == ("lcm", 4, 1.0, "ipadapter")
     assert "turbo" in turbo.model and turbo.style_mode == "none" and turbo.steps == 2
-    assert accelerator_source(ModelSpec(turbo.model), "sd15", turbo=True) is None
+    assert accelerator_source(ModelSpec(turbo.model), "sd2", turbo=True) is None
 
 
 # --- validation errors -----------------------------------------------------------------------

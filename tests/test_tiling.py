@@ -95,14 +95,24 @@ def test_crop_and_paste_wrap_around_the_canvas():
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def test_panorama_parity_tcd(sd15, empty_prompt):
-    """AD off, CFG 1, TCD γ 0: the loop equals diffusers' panorama pipeline on a 2-window canvas."""
+@pytest.mark.parametrize("family", ["sd15", "sd2"])  # the tiny SD 2.x predicts v
+def test_panorama_parity_tcd(request, family):
+    """AD off, CFG 1, TCD γ 0: the loop equals diffusers' panorama pipeline on a 2-window canvas;
+    averaging v (or x0) over windows is as valid as averaging ε: the steps are affine in it."""
     from diffusers import StableDiffusionPanoramaPipeline, TCDScheduler
 
+    from stylekit.engine.conditioning import encode_text
     from stylekit.engine.latents import decode
+    from stylekit.engine.models import ModelSpec, load
     from stylekit.engine.predict import noise_predictor
 
-    pipe = sd15.pipe
+    if family == "sd15":
+        model, prompt = request.getfixturevalue("sd15"), request.getfixturevalue("empty_prompt")
+    else:
+        path = request.getfixturevalue("sd2_path")
+        model = load(ModelSpec(str(path), accelerator="none", dtype="fp32", device="cpu"))
+        prompt = encode_text(model, "", None, cfg=1.0)
+    pipe = model.pipe
     panorama = StableDiffusionPanoramaPipeline(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -129,11 +139,12 @@ def test_panorama_parity_tcd(sd15, empty_prompt):
     generator = torch.Generator().manual_seed(0)
     z = randn_tensor((1, 4, height // 8, width // 8), generator=generator)
     sampler = sampling.make_sampler("tcd", dict(pipe.scheduler.config))
-    eps = noise_predictor(sd15, empty_prompt, height, width)
+    assert sampler.prediction == ("v_prediction" if family == "sd2" else "epsilon")
+    eps = noise_predictor(model, prompt, height, width)
     ts = sampling.consistency_timesteps(steps)
     with torch.no_grad():
         z = multidiffusion(eps, z, ts, sampler, window=64, stride=8, view_batch=2)
-        ours = decode(sd15, z)
+        ours = decode(model, z)
     assert ours.shape == theirs.shape == (1, height, width, 3)
     # parity means every pixel within one 8-bit level (the same loop measures 0 on CPU)
     assert np.abs(ours - theirs).mean() <= 1 / 255

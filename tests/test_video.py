@@ -391,6 +391,20 @@ def test_styled_video_through_the_cli_in_stream_batch(
 
 
 def test_first_frame_matches_the_still_image_path(stylizer):
+    assert_first_frame_matches_still(stylizer)
+
+
+def test_first_frame_matches_the_still_image_path_on_v_prediction(sd2_path, runtime):
+    """The stream steps v-prediction models like the still path (which has diffusers parity)."""
+    from stylekit.session import open_session, resolve_settings
+
+    settings = resolve_settings(None, None, dict(model=str(sd2_path), **SETTINGS))
+    sd2 = open_session(settings, runtime=runtime)
+    assert sd2.sampler.prediction == "v_prediction"
+    assert_first_frame_matches_still(sd2)
+
+
+def assert_first_frame_matches_still(stylizer):
     frame = np.asarray(Image.effect_mandelbrot((64, 48), (-2, -1.2, 1, 1.2), 60).convert("RGB"))
     frames = [frame, frame[::-1].copy()]
     still = np.asarray(stylizer.img2img([Image.fromarray(frame)], [3])[0])

@@ -133,6 +133,7 @@ def model_spec(
         allow_pickle=runtime.allow_pickle,
         model_config=runtime.model_config,
         variant=settings.variant,
+        turbo=settings.turbo,
     )
 
 
