@@ -28,7 +28,7 @@ def test_estimate_grows_with_pixels_rows_and_dtype_and_checkpointing_saves():
     assert ad_memory_estimate("sdxl", SDXL_1024, rows=1, checkpointing=True) < one
     assert ad_memory_estimate("sd15", SDXL_1024, rows=1, checkpointing=False) < one
     # a family without measurements gets the larger (SDXL's) figures
-    assert ad_memory_estimate("sd2", SDXL_1024, rows=1, checkpointing=False) == one
+    assert ad_memory_estimate("sd3", SDXL_1024, rows=1, checkpointing=False) == one
 
 
 # (free GiB, family, latent tokens, rows, forced checkpointing) -> (checkpointing, micro-batch).
@@ -64,9 +64,10 @@ def test_memory_plan_table(free, family, tokens, rows, forced, want):
 
 
 def test_free_memory_on_cpu_reads_memavailable():
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if "MemAvailable" in line)
     free = ad.free_memory(torch.device("cpu"))
-    assert free is None or free > 0
-    assert ad.free_memory(torch.device("meta")) is None
+    assert abs(free - available) < 2 * GIB  # read a moment apart on a shared machine
 
 
 # --- the plan in a run ---------------------------------------------------------------------------

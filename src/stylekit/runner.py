@@ -16,7 +16,14 @@ from pathlib import Path
 from PIL import Image
 
 from stylekit.errors import StylekitError, UsageError
-from stylekit.media.batch import BatchReport, Job, collect_inputs, plan_outputs, split_existing
+from stylekit.media.batch import (
+    BatchReport,
+    Job,
+    collect_inputs,
+    output_format,
+    plan_outputs,
+    split_existing,
+)
 from stylekit.media.images import save_image
 
 
@@ -47,6 +54,9 @@ class Events:
     def finished(self, record: Record) -> None: ...
 
     def warning(self, message: str) -> None: ...
+
+    def notice(self, message: str) -> None:
+        """Something the user should know about the run (a console shows each text once)."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +108,22 @@ def begin(jobs: list[Job], output: Output, events: Events) -> tuple[BatchReport,
     return report, to_do, seed0
 
 
+FLATTENED = (
+    "JPEG has no alpha channel: transparent inputs are flattened on white (png or webp keep it)"
+)
+
+
 def write_image(job: Job, result: tuple[Image.Image, dict], output: Output) -> dict:
-    """Save an (image, settings) result atomically with its settings embedded; return the settings."""
+    """Save an (image, settings) result atomically with its settings embedded; return the settings.
+
+    An RGBA image keeps its alpha in PNG and WebP; JPEG flattens it on white, and the settings
+    say which (`alpha`: kept or flattened).
+    """
     image, settings = result
-    save_image(image, job.output, fmt=None if job.output.suffix else output.fmt, metadata=settings)
+    fmt = output_format(job.output.suffix or output.fmt)
+    if image.mode == "RGBA":
+        settings = settings | {"alpha": "flattened" if fmt == "jpg" else "kept"}
+    save_image(image, job.output, fmt=fmt, metadata=settings)
     return settings
 
 
@@ -220,5 +242,7 @@ def save(
     except Exception as exc:
         fail(job, seed, exc, report, events)
         return
+    if settings.get("alpha") == "flattened":
+        events.notice(FLATTENED)
     report.add_done(job)
     events.finished(Record(source(job), str(job.output), "done", seconds, seed, settings=settings))

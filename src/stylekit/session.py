@@ -27,10 +27,10 @@ from stylekit import __version__
 from stylekit.engine import ad, conditioning, models, sampling
 from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
-from stylekit.engine.latents import decode, to_pil, upcast_needed
+from stylekit.engine.latents import decode, to_pil
 from stylekit.engine.sampling import AfterStep
 from stylekit.errors import UsageError
-from stylekit.media.images import load_image
+from stylekit.media.images import Sizing, load_image, resized
 from stylekit.presets import Settings, load_preset
 from stylekit.runner import Events, Output, base_seed
 
@@ -63,6 +63,16 @@ def resolve_settings(settings: Settings | None, preset: str | None, overrides: d
 def with_seed(output: Output) -> Output:
     """Fix the batch's base seed up front (random if not given) so every part of the run shares it."""
     return replace(output, seed=base_seed(output.seed))
+
+
+def size_notice(sizing: Sizing, what: str = "outputs") -> Callable[[Session], str]:
+    """The run's working-size notice (`LazySession`'s `announce`), once the model is known."""
+
+    def announce(session: Session) -> str:
+        written = "the input's size" if sizing.keep_size else "the working size"
+        return f"working size: {sizing.describe(session.native_px)}; {what} at {written}"
+
+    return announce
 
 
 def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
@@ -103,13 +113,18 @@ def reference_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(derived[0]) << 31 | int(derived[1]) >> 1)
 
 
-def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> models.ModelSpec:
-    """Translate settings into what the engine loads."""
+def model_spec(
+    settings: Settings, runtime: Runtime, *, ip_adapter: bool, task: str = "img2img"
+) -> models.ModelSpec:
+    """Translate settings into what the engine loads; `task` (img2img, noise, video) is where the
+    command's sampling starts, which decides the accelerator `auto` picks."""
     return models.ModelSpec(
         model=settings.model,
         loras=tuple(models.LoraSpec.parse(s) for s in settings.loras),
         accelerator=settings.accelerator,
         strength=settings.strength,
+        task=task,
+        scheduler=settings.scheduler,
         tiny_vae=tiny_vae(settings) or False,
         vae=settings.vae,
         ip_adapter=settings.ip_adapter if ip_adapter else None,
@@ -119,6 +134,7 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> mod
         allow_pickle=runtime.allow_pickle,
         model_config=runtime.model_config,
         variant=settings.variant,
+        turbo=settings.turbo,
     )
 
 
@@ -130,17 +146,6 @@ def tiny_vae(settings: Settings) -> str | bool | None:
     if settings.tiny_vae_model:
         return settings.tiny_vae_model
     return True if settings.tiny_vae else None
-
-
-def vae_notice(model: models.LoadedModel) -> str | None:
-    """One line when the model's own SDXL VAE must run in fp32 under fp16, naming the fix.
-
-    The fp16-fix VAE is not loaded unasked: it is another download (a surprise offline) and a
-    different VAE (outputs change slightly); the fp32 upcast is correct, only slower."""
-    if not upcast_needed(model):
-        return None
-    fix = f" (--vae {models.SDXL_FP16_VAE} runs in fp16)" if model.family == "sdxl" else ""
-    return f"the VAE overflows in fp16, so it encodes and decodes in fp32{fix}"
 
 
 def ad_options(settings: Settings) -> ad.ADOptions:
@@ -156,6 +161,11 @@ def ad_options(settings: Settings) -> ad.ADOptions:
     )
 
 
+def native_px(model: models.LoadedModel) -> int:
+    """The model's native side in pixels: the UNet's `sample_size` x the VAE's scale factor."""
+    return int(model.unet.config.sample_size) * int(model.pipe.vae_scale_factor)
+
+
 def open_session(
     settings: Settings,
     runtime: Runtime = Runtime(),
@@ -163,25 +173,33 @@ def open_session(
     style: Sequence[Image.Image] = (),
     style_names: Sequence[str] = (),
     seed: int = 0,
+    task: str = "img2img",
 ) -> Session:
     """Load the model, build its sampler, encode the prompt and the style references: one run.
 
+    `task` says where sampling starts: "img2img" (stylize, inpaint), "noise" (t2i-styled,
+    textures) or "video"; `--accelerator auto` picks the LoRA distilled for it.
+
     With style mode ad/both (or optimize mode) the references are resized to the model's native
     size, as the AD release does, encoded once, and given their fixed noise (see
-    `reference_generator`).
+    `reference_generator`). IP-Adapter references are scaled down to the working size first, by
+    the same rule as content images (`Sizing`): the CLIP image processor then resizes them to its
+    own 224 px anyway, so this only bounds the memory a 12-megapixel reference takes.
     """
     use_ad, use_ip = uses_ad(settings, style), wants_ip_adapter(settings, style)
-    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip))
+    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip, task=task))
     config = dict(model.pipe.scheduler.config)
     sampler = sampling.make_sampler(settings.scheduler, config, gamma=settings.gamma)
     cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
     if use_ip:
         style_engine.set_style_scale(model.unet, settings.style_scale)
-        cond = conditioning.with_style_images(model, cond, style)
+        native = native_px(model)
+        capped = [resized(im, Sizing().working(im.size, native)) for im in style]
+        cond = conditioning.with_style_images(model, cond, capped)
     session = Session(settings, model, sampler, cond, style_names=list(style_names))
     if not use_ad:
         return session
-    side = session.native * 8
+    side = session.native_px
     sized = [im.resize((side, side), Image.Resampling.BICUBIC) for im in style]
     return session.with_references(sized, seed=seed)
 
@@ -208,6 +226,11 @@ class Session:
     def native(self) -> int:
         """The UNet's native latent size (64 for SD1.5, 128 for SDXL)."""
         return int(self.model.unet.config.sample_size)
+
+    @property
+    def native_px(self) -> int:
+        """The model's native side in pixels (512 for SD1.5, 1024 for SDXL)."""
+        return native_px(self.model)
 
     def with_references(
         self, images: Sequence[Image.Image], *, seed: int, masks: LabelMaps | None = None
@@ -355,11 +378,21 @@ class Session:
         }
 
 
+def announce(model: models.LoadedModel, events: Events) -> None:
+    """Tell the user what the loader chose for them (the accelerator) and what may go wrong."""
+    for line in model.notices:
+        events.notice(line)
+    for line in model.warnings:
+        events.warning(line)
+
+
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
     Style references are loaded by the constructor, so a bad one stops the run before any model
-    loads; `check(session)` may refuse a combination only the loaded model reveals.
+    loads; `check(session)` may refuse a combination only the loaded model reveals, and
+    `announce(session)` returns a line for `events.notice` once the model is known (the working
+    size, which depends on the model).
     """
 
     def __init__(
@@ -371,9 +404,12 @@ class LazySession:
         seed: int,
         events: Events,
         check: Callable[[Session], None] | None = None,
+        task: str = "img2img",
+        announce: Callable[[Session], str] | None = None,
     ):
         self.settings, self.runtime = settings, runtime or Runtime()
-        self.seed, self.events, self.check = seed, events, check
+        self.seed, self.events, self.check, self.task = seed, events, check, task
+        self.announce = announce
         self.style_names = [Path(p).name for p in style]
         self.style_images = load_style_images(style)
         check_references(settings, self.style_images)
@@ -387,12 +423,13 @@ class LazySession:
             style=self.style_images,
             style_names=self.style_names,
             seed=self.seed,
+            task=self.task,
         )
+        announce(session.model, self.events)
         if self.check is not None:
             self.check(session)
-        notice = vae_notice(session.model)
-        if notice:
-            self.events.warning(notice)
+        if self.announce is not None:
+            self.events.notice(self.announce(session))
         self.session = session
 
     def __call__(self) -> Session:

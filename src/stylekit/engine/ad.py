@@ -29,7 +29,7 @@ from stylekit.engine.attention import Features, FeatureStore, record_attention, 
 from stylekit.engine.latents import encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import AfterStep, add_noise
-from stylekit.engine.tiling import View, map_windows
+from stylekit.engine.tiling import View, free_memory, map_windows
 from stylekit.errors import UsageError
 
 # encoder_hidden_states alone, or UNet keyword arguments (added_cond_kwargs, timestep_cond, ...)
@@ -346,7 +346,11 @@ class FeatureCache:
 # larger per-token figure of the two sizes (512²: a fixed part weighs more), so an estimate errs
 # on the large side: SDXL 1024², one image, is estimated at 6.5 GiB without checkpointing and 1.9
 # GiB with it; measured 6.2 and 1.3.
-AD_BYTES_PER_TOKEN = {"sd15": (237_000, 127_000), "sdxl": (425_000, 123_000)}
+AD_BYTES_PER_TOKEN = {
+    "sd15": (237_000, 127_000),
+    "sd2": (237_000, 127_000),  # not measured: SD1.5's channel widths and attention levels
+    "sdxl": (425_000, 123_000),
+}
 MEMORY_HEADROOM = 0.8  # plan within this share of free memory: allocator slack, sampler tensors
 
 
@@ -400,30 +404,6 @@ def memory_plan(
     ]
     budget = None if free is None else free * MEMORY_HEADROOM
     return next((p for p in plans if budget is None or p.estimate <= budget), plans[-1])
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device`, or None where that cannot be told.
-
-    CUDA: the driver's free memory plus what PyTorch's allocator holds unused; CPU: MemAvailable."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        return mem_available()
-    return None
 
 
 def plan_for(

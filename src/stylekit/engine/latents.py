@@ -53,17 +53,16 @@ def upcast_needed(model: LoadedModel) -> bool:
 
 
 @contextmanager
-def vae_dtype(model: LoadedModel, dtype: torch.dtype) -> Iterator[None]:
+def vae_dtype(vae, dtype: torch.dtype) -> Iterator[None]:
     """Run the VAE in `dtype` for the block, then put it back in its own dtype, even on error.
 
     In fp32 an enclosing autocast is switched off too, so fp32 means fp32."""
-    vae = model.vae
-    old = vae.dtype
+    old, device = vae.dtype, next(vae.parameters()).device
     if dtype != old:
         vae.to(dtype)
-    no_autocast = dtype == torch.float32 and autocast_dtype(model.device) is not None
+    no_autocast = dtype == torch.float32 and autocast_dtype(device) is not None
     try:
-        with torch.autocast(model.device.type, enabled=False) if no_autocast else nullcontext():
+        with torch.autocast(device.type, enabled=False) if no_autocast else nullcontext():
             yield
     finally:
         if dtype != old:
@@ -86,11 +85,15 @@ def encode_pixels(
     vae = model.vae
     dtype = torch.float32 if upcast_needed(model) else vae.dtype
     gens = generator if isinstance(generator, list) else [generator] * x.shape[0]
-    with vae_dtype(model, dtype):
+    with vae_dtype(vae, dtype):
         x = x.to(device=model.device, dtype=dtype)
         rows = [posterior(vae, x[i : i + 1], g, sample=sample) for i, g in enumerate(gens)]
         z = torch.cat(rows)
-    z = z.to(model.dtype)
+    return scale_latents(vae, z.to(model.dtype))
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents → scaled latents (what the UNet sees); `unscale` undoes it."""
     mean, std = latent_stats(vae, z)
     if mean is not None:
         return (z - mean) * vae.config.scaling_factor / std
@@ -115,18 +118,25 @@ def encode(model: LoadedModel, images, generator) -> torch.Tensor:
 def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """Scaled latent → (B, H, W, 3) float array in [0, 1], decoding in `dtype`."""
     vae = model.vae
-    mean, std = latent_stats(vae, z)
-    z = (
-        z * std / vae.config.scaling_factor + mean
-        if mean is not None
-        else z / vae.config.scaling_factor
-    )
-    with vae_dtype(model, dtype):  # one row at a time: no faster per image in a batch
+    z = unscale(vae, z)
+    with vae_dtype(vae, dtype):  # one row at a time: no faster per image in a batch
         z = z.to(dtype)
         x = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
-    x = x / 2 + 0.5
-    x = torch.where(x.isfinite(), x.clamp(0, 1), x)  # clamping would hide ±inf from `degenerate`
-    return x.float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return unit_pixels(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def unscale(vae, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (what the UNet sees) → the VAE's own latents."""
+    mean, std = latent_stats(vae, z)
+    if mean is not None:
+        return z * std / vae.config.scaling_factor + mean
+    return z / vae.config.scaling_factor
+
+
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A VAE's output in [−1, 1] → float32 in [0, 1]; ±inf and NaN stay for `degenerate` to see."""
+    x = x.float() / 2 + 0.5
+    return torch.where(x.isfinite(), x.clamp(0, 1), x)
 
 
 def degenerate(arr: np.ndarray) -> str | None:

@@ -69,7 +69,9 @@ def t2i_styled(
     jobs = plan_generated(count, prompt, output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
-    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+    run = LazySession(
+        settings, style, runtime=runtime, seed=output.seed, events=events, task="noise"
+    )
 
     def process(job: Job, seed: int):
         session = run()

@@ -70,9 +70,9 @@ from stylekit.runner import Events, Output, plan_files, run_jobs
 from stylekit.session import (
     Runtime,
     Session,
+    announce,
     open_session,
     resolve_settings,
-    vae_notice,
     with_seed,
 )
 
@@ -447,10 +447,8 @@ def run_textures(
 
     def prepare() -> None:
         events.loading(settings.model)
-        session = open_session(settings, runtime or Runtime())
-        notice = vae_notice(session.model)
-        if notice:
-            events.warning(notice)
+        session = open_session(settings, runtime or Runtime(), task="noise")
+        announce(session.model, events)
         if size is not None:  # bad window options fail the run here, not every job
             plan = canvas.plan(size, session.native)
             if maps is not None:
