@@ -338,8 +338,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on cuda), fp16, bf16 or fp32")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64 px: seconds, on a CPU")
-    p.add_argument("--images", type=int, help="most images per side (default 16; tiny 2)")
-    p.add_argument("--seconds", type=float, help="time box per side (default 20; tiny 2)")
+    p.add_argument("--images", type=int, help="most images per side (default 12; tiny 2)")
+    p.add_argument("--seconds", type=float, help="time box per side (default 15; tiny 2)")
     p.add_argument(
         "--batch", type=int, help="stylekit's images per call (default: its own; tiny 1)"
     )
@@ -347,8 +347,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", type=Path, default=CACHE, help="where the models are built")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
-    args.images = args.images or (2 if args.tiny else 16)
-    args.seconds = args.seconds or (2.0 if args.tiny else 20.0)
+    args.images = args.images or (2 if args.tiny else 12)
+    args.seconds = args.seconds or (2.0 if args.tiny else 15.0)
     return args
 
 
