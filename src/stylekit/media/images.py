@@ -7,6 +7,7 @@ have no alpha channel, and white is what viewers show behind most transparent ar
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def open_rgb(path: Path) -> Image.Image:
         raise InputError(f"{path}: permission denied") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "truncated image" if "truncated" in str(exc) else f"cannot decode image ({exc})"
+        if getattr(exc, "errno", None) == errno.ELOOP:
+            reason = "symbolic link loop"
         raise InputError(f"{path}: {reason}") from exc
 
 
