@@ -24,7 +24,15 @@ from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwr
 from stylekit.media.images import load_image, open_rgb
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
-from stylekit.session import LazySession, Runtime, Session, resolve_settings, with_seed
+from stylekit.session import (
+    LazySession,
+    Runtime,
+    Session,
+    check_fits,
+    image_work,
+    resolve_settings,
+    with_seed,
+)
 
 DEFAULT_MASK_BLUR = 4  # px of feathering outside the mask: hides the seam, touches little else
 MAX_MASK_BLUR = 64
@@ -122,12 +130,29 @@ def inpaint(
     refuse_overwriting_files(jobs, style, "--style")
     refuse_overwriting_files(jobs, mask_files, "--mask")
     events = events or Events()
+    runtime = runtime or Runtime()
+
+    def check_size() -> None:  # before the model loads: --size is every image's size
+        if size is not None:
+            what = f"--size {size[0]}x{size[1]}"
+            work = image_work(settings, size, style)
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
     run = LazySession(
-        settings, style, runtime=runtime, seed=output.seed, events=events, check=refuse_ad_on_9ch
+        settings,
+        style,
+        runtime=runtime,
+        seed=output.seed,
+        events=events,
+        check=refuse_ad_on_9ch,
+        before=check_size,
     )
 
     def process(job: Job, seed: int):
         image = load_image(job.input, size=size, max_size=max_size)
+        what = f"{job.input}: {image.width}x{image.height}"
+        work = image_work(settings, image.size, style)
+        run.check_input(work, what=what, hint="shrink it with --max-size")
         mask_path = find_mask(job)
         grey, resized = load_mask(mask_path, image.size, invert=invert_mask)
         out = repaint(run(), image, grey, seed=seed, blur=mask_blur, callback=events.step)

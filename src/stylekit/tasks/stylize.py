@@ -15,7 +15,15 @@ from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
 from stylekit.media.images import load_image
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_batched
-from stylekit.session import LazySession, Runtime, default_batch, resolve_settings, with_seed
+from stylekit.session import (
+    LazySession,
+    Runtime,
+    check_fits,
+    default_batch,
+    image_work,
+    resolve_settings,
+    with_seed,
+)
 
 
 def stylize(
@@ -44,10 +52,25 @@ def stylize(
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
-    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+    batch = batch_size or default_batch(runtime)
+    rows = min(batch, len(jobs)) or 1  # same-size images per UNet call, at most
+
+    def check_size() -> None:  # before the model loads: --size is every image's size
+        if size is not None:
+            work = image_work(settings, size, style, batch=rows)
+            what = f"--size {size[0]}x{size[1]}"
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
+    run = LazySession(
+        settings, style, runtime=runtime, seed=output.seed, events=events, before=check_size
+    )
 
     def load(job: Job) -> Image.Image:
-        return load_image(job.input, size=size, max_size=max_size)
+        image = load_image(job.input, size=size, max_size=max_size)
+        what = f"{job.input}: {image.width}x{image.height}"
+        work = image_work(settings, image.size, style, batch=rows)
+        run.check_input(work, what=what, hint="shrink it with --max-size")
+        return image
 
     def process(batch: list[tuple[Job, int, Image.Image]]):
         session = run()
@@ -63,7 +86,7 @@ def stylize(
         output,
         load=load,
         process=process,
-        batch_size=batch_size or default_batch(runtime),
+        batch_size=batch,
         key=lambda im: im.size,
         prepare=run.prepare,
         events=events,

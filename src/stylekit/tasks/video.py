@@ -39,12 +39,14 @@ from stylekit.media.batch import (
     BatchReport,
     Job,
     collect_inputs,
+    output_root,
     refuse_overwriting_files,
     refuse_overwriting_inputs,
     unique_outputs,
 )
 from stylekit.media.video import (
     VIDEO_SUFFIXES,
+    VideoInfo,
     VideoWriter,
     check_selection,
     probe,
@@ -55,7 +57,15 @@ from stylekit.media.video import (
 from stylekit.presets import Settings
 from stylekit.progress import ConsoleEvents
 from stylekit.runner import Events, Output, run_jobs
-from stylekit.session import LazySession, Runtime, Session, resolve_settings, with_seed
+from stylekit.session import (
+    LazySession,
+    Runtime,
+    Session,
+    check_fits,
+    image_work,
+    resolve_settings,
+    with_seed,
+)
 
 VIDEO_FORMATS = {"mp4": ".mp4", "m4v": ".m4v", "mov": ".mov", "mkv": ".mkv", "webm": ".webm"}
 ANCHOR_EVERY = 30  # a fresh anchor about once a second at 30 fps (see StreamOptions)
@@ -99,7 +109,8 @@ def video_extension(fmt: str | None) -> str:
 
 def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None = None) -> list[Job]:
     """Collect video inputs and name their outputs (videos, or frame folders with `frames_out`)."""
-    items = collect_inputs(list(inputs), kinds=VIDEO_SUFFIXES)
+    root = Path(frames_out) if frames_out is not None else output.out
+    items = collect_inputs(list(inputs), kinds=VIDEO_SUFFIXES, exclude=output_root(root))
     if frames_out is not None:
         if output.out is not None:
             raise UsageError("give either -o (videos) or --frames-out (PNG frames), not both")
@@ -120,7 +131,11 @@ def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None =
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root}: is a file, not a folder")
     paths = unique_outputs(items, root, ext, output.suffix)
-    jobs = [Job(i.path, p, i.rel, n) for n, (i, p) in enumerate(zip(items, paths, strict=True))]
+    folder = frames_out is not None
+    jobs = [
+        Job(i.path, p, i.rel, n, folder=folder)
+        for n, (i, p) in enumerate(zip(items, paths, strict=True))
+    ]
     refuse_overwriting_inputs(jobs)
     return jobs
 
@@ -180,15 +195,23 @@ def replace_dir(part: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def frame_size(size: tuple[int, int], clip: Clip) -> tuple[int, int]:
+    """The (W, H) a frame of `size` is processed at: `clip.size`, or shrunk to `clip.max_size`."""
+    w, h = size
+    if clip.size is not None:
+        return clip.size
+    if clip.max_size is not None and max(w, h) > clip.max_size:
+        scale = clip.max_size / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
+    return w, h
+
+
 def resized(frames: Iterable[np.ndarray], clip: Clip) -> Iterator[np.ndarray]:
     """Resize frames to `clip.size`, or down to `clip.max_size` on the longer side (Lanczos)."""
     for frame in frames:
         h, w = frame.shape[:2]
-        target = clip.size
-        if target is None and clip.max_size is not None and max(w, h) > clip.max_size:
-            scale = clip.max_size / max(w, h)
-            target = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if target is not None and target != (w, h):
+        target = frame_size((w, h), clip)
+        if target != (w, h):
             frame = np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.LANCZOS))
         yield frame
 
@@ -205,9 +228,10 @@ def stylize_one(
     *,
     frames_out: Path | None,
     events: Events,
+    info: VideoInfo | None = None,
 ) -> dict:
     """Stylise one video into its output; returns the settings for its record."""
-    info = probe(job.input)
+    info = info or probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
         warn(events, message)
@@ -311,10 +335,29 @@ def stylize_video(
     jobs = plan_videos(inputs, output, frames_out)
     refuse_overwriting_files(jobs, style, "--style")
     check_encoding(jobs, clip, frames_out)
-    run = LazySession(settings, style, runtime=runtime, seed=output.seed, events=events)
+    runtime = runtime or Runtime()
+    stages = settings.steps if stream_batch is not False else 1  # rows of one stream-batch call
+
+    def check_size() -> None:  # before the model loads: --size is every frame's size
+        if size is not None:
+            work = image_work(settings, size, style, stages=stages)
+            what = f"--size {size[0]}x{size[1]}"
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
+    run = LazySession(
+        settings, style, runtime=runtime, seed=output.seed, events=events, before=check_size
+    )
 
     def process(job: Job, seed: int) -> dict:
-        return stylize_one(job, seed, run(), options, clip, frames_out=frames_out, events=events)
+        info = probe(job.input)
+        width, height = frame_size(info.size, clip)
+        work = image_work(settings, (width, height), style, stages=stages)
+        what = f"{job.input}: frames of {width}x{height}"
+        run.check_input(work, what=what, hint="shrink them with --max-size")
+        session = run()
+        return stylize_one(
+            job, seed, session, options, clip, frames_out=frames_out, events=events, info=info
+        )
 
     return run_jobs(
         jobs,
@@ -332,8 +375,8 @@ def stylize_video(
 class VideoConsoleEvents(ConsoleEvents):
     """`ConsoleEvents` counting videos, with a per-video frames bar showing fps and an ETA."""
 
-    def __init__(self, console, *, as_json: bool = False, quiet: bool = False):
-        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos")
+    def __init__(self, console, *, as_json: bool = False, quiet: bool = False, debug: bool = False):
+        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos", debug=debug)
 
     def started(self, job) -> None:
         super().started(job)
