@@ -100,3 +100,35 @@ def sd15_single_file(sd15_path, models_dir):
     from stylekit.testing import save_single_file
 
     return save_single_file(sd15_path, models_dir / "sd15.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sd2_path(models_dir):
+    """A tiny SD 2.x-layout pipeline folder (OpenCLIP-like text encoder, v-prediction)."""
+    from stylekit.testing import build_sd2
+
+    return build_sd2(models_dir / "sd2")
+
+
+@pytest.fixture(scope="session")
+def sd2_single_file(sd2_path, models_dir):
+    """`sd2_path` as one original-layout `.safetensors` checkpoint (OpenCLIP text encoder keys)."""
+    from stylekit.testing import save_single_file
+
+    return save_single_file(sd2_path, models_dir / "sd2.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sd15_vpred_path(models_dir):
+    """`sd15_path`'s weights with a v-prediction scheduler config."""
+    from stylekit.testing import build_sd15
+
+    return build_sd15(models_dir / "sd15-vpred", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def sd15_sample_path(models_dir):
+    """`sd15_path`'s weights with a sample (x0) prediction scheduler config."""
+    from stylekit.testing import build_sd15
+
+    return build_sd15(models_dir / "sd15-sample", prediction_type="sample")

@@ -141,20 +141,22 @@ def test_a_size_that_fits_runs(command, tmp_path, sd15_path, free_16gib):
 
 
 def test_an_8192_png_fails_alone_and_the_rest_are_done(tmp_path, sd15_path, free_16gib):
-    """A valid 8192² PNG of a few dozen KB (under Pillow's bomb limit) would run at 8192²: it
-    fails with one line before the UNet sees it; the small image next to it is done."""
+    """A valid 8192² PNG of a few dozen KB (under Pillow's bomb limit) run at its own size
+    (`--max-pixels 0`; by default it is shrunk to the model's budget) fails with one line before
+    the UNet sees it; the small image next to it is done."""
     big = tmp_path / "in" / "big.png"
     big.parent.mkdir(parents=True)
     Image.new("L", (8192, 8192), 128).save(big, optimize=True)
     assert big.stat().st_size < 100_000
     write_image(tmp_path / "in" / "small.png")
-    result = cli("stylize", tmp_path / "in", "-o", tmp_path / "out", "--json", *tiny(sd15_path))
+    args = ["stylize", tmp_path / "in", "-o", tmp_path / "out", "--json", "--max-pixels", "0"]
+    result = cli(*args, *tiny(sd15_path))
     assert result.exit_code == 1, (result.stderr, result.exception)
     status = {Path(r["input"]).name: r for r in records(result.stdout)}
     assert status["small.png"]["status"] == "done"
     error = status["big.png"]["error"]
     assert status["big.png"]["status"] == "failed"
-    assert "8192x8192" in error and "needs about" in error and "--max-size" in error
+    assert "8192x8192" in error and "needs about" in error and "--max-pixels" in error
     assert "Traceback" not in result.stderr
     assert files_under(tmp_path / "out") == ["small.png"]
 
@@ -425,14 +427,14 @@ def test_an_unexpected_error_in_one_input_names_it_and_the_batch_goes_on(
 
     write_image(tmp_path / "in" / "a.png")
     write_image(tmp_path / "in" / "b.png", 1)
-    real_load = task.load_image
+    real_read = task.read_image
 
-    def load_image(path, **kwargs):
+    def read_image(path, **kwargs):
         if Path(path).name == "b.png":
             raise ZeroDivisionError("b is odd")
-        return real_load(path, **kwargs)
+        return real_read(path, **kwargs)
 
-    monkeypatch.setattr(task, "load_image", load_image)
+    monkeypatch.setattr(task, "read_image", read_image)
     result = cli("stylize", tmp_path / "in", "-o", tmp_path / "out", *tiny(sd15_path), debug=debug)
     assert result.exit_code == 1, (result.stderr, result.exception)
     failed = [line for line in result.stderr.splitlines() if "b.png" in line and "failed" in line]

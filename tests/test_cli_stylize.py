@@ -25,6 +25,7 @@ from stylekit import __version__
 from stylekit.cli import app
 from stylekit.engine import models
 from stylekit.media.metadata import EXIF_IFD, USER_COMMENT, read_metadata, read_parameters
+from stylekit.presets import load_preset
 
 RUNNER = CliRunner()
 
@@ -394,8 +395,9 @@ def test_each_output_carries_its_own_settings(folder, tmp_path, sd15_path, fmt):
         assert meta["model"] == str(sd15_path) and meta["input"] == f"{name}.png"
         assert meta["stylekit"] == __version__
         text = read_parameters(path)
-        first, params = text.split("\n")
+        first, negative, params = text.split("\n")
         assert first == "a red cat"
+        assert negative == f"Negative prompt: {load_preset(None).negative}"  # the preset's, STD's
         assert params.startswith("Steps: 2, Sampler: TCD, CFG scale: 6.0, ")
         assert f"Seed: {seed}, Size: 64x64, " in params and "Denoising strength: 0.5" in params
         with Image.open(path) as img:
@@ -436,32 +438,35 @@ REFERENCE_FLAGS = {"--style", "--ip-adapter", "--image-encoder", "--style-scale"
 OPTIONS = {  # command: (flags it must have, flags it must not have)
     "stylize": (
         {"--strength", "--batch-size", "--mode", "--opt-steps", "--size", "--max-size", "--prompt"}
-        | {"--content-weight"}
+        | {"--content-weight", "--max-pixels", "--keep-size"}
         | REFERENCE_FLAGS,
-        {"--count", "--mask"},
+        {"--count", "--mask", "--mask-padding", "--no-keep-size"},
     ),
     "t2i-styled": (
         {"--count", "--size", "--negative"} | REFERENCE_FLAGS,
-        {"--prompt", "--strength", "--content-weight", "--max-size", "--mode", "--batch-size"},
+        {"--prompt", "--strength", "--content-weight", "--max-size", "--mode", "--batch-size"}
+        | {"--max-pixels", "--keep-size"},
     ),
     "inpaint": (
         {"--mask", "--invert-mask", "--mask-blur", "--strength", "--prompt", "--max-size"}
+        | {"--size", "--max-pixels", "--mask-padding"}
         | REFERENCE_FLAGS,
-        {"--mode", "--batch-size"},
+        {"--mode", "--batch-size", "--keep-size"},  # the output always has the input's size
     ),
     "video": (
         {"--frames-out", "--consistency", "--every", "--codec", "--crf", "--strength"}
-        | {"--max-size", "--size"}
+        | {"--max-size", "--size", "--max-pixels", "--keep-size", "--no-keep-size"}
         | REFERENCE_FLAGS,
         {"--mode", "--batch-size"},
     ),
     "texture-expand": (
         {"--size", "--window", "--stride", "--view-batch", "--seamless", "--max-size", "--prompt"},
-        {"--strength", "--content-weight", "--mode", "--source-mask"} | REFERENCE_FLAGS,
+        {"--strength", "--content-weight", "--mode", "--source-mask", "--max-pixels"}
+        | REFERENCE_FLAGS,
     ),
     "texture": (
         {"--size", "--mode", "--opt-steps", "--source-mask", "--target-mask", "--seamless"},
-        {"--strength", "--content-weight", "--batch-size"} | REFERENCE_FLAGS,
+        {"--strength", "--content-weight", "--batch-size", "--keep-size"} | REFERENCE_FLAGS,
     ),
 }
 
@@ -470,7 +475,8 @@ OPTIONS = {  # command: (flags it must have, flags it must not have)
 def test_each_command_has_its_options(name):
     """A command loses no option it had and gains none that is not its own."""
     command = typer.main.get_command(app).commands[name]
-    flags = {flag for param in command.params for flag in param.opts if flag.startswith("--")}
+    names = [flag for param in command.params for flag in (*param.opts, *param.secondary_opts)]
+    flags = {flag for flag in names if flag.startswith("--")}
     wanted, unwanted = OPTIONS[name]
     assert wanted | SHARED_FLAGS <= flags, sorted((wanted | SHARED_FLAGS) - flags)
     assert not unwanted & flags, sorted(unwanted & flags)
@@ -487,6 +493,10 @@ def test_command_specific_help_text_and_defaults():
     assert params["t2i-styled"]["prompt_text"].param_type_name == "argument"
     assert params["video"]["consistency"].default == "noise"
     assert params["inpaint"]["mask_blur"].default == 4
+    assert params["inpaint"]["mask_padding"].default == 32
+    assert "crop" in params["inpaint"]["size"].help
+    assert params["video"]["keep_size"].default is True
+    assert params["stylize"]["keep_size"].default is False
     assert params["stylize"]["device"].default == "auto"
 
 
@@ -547,21 +557,21 @@ def test_real_process_exit_code_and_streams(tmp_path, sd15_path):
 def test_missing_local_model_is_one_line(folder, tmp_path, sd15_path):
     missing = tmp_path / "does" / "not" / "exist"
     result = stylize(folder, "-o", tmp_path / "out", model=missing)
-    line = one_error(result, 1)
+    line = one_error(result, 2)  # a setup error: nothing could start
     assert str(missing) in line and "no such file or folder" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_relative_missing_model_is_one_line(folder, tmp_path, sd15_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = one_error(stylize(folder, model=Path("does/not/exist")), 1)
+    line = one_error(stylize(folder, model=Path("does/not/exist")), 2)
     assert "does/not/exist" in line
 
 
 def test_uncached_hub_model_fails_fast_offline(folder, tmp_path):
     start = time.perf_counter()
     result = stylize(folder, "-o", tmp_path / "out", model=Path("nobody-here/not-a-cached-model"))
-    line = one_error(result, 1)
+    line = one_error(result, 2)
     assert time.perf_counter() - start < 30  # no network retries
     assert "nobody-here/not-a-cached-model" in line and "offline" in line
     assert "local folder" in line  # tells the user how to do without the hub
@@ -598,7 +608,7 @@ def test_model_config_loads_a_single_file_checkpoint(tmp_path, sd15_path, sd15_s
     # without --model-config diffusers looks for the default config on the hub (offline here)
     source = tmp_path / "content.png"
     result = stylize(source, "-o", tmp_path / "no-config.png", model=sd15_single_file)
-    line = one_error(result, 1)
+    line = one_error(result, 2)
     assert str(sd15_single_file) in line and "could not load" in line
 
 
@@ -660,7 +670,7 @@ def test_style_reference_through_ip_adapter(tmp_path, sd15_path, sd15_ip_adapter
 
 def test_tiny_vae_from_the_hub_fails_offline_with_one_line(tmp_path, sd15_path):
     source = write_image(tmp_path / "a.png", 0)
-    line = one_error(stylize(source, "-o", tmp_path / "out", "--tiny-vae", model=sd15_path), 1)
+    line = one_error(stylize(source, "-o", tmp_path / "out", "--tiny-vae", model=sd15_path), 2)
     assert "madebyollin/taesd" in line and "local folder" in line
 
 

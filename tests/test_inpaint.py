@@ -87,6 +87,10 @@ CASES = {  # id: (model fixture, scheduler, γ, CFG, strength)
     "sd15-9ch-tcd-g0.3-cfg3": ("sd15_inpaint_path", "tcd", 0.3, 3.0, 0.75),
     "sd15-9ch-lcm": ("sd15_inpaint_path", "lcm", 0.0, 1.0, 0.75),
     "sd15-9ch-tcd-strength1": ("sd15_inpaint_path", "tcd", 0.0, 2.0, 1.0),
+    # v-prediction: the blend noises the known latent itself; only the steps read the output
+    "sd2-vpred-tcd-g0.3-cfg2": ("sd2_path", "tcd", 0.3, 2.0, 0.75),
+    "sd2-vpred-lcm-strength1": ("sd2_path", "lcm", 0.0, 1.0, 1.0),
+    "sd15-sample-tcd": ("sd15_sample_path", "tcd", 0.0, 1.0, 0.75),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,102 @@ def tiny_spec(path: Path, **kwargs) -> ModelSpec:
 # --- family ----------------------------------------------------------------------------------
 
 
-def test_detect_family_of_folders(sd15_path, sdxl_path):
+def test_detect_family_of_folders(sd15_path, sd2_path, sdxl_path):
     assert detect_family(str(sd15_path)) == "sd15"
+    assert detect_family(str(sd2_path)) == "sd2"
     assert detect_family(str(sdxl_path)) == "sdxl"
+
+
+# The UNet configs' deciding keys as the hub repos publish them (unet/config.json):
+# stable-diffusion-v1-5 (768, 1x1-conv projections), stable-diffusion-2-1 and -2-1-base and
+# sd-turbo (1024, linear projections, per-level heads), stable-diffusion-xl-base-1.0 and
+# sdxl-turbo (text_time, 2048).
+REAL_UNETS = [
+    ({"cross_attention_dim": 768, "attention_head_dim": 8}, "sd15"),
+    (
+        {
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+        },
+        "sd2",
+    ),
+    (
+        {
+            "cross_attention_dim": 2048,
+            "attention_head_dim": [5, 10, 20],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+        },
+        "sdxl",
+    ),
+    # the width decides over structure on real widths (an SD 1.x conversion with linear layers)
+    ({"cross_attention_dim": 768, "use_linear_projection": True}, "sd15"),
+    ({"cross_attention_dim": 1024}, "sd2"),
+]
+
+
+@pytest.mark.parametrize(("config", "family"), REAL_UNETS)
+def test_family_of_real_unet_configs(config, family):
+    assert models.family_of_unet(config) == family
+
+
+def test_family_of_tiny_unet_configs(sd15_path, sd2_path, sdxl_path):
+    """Tiny widths (32, 64) fall back to structure: linear projections are SD 2.x."""
+    for path, family in [(sd15_path, "sd15"), (sd2_path, "sd2"), (sdxl_path, "sdxl")]:
+        config = UNet2DConditionModel.load_config(path, subfolder="unet")
+        assert config["cross_attention_dim"] not in (768, 1024, 2048)
+        assert models.family_of_unet(config) == family
+
+
+def test_detect_family_of_hub_ids_reads_the_unet_config(monkeypatch):
+    """A hub id: model_index.json, then (SD 1.x/2.x only) unet/config.json, both from the hub."""
+    from diffusers import DiffusionPipeline
+
+    configs = {  # the deciding keys of the hub repos' configs
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": ("StableDiffusionPipeline", 768, False),
+        "stabilityai/stable-diffusion-2-1": ("StableDiffusionPipeline", 1024, True),
+        "stabilityai/sd-turbo": ("StableDiffusionPipeline", 1024, True),
+        "stabilityai/sdxl-turbo": ("StableDiffusionXLPipeline", 2048, True),
+    }
+    asked = []
+
+    def index(source, **kwargs):
+        return {"_class_name": configs[source][0]}
+
+    def unet(source, subfolder=None, **kwargs):
+        asked.append(source)
+        _, width, linear = configs[source]
+        return {"cross_attention_dim": width, "use_linear_projection": linear}
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", index)
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", unet)
+    families = [detect_family(source) for source in configs]
+    assert families == ["sd15", "sd2", "sd2", "sdxl"]
+    assert asked == list(configs)[:3]  # SDXL is known from model_index.json alone
+
+
+def test_detect_family_of_sd2_single_files(sd2_single_file, tmp_path):
+    assert detect_family(str(sd2_single_file)) == "sd2"
+    unet = "model.diffusion_model.input_blocks.1.1."
+    cases = {  # one deciding tensor each, at the real models' shapes
+        "sd2-width": ({f"{unet}transformer_blocks.0.attn2.to_k.weight": (320, 1024)}, "sd2"),
+        "sd15-width": ({f"{unet}transformer_blocks.0.attn2.to_k.weight": (320, 768)}, "sd15"),
+        "linear": ({f"{unet}proj_in.weight": (320, 320)}, "sd2"),
+        "conv": ({f"{unet}proj_in.weight": (320, 320, 1, 1)}, "sd15"),
+        "open-clip": ({"cond_stage_model.model.token_embedding.weight": (49408, 1024)}, "sd2"),
+        "clip": (
+            {"cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)},
+            "sd15",
+        ),
+    }
+    for name, (shapes, family) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: torch.zeros(shape) for k, shape in shapes.items()}, path)
+        assert detect_family(str(path)) == family, name
+        pickled = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": {k: torch.zeros(shape) for k, shape in shapes.items()}}, pickled)
+        assert detect_family(str(pickled), allow_pickle=True) == family, name
 
 
 def test_detect_family_of_single_files(sd15_single_file, tmp_path):
@@ -141,9 +235,9 @@ def test_sdxl_accelerator_only_names_published_std_files():
 
 
 def test_accelerator_for_sd15_turbo_none_and_explicit():
-    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    sd15 = ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", scheduler="lcm")
     assert accelerator_source(sd15, "sd15", turbo=False) == LCM_LORA["sd15"]
-    for name, family in [("stabilityai/sd-turbo", "sd15"), ("stabilityai/sdxl-turbo", "sdxl")]:
+    for name, family in [("stabilityai/sd-turbo", "sd2"), ("stabilityai/sdxl-turbo", "sdxl")]:
         assert models.is_turbo(name)
         assert accelerator_source(ModelSpec(name), family, turbo=True) is None
     none = ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", accelerator="none")
@@ -151,6 +245,66 @@ def test_accelerator_for_sd15_turbo_none_and_explicit():
     own = ModelSpec("x/y", accelerator="me/my-lora/fast.safetensors")
     assert accelerator_source(own, "sd15", turbo=False) == "me/my-lora/fast.safetensors"
     assert accelerator_source(own, "sd15", turbo=True) == "me/my-lora/fast.safetensors"
+
+
+@pytest.mark.parametrize("task", models.TASKS)
+@pytest.mark.parametrize("scheduler", ["tcd", "lcm"])
+def test_sd2_gets_no_accelerator_and_no_default_ip_adapter(task, scheduler):
+    sd2 = ModelSpec("stabilityai/stable-diffusion-2-1", task=task, scheduler=scheduler)
+    choice = models.choose_accelerator(sd2, "sd2", turbo=False)
+    assert choice.source is None and choice.notice is None
+    assert "SD 2.x" in choice.warning and "--accelerator" in choice.warning
+    assert "\n" not in choice.warning
+    turbo = models.choose_accelerator(sd2, "sd2", turbo=True)  # SD-Turbo needs none
+    assert turbo.source is None and turbo.warning is None
+    none = models.choose_accelerator(replace(sd2, accelerator="none"), "sd2", turbo=False)
+    assert none == models.Accelerator(None)
+    own = replace(sd2, accelerator="me/sd2-lcm/lora.safetensors")
+    assert accelerator_source(own, "sd2", turbo=False) == "me/sd2-lcm/lora.safetensors"
+    with pytest.raises(UsageError, match="--style-mode ad"):
+        models.check_family(replace(sd2, ip_adapter="auto"), "sd2")
+    models.check_family(replace(sd2, ip_adapter="me/sd2-adapter/ip.safetensors"), "sd2")
+    for family in ("sd15", "sdxl"):
+        models.check_family(replace(sd2, ip_adapter="auto"), family)
+
+
+# --- turbo -----------------------------------------------------------------------------------
+
+TURBO_NAMES = [
+    # source, turbo, notice
+    ("stabilityai/sd-turbo", True, False),
+    ("stabilityai/sdxl-turbo", True, False),
+    ("StabilityAI/SDXL-Turbo", True, False),
+    ("stabilityai/sdxl-turbo/sd_xl_turbo_1.0_fp16.safetensors", True, False),
+    ("/root/.cache/huggingface/hub/models--stabilityai--sd-turbo/snapshots/1a2b3c", True, False),
+    ("~/.cache/huggingface/hub/models--stabilityai--sdxl-turbo/snapshots/9f", True, False),
+    ("/models/stabilityai/sdxl-turbo", True, False),
+    ("/models/sd_xl_turbo_1.0.safetensors", True, False),
+    ("/models/sd_turbo.safetensors", True, False),
+    ("Lykon/dreamshaper-xl-turbo", False, True),
+    ("/models/dreamshaper-xl-turbo", False, True),
+    ("/models/dreamshaperXL_turboDPMSDE.safetensors", False, True),
+    (
+        "/root/.cache/huggingface/hub/models--Lykon--dreamshaper-xl-v2-turbo/snapshots/4d",
+        False,
+        True,
+    ),
+    ("someone/sd-turbo", False, True),
+    ("stabilityai/stable-diffusion-xl-base-1.0", False, False),
+    ("/models/sd15", False, False),
+]
+
+
+@pytest.mark.parametrize(("source", "turbo", "notice"), TURBO_NAMES)
+def test_turbo_detection_table(source, turbo, notice):
+    assert models.is_turbo(source) == turbo
+    found, line = models.detect_turbo(source)
+    assert found == turbo
+    assert (line is not None) == notice
+    if notice:
+        assert source in line and "--turbo" in line and "\n" not in line
+    for flag in (True, False):  # --turbo / --no-turbo decide, silently
+        assert models.detect_turbo(source, flag) == (flag, None)
 
 
 # --- LoRA specs ------------------------------------------------------------------------------
@@ -167,11 +321,18 @@ def test_accelerator_for_sd15_turbo_none_and_explicit():
         ("owner/repo/file.safetensors", "owner/repo/file.safetensors", 1.0),
         ("owner/repo/sub/file.safetensors:0.8", "owner/repo/sub/file.safetensors", 0.8),
         ("C:/loras/x.safetensors", "C:/loras/x.safetensors", 1.0),  # a drive letter, no scale
-        ("x.safetensors:high", "x.safetensors:high", 1.0),
     ],
 )
 def test_lora_spec_parse(text, source, scale):
     assert LoraSpec.parse(text) == LoraSpec(source, scale)
+
+
+def test_a_lora_scale_that_is_not_a_number_is_named(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match=r"the scale 'high' is not a number"):
+        LoraSpec.parse("x.safetensors:high")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "odd:name.safetensors").write_bytes(b"")  # a file that exists is taken as given
+    assert LoraSpec.parse("odd:name.safetensors") == LoraSpec("odd:name.safetensors", 1.0)
 
 
 def test_lora_spec_parse_keeps_an_existing_path_with_a_colon(tmp_path, monkeypatch):
@@ -263,12 +424,29 @@ def test_hub_lora_file_fails_offline_naming_it(sd15_path):
 
 def test_style_block_on_full_size_unets():
     assert style_block(meta_unet(SDXL_UNET)) == "up_blocks.0.attentions.1"
-    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1.attentions.1"
+    assert style_block(meta_unet(SD15_UNET)) == "up_blocks.1"
+
+
+def cross_attention_layers(unet, block: str) -> list[str]:
+    """The cross-attention processors (where IP-Adapter attaches) inside `block`."""
+    return sorted(n for n in unet.attn_processors if n.startswith(block + ".") and ".attn2." in n)
+
+
+def test_style_block_layers_on_full_size_unets():
+    """InstantStyle's targets: SDXL's 10 transformer layers of `up_blocks.0.attentions.1` (its
+    SDXL map), all 3 attentions of SD1.5's `up_blocks.1` (its SD1.5 code's `target_blocks`)."""
+    sdxl, sd15 = meta_unet(SDXL_UNET), meta_unet(SD15_UNET)
+    xl = cross_attention_layers(sdxl, style_block(sdxl))
+    assert len(xl) == 10
+    assert all(n.startswith("up_blocks.0.attentions.1.transformer_blocks.") for n in xl)
+    assert cross_attention_layers(sd15, style_block(sd15)) == [
+        f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.processor" for i in range(3)
+    ]
 
 
 def test_style_block_on_tiny_fixtures(sd15_path, sdxl_path):
     for path, block in [
-        (sd15_path, "up_blocks.1.attentions.1"),
+        (sd15_path, "up_blocks.1"),
         (sdxl_path, "up_blocks.0.attentions.1"),
     ]:
         config = UNet2DConditionModel.load_config(path, subfolder="unet")
@@ -300,13 +478,17 @@ def sdxl_with_adapter(sdxl_path, sdxl_ip_adapter):
 
 
 @pytest.mark.parametrize(
-    ("which", "block"),
-    [
-        ("sd15_with_adapter", "up_blocks.1.attentions.1"),
-        ("sdxl_with_adapter", "up_blocks.0.attentions.1"),
+    ("which", "block", "attentions"),
+    [  # the tiny SD1.5's up block 1 has 2 attentions: both take the scale, as InstantStyle's SD1.5
+        (
+            "sd15_with_adapter",
+            "up_blocks.1",
+            ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1"],
+        ),
+        ("sdxl_with_adapter", "up_blocks.0.attentions.1", ["up_blocks.0.attentions.1"]),
     ],
 )
-def test_set_style_scale_only_on_the_style_block(request, which, block):
+def test_set_style_scale_only_on_the_style_block(request, which, block, attentions):
     model = request.getfixturevalue(which)
     assert model.pipe.image_encoder is not None and model.unet.encoder_hid_proj is not None
     unet = model.unet
@@ -317,6 +499,7 @@ def test_set_style_scale_only_on_the_style_block(request, which, block):
         expected = 0.7 if name.startswith(block + ".") else 0.0
         assert proc.scale == [expected] * len(proc.scale), name
     assert sorted(active) == sorted(n for n in layers if n.startswith(block + "."))
+    assert sorted({n.split(".transformer_blocks")[0] for n in active}) == attentions
     assert len(active) < len(layers)
 
     everywhere = set_style_scale(unet, 0.3, block="")
@@ -346,6 +529,71 @@ def test_load_local_tiny_vae_path(sd15_path, tiny_vae_path):
     model = models.load(tiny_spec(sd15_path, tiny_vae=str(tiny_vae_path)))
     assert isinstance(model.vae, AutoencoderTiny)
     assert model.family == "sd15" and model.dtype == torch.float32 and not model.turbo
+
+
+def test_load_sd2_with_tiny_vae(sd2_path, tiny_vae_path):
+    """SD 2.x loads as itself: auto accelerator picks nothing and says so; TAESD fits it."""
+    from diffusers import AutoencoderTiny
+
+    spec = replace(tiny_spec(sd2_path, tiny_vae=str(tiny_vae_path)), accelerator="auto")
+    model = models.load(spec)
+    assert model.family == "sd2" and not model.turbo and model.accelerator is None
+    assert isinstance(model.vae, AutoencoderTiny)
+    assert len(model.warnings) == 1 and "SD 2.x" in model.warnings[0]
+    assert model.unet.config.cross_attention_dim == 64
+    assert model.pipe.text_encoder.config.hidden_size == 64
+
+
+def test_load_sd2_refuses_the_default_ip_adapter_before_loading(sd2_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(models, "load_pipeline", no_load)
+    with pytest.raises(UsageError, match="--style-mode ad"):
+        models.load(tiny_spec(sd2_path, ip_adapter="auto"))
+
+
+def test_load_sd2_single_file(sd2_single_file, sd2_path):
+    model = models.load(tiny_spec(sd2_single_file, model_config=str(sd2_path)))
+    assert model.family == "sd2" and model.notices == model.warnings == ()
+    assert model.pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_sd2_single_file_without_config_says_what_diffusers_assumes(sd2_single_file, tmp_path):
+    """The weights do not say ε or v: diffusers takes stable-diffusion-2-1's (v) config."""
+    spec = tiny_spec(sd2_single_file)
+    (notice,) = models.family_warnings(spec, "sd2")
+    assert "v-prediction" in notice and "--model-config" in notice
+    assert models.family_warnings(replace(spec, model_config="x/y"), "sd2") == []
+    assert models.family_warnings(spec, "sd15") == []
+    assert models.family_warnings(tiny_spec("stabilityai/stable-diffusion-2-1"), "sd2") == []
+    turbo_file = tmp_path / "sd_turbo.safetensors"  # the released file loads with its repo's config
+    turbo_file.symlink_to(sd2_single_file)
+    assert models.single_file_config(tiny_spec(turbo_file)) == "stabilityai/sd-turbo"
+    assert models.family_warnings(tiny_spec(turbo_file), "sd2") == []
+    xl = ModelSpec("/models/SD_XL_TURBO_1.0_fp16.safetensors")
+    assert models.single_file_config(xl) == "stabilityai/sdxl-turbo"
+    assert models.single_file_config(replace(xl, model_config="me/cfg")) == "me/cfg"
+    assert models.single_file_config(spec) is None
+
+
+def test_turbo_flag_and_name_notice_when_loading(sd15_path, tmp_path):
+    """A folder that merely has "turbo" in its name keeps the accelerator path and gets a notice;
+    --turbo makes it turbo, silently."""
+    folder = tmp_path / "dreamshaper-turbo"
+    folder.symlink_to(sd15_path, target_is_directory=True)
+    plain = models.load(tiny_spec(folder))
+    assert not plain.turbo
+    (notice,) = plain.warnings
+    assert "looks like a turbo model" in notice and "--turbo" in notice
+    turbo = models.load(tiny_spec(folder, turbo=True))
+    assert turbo.turbo and turbo.warnings == ()
+    not_turbo = models.load(tiny_spec(folder, turbo=False))
+    assert not not_turbo.turbo and not_turbo.warnings == ()
+    # auto still wants SD1.5's few-step LoRA for the look-alike (offline here: it fails naming it)
+    with pytest.raises(ModelError, match="TCD-SD15-LoRA"):
+        models.load(replace(tiny_spec(folder), accelerator="auto"))
+    assert accelerator_source(replace(tiny_spec(folder), accelerator="auto"), "sd15", True) is None
 
 
 def test_load_single_file(sd15_single_file, sd15_path):

@@ -4,13 +4,15 @@ Same model, LoRA, seed, size, prompt, negative prompt, CFG and γ; diffusers run
 pipeline with TCDScheduler / LCMScheduler at the matching num_inference_steps and strength.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from stylekit.engine import sampling
-from stylekit.presets import Settings
+from stylekit.presets import Settings, load_preset
 from stylekit.session import Runtime, open_session
 
 CPU32 = Runtime(device="cpu", dtype="fp32")
@@ -123,6 +125,79 @@ def test_img2img_matches_diffusers(
     assert np.abs(ours - ref).max() <= 1 / 255 + 1e-5
 
 
+PREDICTION_CASES = [
+    # model fixture, scheduler, gamma, cfg, steps, strength
+    ("sd15_vpred", "tcd", 0.0, 1.0, 4, 0.75),
+    ("sd15_vpred", "tcd", 0.3, 3.0, 4, 0.75),  # γ > 0 re-noises with the ε the output implies
+    ("sd15_vpred", "lcm", 0.0, 2.5, 4, 0.6),
+    ("sd15_sample", "tcd", 0.3, 1.0, 3, 0.75),
+    ("sd15_sample", "lcm", 0.0, 2.0, 2, 0.5),
+    ("sd2", "tcd", 0.0, 2.0, 4, 0.75),  # SD 2.x (v-prediction, OpenCLIP-like text encoder)
+    ("sd2", "lcm", 0.0, 1.0, 2, 0.6),
+]
+
+
+@pytest.mark.parametrize("fixture,scheduler,gamma,cfg,steps,strength", PREDICTION_CASES)
+def test_prediction_types_match_diffusers(
+    request, content, fixture, scheduler, gamma, cfg, steps, strength
+):
+    """v- and x0-prediction models: stylekit's img2img = diffusers' with TCD/LCMScheduler, which
+    read `prediction_type` from the same scheduler config."""
+    path = request.getfixturevalue(f"{fixture}_path")
+    settings = Settings(
+        model=str(path),
+        accelerator="none",
+        scheduler=scheduler,
+        steps=steps,
+        strength=strength,
+        cfg=cfg,
+        gamma=gamma,
+        prompt="a painting of a cat",
+        style_mode="none",
+    )
+    session = open_session(settings, runtime=CPU32)
+    assert session.sampler.prediction == session.model.pipe.scheduler.config.prediction_type
+    assert session.sampler.prediction != "epsilon"
+    ours = np.asarray(session.img2img([content], [11])[0], dtype=np.float32) / 255
+    ref = diffusers_img2img(
+        path,
+        "sd15",  # SD 2.x runs through the same StableDiffusionImg2ImgPipeline
+        content,
+        scheduler=scheduler,
+        steps=steps,
+        strength=strength,
+        cfg=cfg,
+        gamma=gamma,
+        prompt=settings.prompt,
+        negative=None,
+        seed=11,
+    )
+    assert ours.shape == ref.shape
+    # ours went through 8 bits: rounding moves a value by at most half a level; 1e-5 is the
+    # float error of two implementations (measured: max 0.501 levels, mean 0.24-0.25 levels)
+    assert np.abs(ours - ref).max() <= 0.5 / 255 + 1e-5
+    assert np.abs(ours - ref).mean() <= 0.3 / 255
+
+
+@pytest.mark.parametrize("fixture", ["sd15_vpred", "sd15_sample"])
+def test_prediction_type_is_not_ignored(request, sd15_path, content, fixture):
+    """The same UNet weights read as ε give another image: the parity above is not vacuous."""
+    base = Settings(
+        model=str(sd15_path),
+        accelerator="none",
+        scheduler="tcd",
+        steps=4,
+        strength=0.75,
+        cfg=1.0,
+        style_mode="none",
+    )
+    as_eps = open_session(base, runtime=CPU32).img2img([content], [11])[0]
+    other = replace(base, model=str(request.getfixturevalue(f"{fixture}_path")))
+    as_other = open_session(other, runtime=CPU32).img2img([content], [11])[0]
+    diff = np.abs(np.asarray(as_eps, dtype=np.float32) - np.asarray(as_other, dtype=np.float32))
+    assert diff.mean() > 5.0  # 8-bit levels (measured: 30 read as v, 44 read as x0)
+
+
 def test_lora_changes_the_output(sd15_path, sd15_lora, content):
     base = Settings(
         model=str(sd15_path),
@@ -182,11 +257,11 @@ def test_batching_does_not_change_results(sd15_path, tmp_path):
 
 # --- IP-Adapter, through the CLI -------------------------------------------------------------
 
-# InstantStyle's map for the style block stylekit picks (`style.style_block`): the middle
-# attention of the first up block with attentions. Tiny SD1.5: up_blocks.1 has 2 attentions;
-# tiny SDXL: up_blocks.0 has 3 (as SDXL's).
+# InstantStyle's maps for the style block stylekit picks (`style.style_block`): SDXL's middle
+# attention of up block 0 (tiny SDXL: 3 attentions there, as SDXL's), all of SD1.5's up block 1
+# (tiny SD1.5: 2 attentions there).
 STYLE_BLOCK_MAPS = {
-    "sd15": lambda s: {"up": {"block_1": [0.0, s]}},
+    "sd15": lambda s: {"up": {"block_1": s}},
     "sdxl": lambda s: {"up": {"block_0": [0.0, s, 0.0]}},
 }
 
@@ -250,11 +325,12 @@ def test_ip_adapter_img2img_matches_diffusers(
             num_inference_steps=sampling.grid_steps_for(steps, strength),
             strength=strength,
             guidance_scale=cfg,
-            negative_prompt=negative,
+            negative_prompt=negative if negative is not None else preset_negative,
             generator=torch.Generator().manual_seed(11),
             output_type="np",
         ).images[0]
 
+    preset_negative = load_preset(None).negative  # no --negative: the default preset's, STD's
     ref = run_diffusers()
     pipe.set_ip_adapter_scale(0.0)
     unstyled = run_diffusers()

@@ -59,16 +59,39 @@ def test_default_preset_and_defaults_are_std():
     assert DEFAULT_PRESET == "std-sdxl"
     assert load_preset(None) == load_preset("std-sdxl")
     preset, defaults = load_preset("std-sdxl"), Settings()
+    # the negative prompt is the preset's only: other presets and TOML files start from the
+    # defaults, and STD's SDXL negative prompt is no default for them
     for f in fields(Settings):
-        if f.name not in ("description", "variant"):
+        if f.name not in ("description", "variant", "negative"):
             assert getattr(defaults, f.name) == getattr(preset, f.name), f.name
+    assert defaults.negative is None and load_preset("lcm-sd15").negative is None
+
+
+# STD's README passes this negative prompt (A1111 weight syntax and the double space included).
+STD_NEGATIVE = (
+    "worst face, NSFW, nudity, nipples, (worst quality, low quality:1.4), blurred, low resolution, "
+    "pixelated, dull colors, overly simplistic, harsh lighting, lack of detail, poorly composed, "
+    "dark and gloomy atmosphere, (malformed hands:1.4), (poorly drawn hands:1.4), "
+    "(mutated fingers:1.4), (extra limbs:1.35), (poorly  drawn face:1.4), missing legs, "
+    "(extra legs:1.4), missing arms, extra arm, ugly, fat, (close shot:1.1), explicit content, "
+    "sexual content, pornography, adult content, inappropriate, indecent, obscene, vulgar, "
+    "suggestive, erotic, lewd, provocative, mature content"
+)
+
+
+def test_std_sdxl_carries_the_release_negative_prompt():
+    settings = load_preset("std-sdxl")
+    assert settings.negative == STD_NEGATIVE
+    assert "\n" not in settings.negative  # the TOML line continuations leave no newline
+    assert settings.with_overrides(negative="").negative == ""  # --negative "" drops it
+    assert resolve_settings(None, None, {}).negative == STD_NEGATIVE  # the default preset
 
 
 def test_other_builtins():
     lcm, turbo = load_preset("lcm-sd15"), load_preset("sd-turbo")
     assert (lcm.scheduler, lcm.steps, lcm.cfg, lcm.style_mode) == ("lcm", 4, 1.0, "ipadapter")
     assert "turbo" in turbo.model and turbo.style_mode == "none" and turbo.steps == 2
-    assert accelerator_source(ModelSpec(turbo.model), "sd15", turbo=True) is None
+    assert accelerator_source(ModelSpec(turbo.model), "sd2", turbo=True) is None
 
 
 # --- validation errors -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from stylekit.engine import sampling
-from stylekit.errors import UsageError
+from stylekit.errors import ModelError, UsageError
 
 SD_CONFIG = {
     "num_train_timesteps": 1000,
@@ -68,9 +68,9 @@ def test_alphas_cumprod_matches_diffusers():
         assert torch.equal(ours, TCDScheduler(**config).alphas_cumprod), schedule
 
 
-def _scheduler_step(cls, ts, i, eps, z, noise, **kwargs):
+def _scheduler_step(cls, ts, i, eps, z, noise, config=SD_CONFIG, **kwargs):
     """One diffusers scheduler step at index i, with the given noise as its random draw."""
-    sched = cls(**SD_CONFIG)
+    sched = cls(**config)
     sched.set_timesteps(timesteps=ts)
     sched._step_index = i
     gen = torch.Generator().manual_seed(0)
@@ -109,6 +109,80 @@ def test_lcm_step_matches_scheduler():
         want = _scheduler_step(LCMScheduler, ts, i, eps, z, noise)
         got = s.step(eps, ts, i, z, noise if s.needs_noise(i, len(ts)) else None)
         assert torch.allclose(got, want, atol=1e-6), i
+
+
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_split_output_recovers_x0_and_noise(prediction):
+    """The three parameterisations by their definitions: z = √ā x0 + √(1 − ā) ε, v = √ā ε − √(1 − ā) x0."""
+    ac = sampling.alphas_cumprod(SD_CONFIG)
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    for t in (999, 500, 19):
+        a = ac[t].double()
+        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}
+        got_x0, got_eps = sampling.split_output(out[prediction], z, a, prediction)
+        torch.testing.assert_close(got_x0, x0, atol=1e-9, rtol=0)
+        torch.testing.assert_close(got_eps, eps, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_tcd_step_matches_scheduler_for_every_prediction_type(prediction, gamma):
+    """TCD re-noises with the ε the output implies: for v and x0 that ε is derived, not the output."""
+    config = {**SD_CONFIG, "prediction_type": prediction}
+    ts = [999, 759, 499, 259]
+    g = torch.Generator().manual_seed(5)
+    z, out, noise = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    s = sampling.make_sampler("tcd", config, gamma=gamma)
+    assert s.prediction == prediction
+    for i in range(len(ts)):
+        want = _scheduler_step(TCDScheduler, ts, i, out, z, noise, config, eta=gamma)
+        got = s.step(out, ts, i, z, noise if s.needs_noise(i, len(ts)) else None)
+        assert torch.allclose(got, want, atol=1e-5), (prediction, gamma, i)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_lcm_step_matches_scheduler_for_every_prediction_type(prediction):
+    config = {**SD_CONFIG, "prediction_type": prediction}
+    ts = [999, 759, 499, 259]
+    g = torch.Generator().manual_seed(6)
+    z, out, noise = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    s = sampling.make_sampler("lcm", config)
+    for i in range(len(ts)):
+        want = _scheduler_step(LCMScheduler, ts, i, out, z, noise, config)
+        got = s.step(out, ts, i, z, noise if s.needs_noise(i, len(ts)) else None)
+        assert torch.allclose(got, want, atol=1e-5), (prediction, i)
+
+
+def test_the_prediction_type_changes_the_step():
+    """The same output read as ε, v or x0 gives three different latents: the type is not ignored."""
+    ac = sampling.alphas_cumprod(SD_CONFIG)
+    g = torch.Generator().manual_seed(7)
+    z, out = torch.randn(2, 1, 4, 8, 8, generator=g)
+    steps = [sampling.tcd_step(out, 759, 499, z, ac, prediction=p) for p in PREDICTIONS]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert (steps[a] - steps[b]).abs().mean() > 0.1
+
+
+def test_prediction_type_is_read_from_the_scheduler_config():
+    assert sampling.make_sampler("tcd", SD_CONFIG).prediction == "epsilon"  # absent: ε
+    none = sampling.make_sampler("lcm", {**SD_CONFIG, "prediction_type": None})
+    assert none.prediction == "epsilon"
+    with pytest.raises(ModelError, match="prediction_type 'flow'"):
+        sampling.make_sampler("tcd", {**SD_CONFIG, "prediction_type": "flow"})
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers():
+    """v-prediction fine-tunes often rescale betas to zero terminal SNR (Lin et al. 2023)."""
+    config = {**SD_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    ours = sampling.alphas_cumprod(config)
+    for cls in (TCDScheduler, LCMScheduler):
+        assert torch.equal(ours, cls(**config).alphas_cumprod), cls
+    assert ours[-1] < 1e-6 < sampling.alphas_cumprod(SD_CONFIG)[-1]
 
 
 def test_tcd_intermediate_step_uses_float32_floor():

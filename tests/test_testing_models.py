@@ -215,6 +215,38 @@ def test_single_file_matches_folder(sd15_path, sd15_single_file):
     run(single)
 
 
+def test_sd2_single_file_matches_folder(sd2_path, sd2_single_file):
+    """SD 2.x's checkpoint keeps its text encoder in OpenCLIP's layout (q, k, v fused), and
+    diffusers' own converter gives back the folder's weights, text encoder included."""
+    checkpoint = load_file(sd2_single_file)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in checkpoint
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in checkpoint)
+    assert checkpoint["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 2  # linear
+    single = StableDiffusionPipeline.from_single_file(sd2_single_file, config=str(sd2_path))
+    single.set_progress_bar_config(disable=True)
+    reference = load(StableDiffusionPipeline, sd2_path)
+    assert single.scheduler.config.prediction_type == "v_prediction"
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    run(single)
+
+
+def test_sd2_differs_from_sd15_where_detection_looks(sd15_path, sd2_path):
+    sd15 = load(StableDiffusionPipeline, sd15_path)
+    sd2 = load(StableDiffusionPipeline, sd2_path)
+    assert sd2.unet.config.use_linear_projection and not sd15.unet.config.use_linear_projection
+    assert (sd2.unet.config.cross_attention_dim, sd15.unet.config.cross_attention_dim) == (64, 32)
+    assert (
+        sd2.text_encoder.config.hidden_size == 64 and sd2.text_encoder.config.hidden_act == "gelu"
+    )
+    assert sd2.tokenizer.pad_token == "!" and sd15.tokenizer.pad_token == "<|endoftext|>"
+    assert sd2.scheduler.config.prediction_type == "v_prediction"
+    run(sd2)
+    run(StableDiffusionImg2ImgPipeline(**sd2.components), image=image(1))
+
+
 def test_single_file_refuses_sdxl(sdxl_path, tmp_path):
     with pytest.raises(ValueError, match="SD1.5 layout"):
         save_single_file(sdxl_path, tmp_path / "sdxl.safetensors")

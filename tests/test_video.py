@@ -240,6 +240,50 @@ def test_trim_and_every_keep_the_selection(videos, settings, runtime, tmp_path):
     assert out.audio_codec is not None
 
 
+def test_frames_run_at_the_working_size_and_keep_the_input_size(
+    videos, settings, runtime, tmp_path, monkeypatch
+):
+    """Frames over the pixel budget run scaled down and are written back at the input's size
+    (or at the working size with keep_size=False); frames within it run as they are."""
+    from stylekit.tasks.video import stylize_video
+
+    seen = []
+    original = FrameStream.run
+
+    def spy(self, frames):
+        return original(self, (seen.append(f.shape[:2]) or f for f in frames))
+
+    monkeypatch.setattr(FrameStream, "run", spy)
+
+    def run(folder, **options) -> tuple[list[np.ndarray], dict]:
+        events = Recorder()
+        report = stylize_video(
+            [str(videos["static"])],
+            settings=settings,
+            runtime=runtime,
+            output=Output(seed=7),
+            frames_out=tmp_path / folder,
+            max_frames=2,
+            events=events,
+            **options,
+        )
+        assert report.exit_code() == 0
+        return pngs(tmp_path / folder / "static"), events.records[-1].settings
+
+    # 66x50 = 3300 px over a 1000 px budget: run at 32x24 (aspect kept, multiples of 8)
+    kept, meta = run("kept", max_pixels=1000)
+    assert seen == [(24, 32)] * 2 and [f.shape for f in kept] == [(50, 66, 3)] * 2
+    assert (meta["working_size"], meta["size"]) == ("32x24", "66x50")
+    seen.clear()
+    small, meta = run("small", max_pixels=1000, keep_size=False)
+    assert [f.shape for f in small] == [(24, 32, 3)] * 2 and meta["size"] == "32x24"
+    back = np.asarray(Image.fromarray(small[0]).resize((66, 50), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(kept[0], back)  # the same frame, resampled back
+    seen.clear()
+    native, meta = run("native")  # 66x50 is within the tiny model's 256² px: no resampling
+    assert seen == [(50, 66)] * 2 and meta["working_size"] == "66x50"
+
+
 PAN = 2  # px the panned clip's content moves left per frame
 
 
@@ -347,6 +391,20 @@ def test_styled_video_through_the_cli_in_stream_batch(
 
 
 def test_first_frame_matches_the_still_image_path(stylizer):
+    assert_first_frame_matches_still(stylizer)
+
+
+def test_first_frame_matches_the_still_image_path_on_v_prediction(sd2_path, runtime):
+    """The stream steps v-prediction models like the still path (which has diffusers parity)."""
+    from stylekit.session import open_session, resolve_settings
+
+    settings = resolve_settings(None, None, dict(model=str(sd2_path), **SETTINGS))
+    sd2 = open_session(settings, runtime=runtime)
+    assert sd2.sampler.prediction == "v_prediction"
+    assert_first_frame_matches_still(sd2)
+
+
+def assert_first_frame_matches_still(stylizer):
     frame = np.asarray(Image.effect_mandelbrot((64, 48), (-2, -1.2, 1, 1.2), 60).convert("RGB"))
     frames = [frame, frame[::-1].copy()]
     still = np.asarray(stylizer.img2img([Image.fromarray(frame)], [3])[0])

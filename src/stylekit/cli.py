@@ -65,7 +65,15 @@ Accelerator = Annotated[
     str | None,
     typer.Option(
         "--accelerator",
-        help="Few-step LoRA: auto (STD for SDXL, LCM-LoRA for SD1.5, none for turbo), none, or a LoRA.",
+        help="Few-step LoRA: auto (per command: STD for SDXL images and video, TCD/LCM-LoRA from noise and on SD1.5, none for turbo and SD 2.x), none, or a LoRA.",
+        rich_help_panel=MODEL,
+    ),
+]
+Turbo = Annotated[
+    bool | None,
+    typer.Option(
+        "--turbo/--no-turbo",
+        help="The model is a turbo (ADD) model: no accelerator LoRA, trailing timesteps. Default: only stabilityai/sd-turbo and sdxl-turbo are.",
         rich_help_panel=MODEL,
     ),
 ]
@@ -97,7 +105,7 @@ ImageEncoder = Annotated[
     str | None,
     typer.Option(
         "--image-encoder",
-        help="CLIP image encoder folder for the IP-Adapter.",
+        help="CLIP image encoder for the IP-Adapter: a local folder or a folder of its hub repo (default: the one the adapter needs).",
         rich_help_panel=MODEL,
     ),
 ]
@@ -252,12 +260,32 @@ Overwrite = Annotated[
 ]
 Size = Annotated[
     str | None,
-    typer.Option("--size", help="Resize inputs to WxH (multiples of 8).", rich_help_panel=FILES),
+    typer.Option(
+        "--size", help="Run inputs at exactly WxH (multiples of 8).", rich_help_panel=FILES
+    ),
 ]
 MaxSize = Annotated[
     int | None,
     typer.Option(
-        "--max-size", help="Shrink inputs so the longer side is at most N.", rich_help_panel=FILES
+        "--max-size",
+        help="Run inputs with the longer side at most N (instead of the native pixel budget).",
+        rich_help_panel=FILES,
+    ),
+]
+MaxPixels = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        help="Run inputs at most N pixels (WxH), aspect kept; default the model's native budget (512² SD1.5, 1024² SDXL); 0: no cap.",
+        rich_help_panel=FILES,
+    ),
+]
+KeepSize = Annotated[
+    bool,
+    typer.Option(
+        "--keep-size",
+        help="Write outputs at the input's size, resampled back from the working size.",
+        rich_help_panel=FILES,
     ),
 ]
 DryRun = Annotated[
@@ -367,6 +395,22 @@ MaskBlur = Annotated[
         rich_help_panel=MASK,
     ),
 ]
+MaskPadding = Annotated[
+    int,
+    typer.Option(
+        "--mask-padding",
+        help="Context in px around the mask's box, cropped and repainted with it at the working size.",
+        rich_help_panel=MASK,
+    ),
+]
+CropSize = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        help="Run the mask's crop at exactly WxH (the crop widened to that aspect ratio).",
+        rich_help_panel=FILES,
+    ),
+]
 Videos = Annotated[
     list[str],
     typer.Argument(metavar="INPUT", help="Video files or folders (recursive).", show_default=False),
@@ -456,7 +500,17 @@ StreamBatch = Annotated[
 FrameMaxSize = Annotated[
     int | None,
     typer.Option(
-        "--max-size", help="Shrink frames so the longer side is at most N.", rich_help_panel=FILES
+        "--max-size",
+        help="Run frames with the longer side at most N (instead of the native pixel budget).",
+        rich_help_panel=FILES,
+    ),
+]
+FrameKeepSize = Annotated[
+    bool,
+    typer.Option(
+        "--keep-size/--no-keep-size",
+        help="Write frames at the input's size (default), or at the working size they ran at.",
+        rich_help_panel=FILES,
     ),
 ]
 Exemplars = Annotated[
@@ -569,6 +623,7 @@ def stylize(
     model: Model = None,
     lora: Lora = None,
     accelerator: Accelerator = None,
+    turbo: Turbo = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
     ip_adapter: IpAdapter = None,
@@ -590,6 +645,8 @@ def stylize(
     seed: Seed = None,
     size: Size = None,
     max_size: MaxSize = None,
+    max_pixels: MaxPixels = None,
+    keep_size: KeepSize = False,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -620,6 +677,8 @@ def stylize(
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
+                max_pixels=max_pixels,
+                keep_size=keep_size,
                 batch_size=batch_size,
                 events=events,
                 **common.settings,
@@ -637,6 +696,7 @@ def t2i_styled(
     model: Model = None,
     lora: Lora = None,
     accelerator: Accelerator = None,
+    turbo: Turbo = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
     ip_adapter: IpAdapter = None,
@@ -696,12 +756,14 @@ def inpaint(
     mask: MaskPath,
     invert_mask: InvertMask = False,
     mask_blur: MaskBlur = 4,
+    mask_padding: MaskPadding = 32,
     style: Style = None,
     out: Out = None,
     preset: Preset = None,
     model: Model = None,
     lora: Lora = None,
     accelerator: Accelerator = None,
+    turbo: Turbo = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
     ip_adapter: IpAdapter = None,
@@ -721,8 +783,9 @@ def inpaint(
     content_weight: ContentWeight = None,
     ad_checkpointing: AdCheckpointing = None,
     seed: Seed = None,
-    size: Size = None,
+    size: CropSize = None,
     max_size: MaxSize = None,
+    max_pixels: MaxPixels = None,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -750,12 +813,14 @@ def inpaint(
                 mask=str(mask),
                 invert_mask=invert_mask,
                 mask_blur=mask_blur,
+                mask_padding=mask_padding,
                 style=style_paths(style),
                 preset=common.preset,
                 output=common.output(),
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
+                max_pixels=max_pixels,
                 events=events,
                 **common.settings,
             )
@@ -783,6 +848,7 @@ def video(
     model: Model = None,
     lora: Lora = None,
     accelerator: Accelerator = None,
+    turbo: Turbo = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
     ip_adapter: IpAdapter = None,
@@ -804,6 +870,8 @@ def video(
     seed: Seed = None,
     size: Size = None,
     max_size: FrameMaxSize = None,
+    max_pixels: MaxPixels = None,
+    keep_size: FrameKeepSize = True,
     fmt: VideoFormat = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -847,6 +915,8 @@ def video(
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
+                max_pixels=max_pixels,
+                keep_size=keep_size,
                 events=events,
                 **common.settings,
             )
@@ -866,6 +936,7 @@ def texture_expand(
     model: Model = None,
     lora: Lora = None,
     accelerator: Accelerator = None,
+    turbo: Turbo = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
     scheduler: Scheduler = None,
@@ -937,6 +1008,7 @@ def texture(
     model: Model = None,
     lora: Lora = None,
     accelerator: Accelerator = None,
+    turbo: Turbo = None,
     tiny_vae: TinyVae = None,
     tiny_vae_model: TinyVaeModel = None,
     scheduler: Scheduler = None,

@@ -23,7 +23,10 @@ class Settings:
 
     model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     variant: str | None = None  # hub weight variant to prefer, e.g. "fp16" (halves the download)
-    accelerator: str = "auto"  # auto: STD LoRA (SDXL), LCM-LoRA (SD1.5), nothing (turbo)
+    accelerator: str = "auto"  # auto: the LoRA for the command and its sampler (see README)
+    # The model is a turbo (ADD) model: no accelerator, trailing timesteps. None: only the released
+    # SD-Turbo / SDXL-Turbo are; a preset's value describes its own model (see with_overrides).
+    turbo: bool | None = None
     loras: tuple[str, ...] = ()
     scheduler: str = "tcd"
     steps: int = 8  # UNet evaluations actually run (NFE); CFG doubles the batch, not the steps
@@ -49,11 +52,17 @@ class Settings:
     description: str = ""
 
     def with_overrides(self, **values) -> Settings:
-        """Return a copy with every non-None value replaced (command-line flags over the preset)."""
+        """Return a copy with every non-None value replaced (command-line flags over the preset).
+
+        `turbo` describes the model: another `model` without a `turbo` of its own resets it to
+        None (detect), so `--preset sd-turbo --model other/model` is not taken for a turbo model.
+        """
         given = {k: v for k, v in values.items() if v is not None}
         unknown = set(given) - {f.name for f in fields(self)}
         if unknown:
             raise PresetError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        new_model = given.get("model", self.model) != self.model
+        given.setdefault("turbo", None if new_model else self.turbo)
         return check(replace(self, **given), source="command line")
 
 

@@ -48,6 +48,7 @@ class ConsoleEvents(Events):
             redirect_stdout=False,  # stdout carries the --json records, even in a terminal
         )
         self.items = self.steps = None
+        self.notices: set[str] = set()
 
     def __enter__(self):
         self.progress.__enter__()
@@ -105,6 +106,12 @@ class ConsoleEvents(Events):
 
     def warning(self, message: str) -> None:
         self.console.print(f"[yellow]warning[/yellow] {escape(message)}", soft_wrap=True)
+
+    def notice(self, message: str) -> None:
+        """Print a notice once per run, however many inputs it concerns."""
+        if message not in self.notices and not self.quiet:
+            self.console.print(escape(message), soft_wrap=True)
+        self.notices.add(message)
 
     def summary(self, report) -> None:
         style = "red" if report.failed else "green"

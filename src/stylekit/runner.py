@@ -21,6 +21,7 @@ from stylekit.media.batch import (
     Job,
     check_writable,
     collect_inputs,
+    output_format,
     output_root,
     plan_outputs,
     split_existing,
@@ -55,6 +56,9 @@ class Events:
     def finished(self, record: Record) -> None: ...
 
     def warning(self, message: str) -> None: ...
+
+    def notice(self, message: str) -> None:
+        """Something the user should know about the run (a console shows each text once)."""
 
     def error(self, exc: BaseException) -> None:
         """The exception behind a failure (the CLI prints its traceback with --debug)."""
@@ -118,7 +122,8 @@ def begin(jobs: list[Job], output: Output, events: Events) -> tuple[BatchReport,
 
 def start_run(prepare: Callable[[], None] | None) -> None:
     """Run the batch's `prepare` (model load, conditioning). Whatever fails there, nothing could
-    start: it is a SetupError (exit 2), not a failed input."""
+    start: our errors become a SetupError (exit 2), not a failed input; any other exception goes
+    up as it is (the CLI prints it as one line, exit 2)."""
     if prepare is None:
         return
     try:
@@ -127,14 +132,24 @@ def start_run(prepare: Callable[[], None] | None) -> None:
         if exc.exit_code == 2:
             raise
         raise SetupError(str(exc)) from exc
-    except Exception as exc:
-        raise SetupError(f"could not start: {one_line(exc)}") from exc
+
+
+FLATTENED = (
+    "JPEG has no alpha channel: transparent inputs are flattened on white (png or webp keep it)"
+)
 
 
 def write_image(job: Job, result: tuple[Image.Image, dict], output: Output) -> dict:
-    """Save an (image, settings) result atomically with its settings embedded; return the settings."""
+    """Save an (image, settings) result atomically with its settings embedded; return the settings.
+
+    An RGBA image keeps its alpha in PNG and WebP; JPEG flattens it on white, and the settings
+    say which (`alpha`: kept or flattened).
+    """
     image, settings = result
-    save_image(image, job.output, fmt=None if job.output.suffix else output.fmt, metadata=settings)
+    fmt = output_format(job.output.suffix or output.fmt)
+    if image.mode == "RGBA":
+        settings = settings | {"alpha": "flattened" if fmt == "jpg" else "kept"}
+    save_image(image, job.output, fmt=fmt, metadata=settings)
     return settings
 
 
@@ -255,5 +270,7 @@ def save(
     except Exception as exc:
         fail(job, seed, exc, report, events)
         return
+    if settings.get("alpha") == "flattened":
+        events.notice(FLATTENED)
     report.add_done(job)
     events.finished(Record(source(job), str(job.output), "done", seconds, seed, settings=settings))

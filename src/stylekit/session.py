@@ -30,8 +30,8 @@ from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
 from stylekit.engine.latents import decode, to_pil
 from stylekit.engine.sampling import AfterStep
-from stylekit.errors import InputError, StylekitError, UsageError
-from stylekit.media.images import load_image
+from stylekit.errors import InputError, ModelError, StylekitError, UsageError
+from stylekit.media.images import Sizing, load_image, resized
 from stylekit.presets import Settings, load_preset
 from stylekit.runner import Events, Output, base_seed
 
@@ -65,6 +65,16 @@ def resolve_settings(settings: Settings | None, preset: str | None, overrides: d
 def with_seed(output: Output) -> Output:
     """Fix the batch's base seed up front (random if not given) so every part of the run shares it."""
     return replace(output, seed=base_seed(output.seed))
+
+
+def size_notice(sizing: Sizing, what: str = "outputs") -> Callable[[Session], str]:
+    """The run's working-size notice (`LazySession`'s `announce`), once the model is known."""
+
+    def announce(session: Session) -> str:
+        written = "the input's size" if sizing.keep_size else "the working size"
+        return f"working size: {sizing.describe(session.native_px)}; {what} at {written}"
+
+    return announce
 
 
 def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
@@ -116,13 +126,17 @@ def check_fits(
     --no-size-check.
 
     Before the model loads (`model` None) the estimate counts its weights, from the family read
-    off the model's config; after, it uses the loaded model and what is still free."""
+    off the model's config; a model whose config cannot be read is left to the load, which says
+    why. After the load it uses the loaded model and what is still free."""
     if not runtime.size_check:
         return
     if model is None:
         device = models.resolve_device(runtime.device)
         dtype = models.resolve_dtype(runtime.dtype, device)
-        family = models.detect_family(settings.model, allow_pickle=runtime.allow_pickle)
+        try:
+            family = models.detect_family(settings.model, allow_pickle=runtime.allow_pickle)
+        except ModelError:  # e.g. a hub id not in the cache offline: the load reports it
+            return
         widths = folder_widths(settings.model)
     else:
         device, dtype, family = model.device, model.dtype, model.family
@@ -175,13 +189,18 @@ def reference_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(derived[0]) << 31 | int(derived[1]) >> 1)
 
 
-def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> models.ModelSpec:
-    """Translate settings into what the engine loads."""
+def model_spec(
+    settings: Settings, runtime: Runtime, *, ip_adapter: bool, task: str = "img2img"
+) -> models.ModelSpec:
+    """Translate settings into what the engine loads; `task` (img2img, noise, video) is where the
+    command's sampling starts, which decides the accelerator `auto` picks."""
     return models.ModelSpec(
         model=settings.model,
         loras=tuple(models.LoraSpec.parse(s) for s in settings.loras),
         accelerator=settings.accelerator,
         strength=settings.strength,
+        task=task,
+        scheduler=settings.scheduler,
         tiny_vae=tiny_vae(settings) or False,
         ip_adapter=settings.ip_adapter if ip_adapter else None,
         image_encoder=settings.image_encoder,
@@ -190,6 +209,7 @@ def model_spec(settings: Settings, runtime: Runtime, *, ip_adapter: bool) -> mod
         allow_pickle=runtime.allow_pickle,
         model_config=runtime.model_config,
         variant=settings.variant,
+        turbo=settings.turbo,
     )
 
 
@@ -216,6 +236,11 @@ def ad_options(settings: Settings) -> ad.ADOptions:
     )
 
 
+def native_px(model: models.LoadedModel) -> int:
+    """The model's native side in pixels: the UNet's `sample_size` x the VAE's scale factor."""
+    return int(model.unet.config.sample_size) * int(model.pipe.vae_scale_factor)
+
+
 def open_session(
     settings: Settings,
     runtime: Runtime = Runtime(),
@@ -223,25 +248,33 @@ def open_session(
     style: Sequence[Image.Image] = (),
     style_names: Sequence[str] = (),
     seed: int = 0,
+    task: str = "img2img",
 ) -> Session:
     """Load the model, build its sampler, encode the prompt and the style references: one run.
 
+    `task` says where sampling starts: "img2img" (stylize, inpaint), "noise" (t2i-styled,
+    textures) or "video"; `--accelerator auto` picks the LoRA distilled for it.
+
     With style mode ad/both (or optimize mode) the references are resized to the model's native
     size, as the AD release does, encoded once, and given their fixed noise (see
-    `reference_generator`).
+    `reference_generator`). IP-Adapter references are scaled down to the working size first, by
+    the same rule as content images (`Sizing`): the CLIP image processor then resizes them to its
+    own 224 px anyway, so this only bounds the memory a 12-megapixel reference takes.
     """
     use_ad, use_ip = uses_ad(settings, style), wants_ip_adapter(settings, style)
-    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip))
+    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip, task=task))
     config = dict(model.pipe.scheduler.config)
     sampler = sampling.make_sampler(settings.scheduler, config, gamma=settings.gamma)
     cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
     if use_ip:
         style_engine.set_style_scale(model.unet, settings.style_scale)
-        cond = conditioning.with_style_images(model, cond, style)
+        native = native_px(model)
+        capped = [resized(im, Sizing().working(im.size, native)) for im in style]
+        cond = conditioning.with_style_images(model, cond, capped)
     session = Session(settings, model, sampler, cond, style_names=list(style_names))
     if not use_ad:
         return session
-    side = session.native * 8
+    side = session.native_px
     sized = [im.resize((side, side), Image.Resampling.BICUBIC) for im in style]
     return session.with_references(sized, seed=seed)
 
@@ -268,6 +301,11 @@ class Session:
     def native(self) -> int:
         """The UNet's native latent size (64 for SD1.5, 128 for SDXL)."""
         return int(self.model.unet.config.sample_size)
+
+    @property
+    def native_px(self) -> int:
+        """The model's native side in pixels (512 for SD1.5, 1024 for SDXL)."""
+        return native_px(self.model)
 
     def with_references(
         self, images: Sequence[Image.Image], *, seed: int, masks: LabelMaps | None = None
@@ -433,13 +471,22 @@ def first_width(config) -> int | None:
     return int(channels[0]) if channels else None
 
 
+def announce(model: models.LoadedModel, events: Events) -> None:
+    """Tell the user what the loader chose for them (the accelerator) and what may go wrong."""
+    for line in model.notices:
+        events.notice(line)
+    for line in model.warnings:
+        events.warning(line)
+
+
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
     Style references are loaded and local model paths checked by the constructor, so a bad one
     stops the run before any model loads; `before()` runs first in `prepare` (a size check that
-    needs the model's family), and `check(session)` may refuse a combination only the loaded
-    model reveals.
+    needs the model's family); `check(session)` may refuse a combination only the loaded model
+    reveals, and `announce(session)` returns a line for `events.notice` once the model is known
+    (the working size, which depends on the model).
     """
 
     def __init__(
@@ -451,10 +498,13 @@ class LazySession:
         seed: int,
         events: Events,
         check: Callable[[Session], None] | None = None,
+        task: str = "img2img",
+        announce: Callable[[Session], str] | None = None,
         before: Callable[[], None] | None = None,
     ):
         self.settings, self.runtime = settings, runtime or Runtime()
-        self.seed, self.events, self.check, self.before = seed, events, check, before
+        self.seed, self.events, self.check, self.task = seed, events, check, task
+        self.announce, self.before = announce, before
         self.style_names = [Path(p).name for p in style]
         self.style_images = load_style_images(style)
         check_references(settings, self.style_images)
@@ -471,9 +521,13 @@ class LazySession:
             style=self.style_images,
             style_names=self.style_names,
             seed=self.seed,
+            task=self.task,
         )
+        announce(session.model, self.events)
         if self.check is not None:
             self.check(session)
+        if self.announce is not None:
+            self.events.notice(self.announce(session))
         self.session = session
 
     def __call__(self) -> Session:

@@ -42,6 +42,20 @@ _SD15_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+# stabilityai/stable-diffusion-2-1 (768 px) is a v-prediction model: its scheduler says so.
+_SD2_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
 _SDXL_SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler",
     "beta_end": 0.012,
@@ -141,6 +155,18 @@ def _sd15_unet_config(size: str, in_channels: int) -> dict:
     }
 
 
+def _sd2_unet_config(in_channels: int) -> dict:
+    # SD 2.x differs from SD 1.x where stylekit's family rule looks: linear projections into the
+    # transformer blocks and per-level head counts, and cross-attention as wide as its OpenCLIP
+    # text encoder (1024 in the real model, 64 here against the tiny SD1.5's 32).
+    return {
+        **_sd15_unet_config("tiny", in_channels),
+        "cross_attention_dim": 64,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+    }
+
+
 def _sdxl_unet_config() -> dict:
     # (Down, CrossAttnDown) / (CrossAttnUp, Up) with 2 layers, like SDXL's last levels: up block 0
     # has 3 attentions, so InstantStyle's style layer `up_blocks.0.attentions.1` exists.
@@ -180,15 +206,24 @@ def _clip_text_config(size: str, vocab_size: int, **extra):
     if size == "tiny":
         dims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
     return CLIPTextConfig(
-        **dims,
-        num_attention_heads=12 if size == "full" else 4,
-        vocab_size=vocab_size,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        **extra,
+        **{
+            **dims,
+            "num_attention_heads": 12 if size == "full" else 4,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": TOKENIZER_MAX_LENGTH,
+            "hidden_act": "quick_gelu",
+            "bos_token_id": vocab_size - 2,
+            "eos_token_id": vocab_size - 1,
+            "pad_token_id": vocab_size - 1,
+            **extra,
+        }
+    )
+
+
+def _open_clip_text_config(vocab_size: int):
+    """A tiny OpenCLIP-like text encoder as SD 2.x's: GELU, wider than the tiny CLIP (64 vs 32)."""
+    return _clip_text_config(
+        "tiny", vocab_size, hidden_size=64, intermediate_size=128, hidden_act="gelu"
     )
 
 
@@ -202,12 +237,73 @@ def build_sd15(
     size: Literal["tiny", "full"] = "tiny",
     in_channels: int = 4,
     dtype: torch.dtype = torch.float32,
+    prediction_type: str = "epsilon",
 ) -> Path:
     """Write an SD1.5-layout pipeline folder with random weights and return its path.
 
     `size="tiny"` builds in well under a second; `size="full"` is the real SD1.5 architecture
-    (859 M UNet parameters) for benchmarks. `in_channels=9` gives an inpainting UNet.
+    (859 M UNet parameters) for benchmarks. `in_channels=9` gives an inpainting UNet;
+    `prediction_type` ("epsilon", "v_prediction", "sample") goes into the scheduler config.
     """
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    return _build_sd(
+        Path(path),
+        unet_config=_sd15_unet_config(size, in_channels),
+        text_config=lambda vocab: _clip_text_config(size, vocab),
+        scheduler_config=_with_prediction(_SD15_SCHEDULER, prediction_type),
+        pad_token=EOS,
+        vae_size=size,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def build_sd2(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    in_channels: int = 4,
+    prediction_type: str = "v_prediction",
+) -> Path:
+    """Write a tiny SD 2.x-layout pipeline folder (v-prediction, as SD 2.1 768) and return its path.
+
+    What tells SD 2.x from SD 1.x is kept: linear transformer projections and per-level head
+    counts in the UNet, an OpenCLIP-like text encoder (GELU, hidden 64 where the tiny SD1.5 has
+    32), and a tokenizer that pads with "!". `prediction_type="epsilon"` is SD 2.x base / SD-Turbo.
+    """
+    return _build_sd(
+        Path(path),
+        unet_config=_sd2_unet_config(in_channels),
+        text_config=_open_clip_text_config,
+        scheduler_config=_with_prediction(_SD2_SCHEDULER, prediction_type),
+        pad_token="!",
+        vae_size="tiny",
+        seed=seed,
+        dtype=torch.float32,
+    )
+
+
+def _with_prediction(config: dict, prediction_type: str) -> dict:
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    if config.get("prediction_type", "epsilon") == prediction_type:
+        return config
+    return {**config, "prediction_type": prediction_type}
+
+
+def _build_sd(
+    path: Path,
+    *,
+    unet_config: dict,
+    text_config,
+    scheduler_config: dict,
+    pad_token: str,
+    vae_size: str,
+    seed: int,
+    dtype: torch.dtype,
+) -> Path:
+    """Write an SD 1.x/2.x pipeline folder (inpainting when the UNet takes 9 channels)."""
     from diffusers import (
         AutoencoderKL,
         StableDiffusionInpaintPipeline,
@@ -216,16 +312,14 @@ def build_sd15(
     )
     from transformers import CLIPTextModel
 
-    if size not in ("tiny", "full"):
-        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
-    path = Path(path)
-    tokenizer = _load_tokenizer(path / "tokenizer")
+    tokenizer = _load_tokenizer(path / "tokenizer", pad_token=pad_token)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**_sd15_unet_config(size, in_channels))
-        vae = AutoencoderKL(**_vae_config(size, scaling_factor=0.18215))
-        text_encoder = CLIPTextModel(_clip_text_config(size, len(tokenizer)))
-    pipeline_class = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**_vae_config(vae_size, scaling_factor=0.18215))
+        text_encoder = CLIPTextModel(text_config(len(tokenizer)))
+    inpaint = unet_config["in_channels"] == 9
+    pipeline_class = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
     if dtype != torch.float32:
         for model in (unet, vae, text_encoder):
             model.to(dtype)
@@ -234,13 +328,13 @@ def build_sd15(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(_SD15_SCHEDULER),
+        scheduler=_scheduler(scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
         requires_safety_checker=False,
     )
-    _save_pipeline(pipe, path, _SD15_SCHEDULER)
+    _save_pipeline(pipe, path, scheduler_config)
     return path
 
 
@@ -442,31 +536,80 @@ _VAE_ATTENTION_NAMES = {
 
 
 def save_single_file(model_path: str | Path, out_file: str | Path) -> Path:
-    """Write an SD1.5 folder as one original-layout `.safetensors` checkpoint; return its path.
+    """Write an SD1.5 or SD 2.x folder as one original-layout `.safetensors` checkpoint.
 
     Keys as the original Stable Diffusion checkpoints have them (`model.diffusion_model.*`,
-    `first_stage_model.*`, `cond_stage_model.transformer.*`), so
+    `first_stage_model.*`, and `cond_stage_model.transformer.*` for SD 1.x's CLIP or
+    `cond_stage_model.model.*` for SD 2.x's OpenCLIP), so
     `StableDiffusionPipeline.from_single_file(out_file, config=model_path)` loads it offline.
     """
+    from stylekit.engine.models import family_of_unet
+
     model_path, out_file = Path(model_path), Path(out_file)
     unet_config = json.loads((model_path / "unet" / "config.json").read_text())
     vae_config = json.loads((model_path / "vae" / "config.json").read_text())
     if unet_config.get("addition_embed_type") is not None:
-        raise ValueError("save_single_file writes the SD1.5 layout; this model is SDXL-like")
+        raise ValueError(
+            "save_single_file writes the SD1.5 layout (or SD 2.x's); this is SDXL-like"
+        )
+    text = {
+        k.removeprefix("text_model."): v
+        for k, v in _folder_weights(model_path / "text_encoder").items()
+    }
+    if family_of_unet(unet_config) == "sd2":
+        text_part = ("cond_stage_model.model.", _open_clip_layout(text))
+    else:
+        text_part = (
+            "cond_stage_model.transformer.",
+            {f"text_model.{k}": v for k, v in text.items()},
+        )
     parts = {
         "model.diffusion_model.": _rename(
             _folder_weights(model_path / "unet"), _unet_prefixes(unet_config), _UNET_RESNET_NAMES
         ),
         "first_stage_model.": _vae_to_ldm(_folder_weights(model_path / "vae"), vae_config),
-        "cond_stage_model.transformer.": {
-            k if k.startswith("text_model.") else f"text_model.{k}": v
-            for k, v in _folder_weights(model_path / "text_encoder").items()
-        },
+        text_part[0]: text_part[1],
     }
     checkpoint = {prefix + k: v for prefix, part in parts.items() for k, v in part.items()}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, out_file)
     return out_file
+
+
+_OPEN_CLIP_NAMES = {  # CLIPTextModel (text_model. stripped) -> OpenCLIP, as SD 2.x checkpoints
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER_NAMES = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def _open_clip_layout(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a CLIPTextModel state dict to OpenCLIP's: q, k, v fused into `attn.in_proj_*`."""
+    out = {}
+    for key, value in text.items():
+        if key in _OPEN_CLIP_NAMES:
+            out[_OPEN_CLIP_NAMES[key]] = value
+            continue
+        if not key.startswith("encoder.layers."):
+            raise ValueError(f"no OpenCLIP name for text encoder weight {key!r}")
+        layer, _, leaf = key.removeprefix("encoder.layers.").partition(".")
+        module, _, param = leaf.rpartition(".")
+        block = f"transformer.resblocks.{layer}."
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if module.endswith("q_proj"):  # in_proj is [q; k; v] along the output dimension
+                parts = [text[f"encoder.layers.{layer}.self_attn.{p}_proj.{param}"] for p in "qkv"]
+                out[f"{block}attn.in_proj_{param}"] = torch.cat(parts)
+            continue
+        out[block + f"{_OPEN_CLIP_LAYER_NAMES[module]}.{param}"] = value
+    return out
 
 
 def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -161,6 +161,34 @@ def feather(mask: torch.Tensor, blur: int) -> np.ndarray:
     return soft * grow(hard, blur)
 
 
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) in px, right and bottom exclusive
+
+
+def crop_box(region: np.ndarray, padding: int, *, aspect: tuple[int, int] | None = None) -> Box:
+    """The bounding box of a boolean (H, W) region grown by `padding` px on every side, within
+    the image; with `aspect` (W, H) then widened or heightened towards that ratio as far as the
+    image allows (A1111's "only masked" crop, `expand_crop_region`)."""
+    rows, cols = np.nonzero(region.any(axis=1))[0], np.nonzero(region.any(axis=0))[0]
+    height, width = region.shape
+    left, right = max(cols[0] - padding, 0), min(cols[-1] + 1 + padding, width)
+    top, bottom = max(rows[0] - padding, 0), min(rows[-1] + 1 + padding, height)
+    if aspect is not None:
+        ratio = aspect[0] / aspect[1]
+        if (right - left) / (bottom - top) > ratio:
+            top, bottom = _widen(top, bottom, round((right - left) / ratio), height)
+        else:
+            left, right = _widen(left, right, round((bottom - top) * ratio), width)
+    return int(left), int(top), int(right), int(bottom)
+
+
+def _widen(start: int, end: int, length: int, limit: int) -> tuple[int, int]:
+    """Grow [start, end) to `length` around its centre, shifted to stay within [0, limit)."""
+    grow = max(length - (end - start), 0)
+    start, end = start - grow // 2, end + grow - grow // 2
+    shift = max(0, -start) - max(0, end - limit)
+    return max(start + shift, 0), min(end + shift, limit)
+
+
 def paste_back(original: Image.Image, generated: np.ndarray, weights: np.ndarray) -> Image.Image:
     """Compose input and generated pixels by `weights` (1 = generated); weight 0 gives the input byte for byte."""
     base = np.asarray(original.convert("RGB"), dtype=np.float32)  # (H, W, 3) in 0..255

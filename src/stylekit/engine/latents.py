@@ -51,7 +51,11 @@ def encode_pixels(model: LoadedModel, x: torch.Tensor, generator) -> torch.Tenso
     z = torch.cat([posterior_sample(vae, x[i : i + 1], g) for i, g in enumerate(gens)])
     if upcast:
         vae.to(model.dtype)
-    z = z.to(model.dtype)
+    return scale_latents(vae, z.to(model.dtype))
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents → scaled latents (what the UNet sees); `unscale` undoes it."""
     mean, std = latent_stats(vae, z)
     if mean is not None:
         return (z - mean) * vae.config.scaling_factor / std
@@ -74,12 +78,7 @@ def encode(model: LoadedModel, images, generator) -> torch.Tensor:
 def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """Scaled latent → (B, H, W, 3) float array in [0, 1], decoding in `dtype`."""
     vae = model.vae
-    mean, std = latent_stats(vae, z)
-    z = (
-        z * std / vae.config.scaling_factor + mean
-        if mean is not None
-        else z / vae.config.scaling_factor
-    )
+    z = unscale(vae, z)
     old = vae.dtype
     if dtype != old:
         vae.to(dtype)
@@ -89,9 +88,21 @@ def decode_raw(model: LoadedModel, z: torch.Tensor, dtype: torch.dtype) -> np.nd
     finally:
         if dtype != old:
             vae.to(old)
-    x = x / 2 + 0.5
-    x = torch.where(x.isfinite(), x.clamp(0, 1), x)  # clamping would hide ±inf from `degenerate`
-    return x.float().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return unit_pixels(x).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def unscale(vae, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (what the UNet sees) → the VAE's own latents."""
+    mean, std = latent_stats(vae, z)
+    if mean is not None:
+        return z * std / vae.config.scaling_factor + mean
+    return z / vae.config.scaling_factor
+
+
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A VAE's output in [−1, 1] → float32 in [0, 1]; ±inf and NaN stay for `degenerate` to see."""
+    x = x.float() / 2 + 0.5
+    return torch.where(x.isfinite(), x.clamp(0, 1), x)
 
 
 def degenerate(arr: np.ndarray) -> str | None:

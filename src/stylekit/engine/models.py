@@ -1,8 +1,8 @@
 """The only place that loads weights: base models, LoRAs, the few-step accelerator, tiny VAE, IP-Adapter.
 
 `--model` is a hub id, a local diffusers folder or a single `.safetensors` checkpoint (a pickled
-`.ckpt` with `--allow-pickle`). The family (SD 1.x/2.x vs SDXL) is read from the model itself;
-turbo (ADD) models are recognised by name.
+`.ckpt` with `--allow-pickle`). The family (SD 1.x, SD 2.x or SDXL) is read from the model itself;
+turbo (ADD) models are the released SD-Turbo and SDXL-Turbo, or whatever `--turbo` says.
 """
 
 from __future__ import annotations
@@ -21,24 +21,40 @@ import torch
 from stylekit.errors import ModelError, UsageError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl")  # SD 1.x, SD 2.x (OpenCLIP ViT-H text encoder), SDXL
 STD_REPO = "SecondComming/Single-Trajectory-Distillation"
-STD_ETAS = (0.65, 0.75, 0.85, 0.95)
+STD_ETAS = (0.65, 0.75, 0.85, 0.95)  # one image LoRA (std_sdxl_i2i_eta*) and one video LoRA per η
+ETA_TOLERANCE = 0.05  # a strength further than this from every released η gets a warning
 LCM_LORA = {
     "sd15": "latent-consistency/lcm-lora-sdv1-5",
     "sdxl": "latent-consistency/lcm-lora-sdxl",
 }
-TINY_VAE = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
-IP_ADAPTER = {  # (repo, subfolder, weight file, image encoder folder relative to the repo root)
-    "sd15": ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors", "models/image_encoder"),
-    # STD's release: the ViT-H SDXL adapter, which needs the ViT-H encoder, not sdxl_models/image_encoder
-    "sdxl": (
-        "h94/IP-Adapter",
-        "sdxl_models",
-        "ip-adapter_sdxl_vit-h.safetensors",
-        "models/image_encoder",
-    ),
+TCD_LORA = {"sd15": "h1t/TCD-SD15-LoRA", "sdxl": "h1t/TCD-SDXL-LoRA"}
+FULL_TRAJECTORY_LORA = {"tcd": TCD_LORA, "lcm": LCM_LORA}  # distilled from pure noise, per sampler
+TASKS = ("img2img", "noise", "video")  # where sampling starts: a noised image, pure noise, frames
+TINY_VAE = {  # SD 1.x and 2.x share one VAE latent space, so TAESD serves both
+    "sd15": "madebyollin/taesd",
+    "sd2": "madebyollin/taesd",
+    "sdxl": "madebyollin/taesdxl",
 }
+# The released adversarially distilled models (ADD): the hub repos and their checkpoint files.
+TURBO_REPOS = ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")
+TURBO_FILES = {  # released checkpoint file -> its repo, whose config the file loads with
+    "sd_turbo.safetensors": "stabilityai/sd-turbo",
+    "sd_xl_turbo_1.0.safetensors": "stabilityai/sdxl-turbo",
+    "sd_xl_turbo_1.0_fp16.safetensors": "stabilityai/sdxl-turbo",
+}
+IP_ADAPTER = {  # (repo, subfolder, weight file); the image encoder follows from them
+    "sd15": ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors"),
+    "sdxl": ("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors"),  # STD's
+}
+SD2_NO_ACCELERATOR = (
+    "model {model} is SD 2.x: no few-step LoRA (LCM-LoRA, TCD-LoRA, STD) is released for it, so "
+    "--accelerator auto loads none; few steps need a distilled model (stabilityai/sd-turbo) or a "
+    "LoRA passed with --accelerator"
+)
+H94 = "h94/IP-Adapter"  # keeps two CLIP image encoders: ViT-H and ViT-bigG
+VIT_H_ENCODER, VIT_BIGG_ENCODER = "models/image_encoder", "sdxl_models/image_encoder"
 OFFLINE_HINT = (
     "check the name, run once with network access to fill the Hugging Face cache "
     "(HF_HUB_OFFLINE=1 then uses only the cache), or pass a local folder or .safetensors file"
@@ -72,6 +88,8 @@ class ModelSpec:
     loras: tuple[LoraSpec, ...] = ()
     accelerator: str = "auto"  # auto | none | a LoRA spec
     strength: float = 0.75  # picks the STD LoRA whose η matches
+    task: str = "img2img"  # img2img | noise | video: what `auto` picks the accelerator for
+    scheduler: str = "tcd"  # tcd | lcm: the sampler a full-trajectory accelerator is distilled for
     tiny_vae: bool | str = False  # True: the family's TAESD from the hub; str: a path or hub id
     ip_adapter: str | None = None  # None: no style adapter; "auto": the family's default
     image_encoder: str | None = None
@@ -80,6 +98,7 @@ class ModelSpec:
     allow_pickle: bool = False
     model_config: str | None = None  # diffusers config folder/repo for a single-file checkpoint
     variant: str | None = None  # hub weight variant to try first ("fp16"); full weights if absent
+    turbo: bool | None = None  # None: the released turbo models only (see `detect_turbo`)
 
 
 @dataclass
@@ -92,6 +111,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     accelerator: str | None = None  # the few-step LoRA merged in, recorded in every output
+    notices: tuple[str, ...] = ()  # one line each for the user: what `auto` chose
+    warnings: tuple[str, ...] = ()  # choices the user should know may give weaker results
 
     @property
     def unet(self):
@@ -192,25 +213,43 @@ def refuse_pickle(what: str, source: str | Path) -> NoReturn:
     )
 
 
-def family_of_config(index: dict) -> str:
-    """Read the family from a pipeline's model_index.json."""
-    name = str(index.get("_class_name", ""))
-    return "sdxl" if "XL" in name else "sd15"
+def family_of_unet(config: dict) -> str:
+    """Read the family from a UNet config.
+
+    SDXL has added text-time conditioning. Otherwise the cross-attention width is the text
+    encoder's: 768 is SD 1.x (CLIP ViT-L), 1024 is SD 2.x (OpenCLIP ViT-H). Any other width (a
+    tiny test model, an unusual fine-tune) falls back to structure: SD 2.x projects into its
+    transformer blocks with linear layers (`use_linear_projection`), SD 1.x with 1x1 convolutions.
+    """
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    width = config.get("cross_attention_dim")
+    if width in (768, 1024):
+        return "sd15" if width == 768 else "sd2"
+    return "sd2" if config.get("use_linear_projection") else "sd15"
 
 
-def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names of a `.safetensors` file (header only, no weights)."""
+def family_of_config(index: dict, unet: dict | None = None) -> str:
+    """Read the family from a pipeline's model_index.json and, for SD 1.x/2.x, its UNet config."""
+    if "XL" in str(index.get("_class_name", "")):
+        return "sdxl"
+    return family_of_unet(unet) if unet is not None else "sd15"
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a `.safetensors` file (header only, no weights)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for a bad header
         raise ModelError(f"model {path}: not a readable .safetensors checkpoint ({exc})") from exc
 
 
-def pickle_keys(path: Path) -> list[str]:
-    """The tensor names of a pickled checkpoint, loaded as diffusers loads it: weights only, memory-mapped."""
+def pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a pickled checkpoint, loaded as diffusers loads it: weights
+    only, memory-mapped."""
     mmap = {"mmap": True} if zipfile.is_zipfile(path) else {}  # only the zip format maps
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, **mmap)
@@ -221,26 +260,38 @@ def pickle_keys(path: Path) -> list[str]:
         ) from exc
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning-style `.ckpt`, as diffusers unwraps it
-    return [str(k) for k in state] if isinstance(state, dict) else []
+    if not isinstance(state, dict):
+        return {}
+    return {str(k): tuple(getattr(v, "shape", ())) for k, v in state.items()}
 
 
 def family_of_checkpoint(path: Path, *, allow_pickle: bool = False) -> str:
-    """Read the family from a single-file checkpoint's tensor names."""
+    """Read the family from a single-file checkpoint's tensor names and shapes, by the rule of
+    `family_of_unet`: SDXL's second text encoder; else the cross-attention width (the input
+    width of an `attn2.to_k`); else SD 2.x's OpenCLIP text encoder or linear `proj_in`."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             refuse_pickle("model", path)
-        keys = pickle_keys(path)
+        shapes = pickle_shapes(path)
     else:
-        keys = safetensors_keys(path)
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        shapes = safetensors_shapes(path)
+    if any(k.startswith("conditioner.embedders.1") for k in shapes):
         return "sdxl"
-    if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):
+    unet = {k: v for k, v in shapes.items() if k.startswith("model.diffusion_model.")}
+    widths = {v[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight") and v}
+    if widths & {768, 1024}:
+        return "sd2" if 1024 in widths else "sd15"
+    open_clip = any(k.startswith("cond_stage_model.model.") for k in shapes)
+    linear = any(k.endswith(".proj_in.weight") and len(v) == 2 for k, v in unet.items())
+    if open_clip or linear:
+        return "sd2"
+    if unet or any(k.startswith("cond_stage_model.") for k in shapes):
         return "sd15"
     raise ModelError(f"model {path}: not a Stable Diffusion or SDXL checkpoint")
 
 
 def detect_family(source: str, *, allow_pickle: bool = False) -> str:
-    """Detect SD1.5-family vs SDXL-family from the model itself (folder, hub id or checkpoint)."""
+    """Detect SD 1.x, SD 2.x or SDXL from the model itself (folder, hub id or checkpoint)."""
     path = Path(source).expanduser()
     if path.is_file():
         return family_of_checkpoint(path, allow_pickle=allow_pickle)
@@ -250,16 +301,50 @@ def detect_family(source: str, *, allow_pickle: bool = False) -> str:
             raise ModelError(
                 f"model {source}: folder has no model_index.json (not a diffusers pipeline)"
             )
-        return family_of_config(json.loads(index.read_text()))
-    from diffusers import DiffusionPipeline
+        unet = path / "unet" / "config.json"
+        unet_config = json.loads(unet.read_text()) if unet.is_file() else None
+        return family_of_config(json.loads(index.read_text()), unet_config)
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     with hub_errors("model", source):
-        return family_of_config(DiffusionPipeline.load_config(source))
+        index = DiffusionPipeline.load_config(source)
+        if "XL" in str(index.get("_class_name", "")):
+            return "sdxl"
+        return family_of_config(index, UNet2DConditionModel.load_config(source, subfolder="unet"))
 
 
 def is_turbo(source: str) -> bool:
-    """Recognise adversarially distilled turbo models (SD-Turbo, SDXL-Turbo and merges) by name."""
-    return "turbo" in source.lower()
+    """Whether `source` is a released turbo (ADD) model: the SD-Turbo or SDXL-Turbo hub repo or a
+    file in it, a local copy of the repo (its Hugging Face cache folder `models--stabilityai--…`,
+    or a folder named `stabilityai/sd-turbo`), or a checkpoint file under its released name."""
+    text = source.rstrip("/")
+    if not is_local(text):
+        return split_hub_file(text)[0].lower() in TURBO_REPOS
+    parts = [p.lower() for p in Path(text).expanduser().parts]
+    cache = {"models--" + repo.replace("/", "--") for repo in TURBO_REPOS}
+    return (
+        any(p in cache for p in parts)
+        or "/".join(parts[-2:]) in TURBO_REPOS
+        or (bool(parts) and parts[-1] in TURBO_FILES)
+    )
+
+
+def detect_turbo(source: str, flag: bool | None = None) -> tuple[bool, str | None]:
+    """Return (turbo, notice): `flag` when given, else whether `source` is a released turbo model.
+
+    A name that merely contains "turbo" (a merge, a renamed folder) changes nothing silently: it
+    gets a one-line notice instead, since turbo means no accelerator LoRA and trailing timesteps.
+    """
+    if flag is not None:
+        return flag, None
+    if is_turbo(source):
+        return True, None
+    if "turbo" in source.lower():
+        return False, (
+            f"model {source} looks like a turbo model by name; pass --turbo if it is "
+            "(no accelerator LoRA, trailing timesteps)"
+        )
+    return False, None
 
 
 class hub_errors:
@@ -377,11 +462,13 @@ def load_pipeline(spec: ModelSpec, family: str, dtype: torch.dtype):
     cls = pipeline_class(family)
     local = is_local(spec.model)
     source = str(Path(spec.model).expanduser()) if local else spec.model
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
     with hub_errors("model", spec.model):
         if Path(source).is_file():
-            config = {"config": spec.model_config} if spec.model_config else {}
-            return cls.from_single_file(source, dtype=dtype, **config)
+            config = single_file_config(spec)
+            return cls.from_single_file(
+                source, dtype=dtype, **({"config": config} if config else {})
+            )
         kwargs = dict(dtype=dtype, use_safetensors=not spec.allow_pickle, **extra)
         if spec.variant and not local:
             try:
@@ -389,6 +476,12 @@ def load_pipeline(spec: ModelSpec, family: str, dtype: torch.dtype):
             except (ValueError, OSError):  # no such variant (or not cached): take the full weights
                 pass
         return cls.from_pretrained(source, **kwargs)
+
+
+def single_file_config(spec: ModelSpec) -> str | None:
+    """The diffusers config of a single-file checkpoint: `--model-config`, else the released turbo
+    repo for a released turbo file name, else None (diffusers infers one from the tensor shapes)."""
+    return spec.model_config or TURBO_FILES.get(Path(spec.model).name.lower())
 
 
 def split_hub_file(source: str) -> tuple[str, str | None]:
@@ -416,16 +509,98 @@ def load_lora(
             pipe.load_lora_weights(repo, adapter_name=name, **kwargs)
 
 
-def accelerator_source(spec: ModelSpec, family: str, turbo: bool) -> str | None:
-    """The few-step LoRA to load: STD for SDXL (η from strength), LCM-LoRA for SD1.5, none for turbo."""
-    if spec.accelerator == "none" or (spec.accelerator == "auto" and turbo):
-        return None
+@dataclass(frozen=True)
+class Accelerator:
+    """The few-step LoRA `--accelerator` resolves to, and what to tell the user about the choice."""
+
+    source: str | None
+    notice: str | None = None
+    warning: str | None = None
+
+
+def eta_distance(strength: float, eta: float) -> float:
+    """|strength − η| rounded to 1e-6: float error makes |0.7 − 0.65| 0.04999… but |0.75 − 0.7| 0.05000…1."""
+    return round(abs(strength - eta), 6)
+
+
+def std_eta(strength: float) -> float:
+    """The released η nearest to `strength`; a tie (0.7, 0.8, 0.9) goes to the higher η.
+
+    STD distils the trajectory from η down to 0: the higher η's LoRA has been trained on the whole
+    of a trajectory that starts at the tied strength, the lower one has not seen its first part.
+    """
+    return min(STD_ETAS, key=lambda eta: (eta_distance(strength, eta), -eta))
+
+
+def std_choice(strength: float, task: str) -> Accelerator:
+    """STD's image LoRA for the η nearest `strength` (video too: the v2v files need a motion module)."""
+    eta = std_eta(strength)
+    name = f"std_sdxl_i2i_eta{eta:.2f}.safetensors"
+    frames = ", per frame: the v2v LoRAs need a motion module" if task == "video" else ""
+    notice = f"accelerator: STD {name} (η {eta:.2f} for strength {strength:g}{frames})"
+    warning = None
+    if eta_distance(strength, eta) > ETA_TOLERANCE:
+        released = ", ".join(f"{e:.2f}" for e in STD_ETAS)
+        warning = (
+            f"strength {strength:g} is {eta_distance(strength, eta):g} from the nearest STD LoRA "
+            f"(η {eta:.2f}; released: {released}): results may be weaker; choose a strength "
+            "near one of them, or pass --accelerator"
+        )
+    return Accelerator(f"{STD_REPO}/{name}", notice, warning)
+
+
+def choose_accelerator(spec: ModelSpec, family: str, turbo: bool) -> Accelerator:
+    """The few-step LoRA for this model, task and sampler.
+
+    SDXL from a noised image or frames: STD's LoRA for the η nearest the strength. From pure noise
+    (`t2i-styled`, textures), off STD's trajectory, and on SD1.5, which has no STD LoRA: the LoRA
+    distilled over the full trajectory for the sampler in use (TCD-LoRA or LCM-LoRA). SD 2.x has
+    none of these: nothing, with a warning. Turbo models are few-step already; `none` and an
+    explicit LoRA are taken as given.
+    """
+    if spec.task not in TASKS:
+        raise UsageError(f"unknown task {spec.task!r}; choose one of {', '.join(TASKS)}")
+    if spec.accelerator == "none":
+        return Accelerator(None)
     if spec.accelerator != "auto":
-        return spec.accelerator
-    if family == "sdxl":
-        eta = min(STD_ETAS, key=lambda e: abs(e - spec.strength))
-        return f"{STD_REPO}/std_sdxl_i2i_eta{eta:.2f}.safetensors"
-    return LCM_LORA[family]
+        return Accelerator(spec.accelerator)
+    if turbo:
+        return Accelerator(None, "accelerator: none (turbo models need no few-step LoRA)")
+    if family == "sdxl" and spec.task in ("img2img", "video"):
+        return std_choice(spec.strength, spec.task)
+    source = FULL_TRAJECTORY_LORA[spec.scheduler].get(family)
+    if source is None:  # SD 2.x: no LCM-LoRA, TCD-LoRA or STD LoRA is released for it
+        return Accelerator(None, warning=SD2_NO_ACCELERATOR.format(model=spec.model))
+    why = "from pure noise" if family == "sdxl" else f"no STD LoRA for {family}"
+    kind = "TCD-LoRA" if spec.scheduler == "tcd" else "LCM-LoRA"
+    return Accelerator(source, f"accelerator: {kind} {source} ({why}; {spec.scheduler} sampler)")
+
+
+def accelerator_source(spec: ModelSpec, family: str, turbo: bool) -> str | None:
+    """The few-step LoRA to load (see `choose_accelerator`)."""
+    return choose_accelerator(spec, family, turbo).source
+
+
+def check_family(spec: ModelSpec, family: str) -> None:
+    """Refuse, before the weights load, what the family cannot do: the default IP-Adapters are
+    built for 768- (SD 1.x) and 2048-wide (SDXL) cross-attention, SD 2.x's is 1024 wide."""
+    if spec.ip_adapter == "auto" and family not in IP_ADAPTER:
+        raise UsageError(
+            f"model {spec.model} is SD 2.x: no IP-Adapter is released for its 1024-wide "
+            "cross-attention; use --style-mode ad (attention distillation works on any UNet), "
+            "or pass an SD 2.x adapter with --ip-adapter"
+        )
+
+
+def family_warnings(spec: ModelSpec, family: str) -> list[str]:
+    """Warnings about what the weights of an SD 2.x checkpoint cannot tell."""
+    if family != "sd2" or not Path(spec.model).expanduser().is_file() or single_file_config(spec):
+        return []
+    return [  # the weights do not say whether the model predicts ε or v
+        f"model {spec.model}: diffusers reads an SD 2.x checkpoint with stable-diffusion-2-1's "
+        "config (768 px, v-prediction); for a 512 px ε model (SD 2.x base and its fine-tunes) "
+        "pass --model-config stabilityai/stable-diffusion-2-1-base"
+    ]
 
 
 def fuse_loras(pipe, loras: list[tuple[str, float]]) -> None:
@@ -456,16 +631,37 @@ class AdapterFiles:
     repo: str
     subfolder: str
     weight_name: str
-    image_encoder: str
+    image_encoder: str  # a local folder, or a folder of `repo` from its root
+
+
+def image_encoder_folder(repo: str, subfolder: str, weight_name: str) -> str:
+    """The CLIP image encoder an adapter in a hub repo needs: a folder from the repo's root.
+
+    h94/IP-Adapter keeps ViT-H in `models/image_encoder` and ViT-bigG in
+    `sdxl_models/image_encoder`: its SD1.5 adapters and the SDXL `*_vit-h` ones take ViT-H,
+    `sdxl_models/ip-adapter_sdxl.*` and the `*vit-G*` ones bigG. Any other repo: the adapter
+    folder's `image_encoder`, diffusers' default (OzzyGT/sdxl-ip-adapter keeps its ViT-H there).
+    """
+    if repo.lower() == H94.lower():
+        name = weight_name.lower()
+        bigg = "vit-g" in name or (subfolder == "sdxl_models" and "vit-h" not in name)
+        return VIT_BIGG_ENCODER if bigg else VIT_H_ENCODER
+    return f"{subfolder}/image_encoder" if subfolder else "image_encoder"
 
 
 def adapter_files(spec: ModelSpec, family: str) -> AdapterFiles:
-    """Resolve `--ip-adapter` (auto, a local file or folder, or a hub file) to load_ip_adapter arguments."""
+    """Resolve `--ip-adapter` (auto, a local file or folder, or a hub file) and its image encoder.
+
+    `--image-encoder` is a local folder, or else a folder of the adapter's hub repo.
+    """
+    user = spec.image_encoder
+    if user and is_local(user):
+        user = str(Path(user).expanduser().absolute())
     if spec.ip_adapter in (None, "auto"):
-        repo, sub, weight, encoder = IP_ADAPTER[family]
-        return AdapterFiles(repo, sub, weight, spec.image_encoder or encoder)
+        repo, sub, weight = IP_ADAPTER[family]
+        return AdapterFiles(repo, sub, weight, user or image_encoder_folder(repo, sub, weight))
     check_source(spec.ip_adapter, what="IP-Adapter", allow_pickle=spec.allow_pickle)
-    path = Path(spec.ip_adapter).expanduser()
+    path = Path(spec.ip_adapter).expanduser().absolute()
     if path.is_dir():
         weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
         if len(weights) != 1:
@@ -474,38 +670,54 @@ def adapter_files(spec: ModelSpec, family: str) -> AdapterFiles:
             )
         path = path / weights[0]
     if path.is_file():
-        encoder = spec.image_encoder or str(path.parent / "image_encoder")
-        return AdapterFiles(str(path.parent), "", path.name, encoder)
+        return AdapterFiles(
+            str(path.parent), "", path.name, user or str(path.parent / "image_encoder")
+        )
     repo, weight = split_hub_file(spec.ip_adapter)
     if weight is None:
         raise ModelError(
             f"IP-Adapter {spec.ip_adapter}: name the weight file, e.g. owner/repo/sub/file.safetensors"
         )
     sub, _, name = weight.rpartition("/")
-    return AdapterFiles(repo, sub, name, spec.image_encoder or "models/image_encoder")
+    return AdapterFiles(repo, sub, name, user or image_encoder_folder(repo, sub, name))
+
+
+def load_image_encoder(pipe, files: AdapterFiles) -> None:
+    """Load the adapter's CLIP image encoder from a local folder or from its folder in the hub repo.
+
+    Loaded here rather than by diffusers' `load_ip_adapter`, which reads a folder name without a
+    slash as relative to the adapter's subfolder, not to the repo's root.
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    local = Path(files.image_encoder).is_absolute()
+    if local and not Path(files.image_encoder).is_dir():
+        raise ModelError(
+            f"image encoder {files.image_encoder}: no such folder (pass --image-encoder)"
+        )
+    where = files.image_encoder if local else f"{files.repo}/{files.image_encoder}"
+    source = {"pretrained_model_name_or_path": files.image_encoder}
+    if not local:
+        source = {"pretrained_model_name_or_path": files.repo, "subfolder": files.image_encoder}
+    with hub_errors("image encoder", where):
+        enc = CLIPVisionModelWithProjection.from_pretrained(**source, dtype=pipe.unet.dtype)
+    pipe.register_modules(image_encoder=enc.to(pipe.unet.device))
 
 
 def load_ip_adapter(pipe, spec: ModelSpec, family: str) -> None:
-    """Load the IP-Adapter and its CLIP image encoder (an explicit local encoder folder is loaded first)."""
-    from transformers import CLIPVisionModelWithProjection
-
+    """Load the IP-Adapter and the CLIP image encoder chosen for it (`image_encoder_folder`)."""
     files = adapter_files(spec, family)
+    load_image_encoder(pipe, files)
     with hub_errors(
         "IP-Adapter",
         f"{files.repo}/{files.subfolder}/{files.weight_name}".replace("//", "/"),
         family=family,
     ):
-        encoder = Path(files.image_encoder).expanduser()
-        if encoder.is_dir() or is_local(files.image_encoder):
-            if not encoder.is_dir():
-                raise ModelError(f"image encoder {encoder}: no such folder (pass --image-encoder)")
-            enc = CLIPVisionModelWithProjection.from_pretrained(str(encoder), dtype=pipe.unet.dtype)
-            pipe.register_modules(image_encoder=enc.to(pipe.unet.device))
         pipe.load_ip_adapter(
             files.repo,
             subfolder=files.subfolder,
             weight_name=files.weight_name,
-            image_encoder_folder=files.image_encoder,
+            image_encoder_folder=None,  # loaded above
         )
 
 
@@ -539,12 +751,14 @@ def load(spec: ModelSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     family = detect_family(spec.model, allow_pickle=spec.allow_pickle)
-    turbo = is_turbo(spec.model)
+    check_family(spec, family)
+    turbo, turbo_warning = detect_turbo(spec.model, spec.turbo)
+    checkpoint = family_warnings(spec, family)
     pipe = load_pipeline(spec, family, dtype)
-    accel = accelerator_source(spec, family, turbo)
+    accel = choose_accelerator(spec, family, turbo)
     adapters = [(f"lora{i}", lora.source, lora.scale) for i, lora in enumerate(spec.loras)]
-    if accel:
-        adapters.insert(0, ("accelerator", accel, 1.0))
+    if accel.source:
+        adapters.insert(0, ("accelerator", accel.source, 1.0))
     for name, source, _ in adapters:
         load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle, family=family)
     fuse_loras(pipe, [(name, scale) for name, _, scale in adapters])
@@ -561,5 +775,7 @@ def load(spec: ModelSpec) -> LoadedModel:
         turbo,
         device,
         dtype,
-        accel,
+        accel.source,
+        notices=tuple(n for n in (accel.notice,) if n),
+        warnings=tuple(w for w in (turbo_warning, accel.warning, *checkpoint) if w),
     )

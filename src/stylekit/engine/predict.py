@@ -1,7 +1,8 @@
 """ε-prediction callables `eps(z, t)`: the hook of the one sampling loop where everything that
 changes how the noise is predicted composes: classifier-free guidance, extra input channels
 (inpainting UNets), and MultiDiffusion's window averaging. See docs/sampling.md and
-docs/multidiffusion.md.
+docs/multidiffusion.md. "ε" stands for whatever the UNet outputs (ε, v or x0 by its prediction type):
+everything composed here is linear in that output, so it is the same for all three.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def window_averaged(
     """MultiDiffusion as ε prediction: every window's ε, ≤ `view_batch` windows per UNet call,
     averaged where windows overlap (wrapping around the canvas like the windows do).
 
-    TCD and LCM steps are affine in (z, ε) with per-timestep coefficients, so stepping the canvas
+    TCD and LCM steps are affine in (z, ε) (as in (z, v) or (z, x0)) with per-timestep coefficients, so stepping the canvas
     with the averaged ε equals averaging the separately stepped windows (Bar-Tal et al. 2023).
     `callback(done, steps · len(windows))` follows every batch of windows.
     """

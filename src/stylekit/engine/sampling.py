@@ -4,6 +4,11 @@ Formulas in `docs/sampling.md`: TCD (Zheng et al. 2024, arXiv 2402.19159), LCM (
 2023, arXiv 2310.04378). Nothing here keeps state between calls: a step takes the model output, the
 current and next timestep and the latent, and returns the next latent. That is what lets MultiDiffusion
 step each window independently and lets parity be checked against diffusers' schedulers.
+
+The model output is what the model was trained to predict (its scheduler config's
+`prediction_type`): the noise ε (`epsilon`), the velocity v = √ā ε − √(1 − ā) x0 (`v_prediction`,
+SD 2.x 768 and many fine-tunes) or the clean latent itself (`sample`). `split_output` turns each into
+(x0, ε); everything else in a step is the same for all three.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from stylekit.errors import UsageError
+from stylekit.errors import ModelError, UsageError
 
 SCHEDULERS = ("tcd", "lcm")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")  # diffusers' `prediction_type` values
 ORIGINAL_STEPS = 50  # the distillation grid: t = 20 i - 1 for 1000 training steps
 TIMESTEP_SCALING = 10.0  # LCM boundary condition, as diffusers' default
 
@@ -40,6 +46,10 @@ def alphas_cumprod(config: dict) -> torch.Tensor:
         raise UsageError(
             f"unsupported beta_schedule {schedule!r} (scaled_linear, linear, squaredcos_cap_v2)"
         )
+    if config.get("rescale_betas_zero_snr"):  # Lin et al. 2023, as diffusers' schedulers rescale
+        from diffusers.schedulers.scheduling_tcd import rescale_zero_terminal_snr
+
+        betas = rescale_zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -122,8 +132,21 @@ def predict_x0(z: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.T
     return (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
 
+def split_output(
+    out: torch.Tensor, z: torch.Tensor, a_t: torch.Tensor, prediction: str = "epsilon"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x0, ε) from the model output at ā_t for its prediction type (diffusers' formulas)."""
+    if prediction == "epsilon":
+        return predict_x0(z, out, a_t), out
+    if prediction == "v_prediction":  # v = √ā ε − √(1 − ā) x0
+        return a_t.sqrt() * z - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * z
+    if prediction == "sample":
+        return out, (z - a_t.sqrt() * out) / (1 - a_t).sqrt()
+    raise UsageError(f"unknown prediction type {prediction!r}; one of {', '.join(PREDICTIONS)}")
+
+
 def tcd_step(
-    eps: torch.Tensor,
+    out: torch.Tensor,
     t: int,
     t_next: int,
     z: torch.Tensor,
@@ -131,14 +154,16 @@ def tcd_step(
     *,
     gamma: float = 0.0,
     noise: torch.Tensor | None = None,
+    prediction: str = "epsilon",
 ) -> torch.Tensor:
     """Take one TCD step from t to t_next (0 after the last); `noise` is needed iff gamma > 0 and t_next > 0.
 
     With γ the step jumps to s = floor((1 − γ) t_next) and re-noises forward to t_next (Zheng et al. 2024).
+    `out` is the model output, read as `prediction` says (see `split_output`).
     """
     s = int(torch.floor((1 - gamma) * torch.tensor(t_next)).to(torch.long))  # float32, as diffusers
     a_t, a_next, a_s = ac[t], ac[t_next], ac[s]
-    x0 = predict_x0(z, eps, a_t)
+    x0, eps = split_output(out, z, a_t, prediction)
     z_s = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
     if noise is None:
         return z_s
@@ -146,7 +171,7 @@ def tcd_step(
 
 
 def lcm_step(
-    eps: torch.Tensor,
+    out: torch.Tensor,
     t: int,
     t_next: int | None,
     z: torch.Tensor,
@@ -154,12 +179,17 @@ def lcm_step(
     *,
     noise: torch.Tensor | None = None,
     timestep_scaling: float = TIMESTEP_SCALING,
+    prediction: str = "epsilon",
 ) -> torch.Tensor:
-    """Take one LCM step: the boundary-conditioned x0, re-noised to t_next unless it is the last step."""
+    """Take one LCM step: the boundary-conditioned x0, re-noised to t_next unless it is the last step.
+
+    `out` is the model output, read as `prediction` says (see `split_output`).
+    """
     tau = t * timestep_scaling
     c_skip = 0.25 / (tau**2 + 0.25)
     c_out = tau / (tau**2 + 0.25) ** 0.5
-    denoised = c_out * predict_x0(z, eps, ac[t]) + c_skip * z
+    x0, _ = split_output(out, z, ac[t], prediction)
+    denoised = c_out * x0 + c_skip * z
     if noise is None or t_next is None:
         return denoised
     a_next = ac[t_next]  # float32 scalar, as diffusers' LCMScheduler.step
@@ -168,11 +198,12 @@ def lcm_step(
 
 @dataclass(frozen=True)
 class Sampler:
-    """A few-step sampler: which step rule, its γ, and the ā table of the model."""
+    """A few-step sampler: which step rule, its γ, the ā table and the prediction type of the model."""
 
     kind: str
     ac: torch.Tensor
     gamma: float = 0.0
+    prediction: str = "epsilon"  # what the UNet outputs: epsilon | v_prediction | sample
 
     def needs_noise(self, i: int, n: int) -> bool:
         """Whether step i of n draws fresh noise (never on the last step)."""
@@ -180,24 +211,36 @@ class Sampler:
             return False
         return self.kind == "lcm" or self.gamma > 0
 
-    def step(self, eps, ts: Sequence[int], i: int, z, noise=None) -> torch.Tensor:
+    def step(self, out, ts: Sequence[int], i: int, z, noise=None) -> torch.Tensor:
         """Advance z from ts[i] to ts[i + 1] (or to the clean end after the last step)."""
         t_next = ts[i + 1] if i + 1 < len(ts) else 0
+        p = self.prediction
         if self.kind == "tcd":
-            return tcd_step(eps, ts[i], t_next, z, self.ac, gamma=self.gamma, noise=noise)
-        return lcm_step(eps, ts[i], t_next if i + 1 < len(ts) else None, z, self.ac, noise=noise)
+            return tcd_step(
+                out, ts[i], t_next, z, self.ac, gamma=self.gamma, noise=noise, prediction=p
+            )
+        last = i + 1 == len(ts)
+        return lcm_step(out, ts[i], None if last else t_next, z, self.ac, noise=noise, prediction=p)
 
 
 def make_sampler(kind: str, scheduler_config: dict, *, gamma: float = 0.0) -> Sampler:
-    """Build a Sampler for `kind` (tcd|lcm) from the model's scheduler config."""
+    """Build a Sampler for `kind` (tcd|lcm) from the model's scheduler config (ā and prediction type)."""
     if kind not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
     if not 0.0 <= gamma <= 1.0:
         raise UsageError(f"--gamma must be in [0, 1], got {gamma}")
-    return Sampler(kind, alphas_cumprod(scheduler_config), gamma)
+    prediction = scheduler_config.get("prediction_type") or "epsilon"
+    if prediction not in PREDICTIONS:
+        raise ModelError(
+            f"the model's scheduler config has prediction_type {prediction!r}; "
+            f"stylekit samples {', '.join(PREDICTIONS)}"
+        )
+    return Sampler(kind, alphas_cumprod(scheduler_config), gamma, prediction)
 
 
-NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step i, ε) → the noise step i adds
+NoiseFn = Callable[
+    [int, torch.Tensor], torch.Tensor
+]  # (step i, model output) → the noise step i adds
 AfterStep = Callable[[int, torch.Tensor], torch.Tensor]  # (step i, z) → z
 # guidance(ts, z0=None, noise=None) → the after_step of a trajectory over `ts` (AD refinement);
 # z0 and noise are the content's clean latent and start noise when there is a content image.
@@ -212,7 +255,8 @@ def trajectory(
     noise: NoiseFn,
     after_step: AfterStep | None = None,
 ) -> Generator[tuple[torch.Tensor, int], torch.Tensor, torch.Tensor]:
-    """The few-step loop as a generator: yields (z, t) for each model call, is sent ε, returns z.
+    """The few-step loop as a generator: yields (z, t) for each model call, is sent the model's
+    output (ε, v or x0, as `sampler.prediction` says), returns z.
 
     `noise(i, eps)` is asked for only on steps that re-noise; `after_step(i, z)` may rewrite the
     latent after each step (inpaint blending, AD refinement). `sample` drives one trajectory with
@@ -247,7 +291,8 @@ def sample(
 ) -> torch.Tensor:
     """Run the few-step loop: z ← step(eps_fn(z, t)); noise is drawn like diffusers, after the model call.
 
-    `eps_fn` is where CFG, window averaging (MultiDiffusion) and other ε-prediction composes;
+    `eps_fn` returns the model output (ε, v or x0: `sampler.prediction`); it is where CFG, window
+    averaging (MultiDiffusion) and other prediction composes, all linear in the output;
     `after_step(i, z)` may rewrite the latent after each step (inpaint blending, AD refinement).
     """
     run = trajectory(z, ts, sampler, noise=drawn_noise(generator), after_step=after_step)

@@ -6,14 +6,18 @@ from stylekit.errors import ModelError
 
 
 def style_block(unet) -> str:
-    """Return the middle attention of the first up block that has attentions.
+    """Return InstantStyle's style block, found by structure: the first up block with attentions.
 
-    SDXL: `up_blocks.0.attentions.1`; SD1.5: `up_blocks.1.attentions.1` (InstantStyle's style block).
+    SDXL (attention in the deepest up block): only its middle attention, `up_blocks.0.attentions.1`
+    (InstantStyle's SDXL map, STD's recipe). SD1.x/2.x (no attention in the deepest up block): the
+    whole block, `up_blocks.1`, as InstantStyle's SD1.5 code targets it.
     """
     for i, block in enumerate(unet.up_blocks):
         attentions = getattr(block, "attentions", None)
-        if attentions:
-            return f"up_blocks.{i}.attentions.{len(attentions) // 2}"
+        if attentions and i == 0:  # SDXL layout
+            return f"up_blocks.0.attentions.{len(attentions) // 2}"
+        if attentions:  # SD1.x/2.x layout
+            return f"up_blocks.{i}"
     raise ModelError(
         "this UNet has no up block with attention layers; IP-Adapter styling needs one"
     )

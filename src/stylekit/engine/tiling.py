@@ -10,6 +10,7 @@ it wraps, so memory stays bounded by the tile size.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,10 +19,21 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from stylekit.engine.latents import decode_raw, degenerate, upcast_needed
+from stylekit.engine.latents import decode_raw, degenerate, unit_pixels, unscale, upcast_needed
 from stylekit.engine.models import LoadedModel
+from stylekit.engine.vae_tiles import (
+    WHOLE_MID_TOKENS,
+    decode_mid,
+    decode_up_tiles,
+    encode_down_tiles,
+    encode_rest,
+    encoder_splits,
+    lockstep_bytes,
+    splits_at_mid,
+)
 from stylekit.errors import StylekitError, UsageError
 
 # --- windows -----------------------------------------------------------------------------------
@@ -187,6 +199,12 @@ class _Span:
     keep_offset: int  # where the kept part starts inside the decoded range
     keep: int
     fade: int  # latents cross-faded with each neighbour at both ends of the kept part
+    core_offset: int  # where this tile's own latents (no neighbour has them) start in the range
+    core: int
+
+    def core_fraction(self) -> tuple[float, float]:
+        """The core as fractions of the decoded range: the same at every layer's resolution."""
+        return self.core_offset / self.length, (self.core_offset + self.core) / self.length
 
 
 def _spans(size: int, *, tile: int, overlap: int, wrap: bool) -> list[_Span]:
@@ -198,7 +216,7 @@ def _spans(size: int, *, tile: int, overlap: int, wrap: bool) -> list[_Span]:
     """
     n = math.ceil(size / tile)
     if n == 1:
-        return [_Span(0, size, 0, size, 0)]
+        return [_Span(0, size, 0, size, 0, 0, size)]
     half = overlap // 2
     spans = []
     for k in range(n):
@@ -211,7 +229,7 @@ def _spans(size: int, *, tile: int, overlap: int, wrap: bool) -> list[_Span]:
                 max(keep_lo, 0),
                 min(keep_hi, size),
             )
-        spans.append(_Span(lo, hi - lo, keep_lo - lo, keep_hi - keep_lo, 2 * half))
+        spans.append(_Span(lo, hi - lo, keep_lo - lo, keep_hi - keep_lo, 2 * half, a - lo, b - a))
     return spans
 
 
@@ -223,21 +241,23 @@ def _ramp(length: int, fade: int) -> torch.Tensor:
     return torch.minimum(torch.ones(length), torch.minimum(j, length - j) / fade)
 
 
-def _decode_blended(
-    model: LoadedModel, z: torch.Tensor, rows: list[_Span], cols: list[_Span], dtype: torch.dtype
-) -> np.ndarray:
-    """Decode every (row, col) tile in `dtype` and cross-fade the kept parts: (N, H·f, W·f, 3) in [0, 1]."""
+def _blend(
+    images: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    rows: list[_Span],
+    cols: list[_Span],
+) -> torch.Tensor:
+    """Cross-fade the kept parts of the (row, col) tiles' (1, 3, h·f, w·f) images, row-major,
+    into the (1, 3, H·f, W·f) image of an (H, W) latent canvas."""
     value = weight = None
+    tiles = iter(images)
     for r in rows:
         for c in cols:
-            tile = crop(z, View(r.start, c.start, r.length, c.length))  # (N, C, h, w) with context
-            img = torch.from_numpy(decode_raw(model, tile, dtype)).permute(
-                0, 3, 1, 2
-            )  # (N, 3, hf, wf)
+            img = next(tiles)
             f = img.shape[-1] // c.length  # the VAE's scale factor
             if value is None:
-                value = torch.zeros(img.shape[0], 3, z.shape[-2] * f, z.shape[-1] * f)
-                weight = torch.zeros(z.shape[-2] * f, z.shape[-1] * f)
+                value = torch.zeros(1, 3, size[0] * f, size[1] * f)
+                weight = torch.zeros(size[0] * f, size[1] * f)
             kept = img[..., r.keep_offset * f :, c.keep_offset * f :][
                 ..., : r.keep * f, : c.keep * f
             ]
@@ -245,9 +265,128 @@ def _decode_blended(
                 c.keep * f, c.fade * f
             )  # (hk, wk)
             view = View((r.start + r.keep_offset) * f, (c.start + c.keep_offset) * f, *ramp.shape)
-            paste_add(value, view, kept * ramp)
+            paste_add(value, view, kept.float() * ramp)
             paste_add(weight, view, ramp)
-    return (value / weight).permute(0, 2, 3, 1).numpy()  # (N, H·f, W·f, 3)
+    return value / weight
+
+
+def _views(rows: list[_Span], cols: list[_Span]) -> list[View]:
+    return [View(r.start, c.start, r.length, c.length) for r in rows for c in cols]
+
+
+def _decode_one(
+    model: LoadedModel,
+    z: torch.Tensor,
+    rows: list[_Span],
+    cols: list[_Span],
+    dtype: torch.dtype,
+    lockstep: bool,
+) -> np.ndarray:
+    """Decode one (1, C, h, w) latent tile by tile in `dtype`: (1, H, W, 3) in [0, 1].
+
+    With `lockstep` (a KL VAE, mid block on the whole latent within WHOLE_MID_TOKENS, memory
+    within budget) the tiles share the mid block and every GroupNorm's statistics
+    (`vae_tiles`); otherwise each tile runs the whole decoder on its own.
+    """
+    vae, size = model.vae, tuple(z.shape[-2:])
+    if lockstep:
+        with vae_dtype(vae, dtype):
+            h = decode_mid(vae, unscale(vae, z).to(dtype))  # (1, C', h, w)
+            cores = [(*r.core_fraction(), *c.core_fraction()) for r in rows for c in cols]
+            images = decode_up_tiles(vae, [crop(h, v) for v in _views(rows, cols)], cores)
+            images = [unit_pixels(img).cpu() for img in images]
+    else:
+        images = (
+            torch.from_numpy(decode_raw(model, crop(z, v), dtype)).permute(0, 3, 1, 2)
+            for v in _views(rows, cols)
+        )
+    return _blend(images, size, rows, cols).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def encode_tiled(
+    model: LoadedModel,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    tile: int = 64,
+    overlap: int = 16,
+    wrap_x: bool = False,
+    wrap_y: bool = False,
+) -> torch.Tensor:
+    """Encode (1, 3, H, W) pixels in [−1, 1] tile by tile like the whole image: scaled latents.
+
+    Tiles of about `tile` latents (8 px each) with `overlap` latents of context run the encoder's
+    down blocks in step with shared GroupNorm statistics (`vae_tiles.encode_down_tiles`); their
+    cores are put together and the mid block (attention), the output layers and the posterior
+    draw run on the whole latent, which has 64 times fewer positions than the image. A KL
+    posterior is sampled with `generator` as `latents.encode_pixels` does. Other VAEs (TAESD),
+    or a latent above WHOLE_MID_TOKENS, are encoded whole.
+    """
+    from stylekit.engine.latents import encode_pixels, scale_latents
+
+    vae = model.vae
+    h, w = x.shape[-2] // 8, x.shape[-1] // 8
+    if not encoder_splits(vae) or h * w > WHOLE_MID_TOKENS:
+        return encode_pixels(model, x, generator)
+    rows = _spans(h, tile=tile, overlap=overlap, wrap=wrap_y)
+    cols = _spans(w, tile=tile, overlap=overlap, wrap=wrap_x)
+    dtype = torch.float32 if upcast_needed(model) else vae.dtype
+    with vae_dtype(vae, dtype):
+        pixels = x.to(device=model.device, dtype=dtype)
+        views = [View(8 * v.top, 8 * v.left, 8 * v.height, 8 * v.width) for v in _views(rows, cols)]
+        cores = [(*r.core_fraction(), *c.core_fraction()) for r in rows for c in cols]
+        parts = encode_down_tiles(vae, [crop(pixels, v) for v in views], cores)
+        whole = torch.zeros(1, parts[0].shape[1], h, w, dtype=parts[0].dtype, device=model.device)
+        for part, r, c in zip(
+            parts, (r for r in rows for _ in cols), cols * len(rows), strict=True
+        ):
+            core = part[
+                ..., r.core_offset : r.core_offset + r.core, c.core_offset : c.core_offset + c.core
+            ]
+            paste_add(
+                whole, View(r.start + r.core_offset, c.start + c.core_offset, r.core, c.core), core
+            )
+        moments = encode_rest(vae, whole)
+    z = DiagonalGaussianDistribution(moments).sample(generator).to(model.dtype)
+    return scale_latents(vae, z)
+
+
+def lockstep_fits(model: LoadedModel, height: int, width: int) -> bool:
+    """Whether the tiles of an (height, width) latent can share the mid block and GroupNorm
+    statistics: a KL VAE, the mid block within WHOLE_MID_TOKENS, and the tiles' activations at
+    one layer within half the memory free now."""
+    vae = model.vae
+    if not splits_at_mid(vae) or height * width > WHOLE_MID_TOKENS:
+        return False
+    return lockstep_bytes(vae, height, width) <= free_memory(model.device) // 2
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: CUDA's free memory, else the system's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@contextmanager
+def vae_dtype(vae, dtype: torch.dtype) -> Iterator[None]:
+    """Run the VAE in `dtype` for the block; its own dtype is back afterwards, even on error."""
+    old = vae.dtype
+    if dtype != old:
+        vae.to(dtype)
+    try:
+        yield
+    finally:
+        if dtype != old:
+            vae.to(old)
 
 
 @torch.no_grad()
@@ -259,6 +398,7 @@ def decode_tiled(
     overlap: int = 16,
     wrap_x: bool = False,
     wrap_y: bool = False,
+    lockstep: bool | None = None,
 ) -> np.ndarray:
     """Decode a scaled (N, 4, H, W) latent tile by tile: (N, 8H, 8W, 3) floats in [0, 1].
 
@@ -266,15 +406,30 @@ def decode_tiled(
     taken around the canvas along wrapped axes (so a seamless latent decodes seamlessly) and
     clamped at the edges otherwise; neighbours are cross-faded over `overlap` latents. Memory is
     bounded by (tile + 2 overlap)² latents. Falls back to fp32 like `latents.decode`.
+
+    A KL VAE's tiles share the mid block (run on the whole latent) and every GroupNorm's
+    statistics (`vae_tiles.decode_up_tiles`), so they agree in colour and contrast with each other
+    and with the whole decode, when `lockstep_fits` (or `lockstep` says so); otherwise, and for
+    decoders without GroupNorm (TAESD), each tile is decoded alone. Rows of the batch are decoded
+    one after the other.
     """
     if tile < 1 or not 0 <= 2 * overlap < tile:
         raise UsageError(f"tile {tile} and overlap {overlap}: need 0 <= 2 * overlap < tile")
     rows = _spans(z.shape[-2], tile=tile, overlap=overlap, wrap=wrap_y)
     cols = _spans(z.shape[-1], tile=tile, overlap=overlap, wrap=wrap_x)
     dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
-    arr = _decode_blended(model, z, rows, cols, dtype)
+
+    shared = lockstep_fits(model, *z.shape[-2:]) if lockstep is None else lockstep
+
+    def run(dtype: torch.dtype) -> np.ndarray:
+        rows_of_batch = [
+            _decode_one(model, z[i : i + 1], rows, cols, dtype, shared) for i in range(len(z))
+        ]
+        return np.concatenate(rows_of_batch)
+
+    arr = run(dtype)
     if degenerate(arr) and dtype != torch.float32:
-        arr = _decode_blended(model, z, rows, cols, torch.float32)
+        arr = run(torch.float32)
     reason = degenerate(arr)
     if reason:
         raise StylekitError(f"decoded image is {reason} even in fp32 (the model produced no image)")

@@ -3,12 +3,23 @@
 `load_image` applies the EXIF orientation, composites transparency on white (diffusion models
 have no alpha channel, and white is what viewers show behind most transparent art), scales
 16-bit images to 8 bits, and resizes with Lanczos to a multiple of 8, as diffusers does.
+`read_image` does the same at the input's own size and keeps the alpha channel apart, so that
+`finish` can give it back to the output (resampled with it), as Real-ESRGAN's CLI does.
+
+`Sizing` is the working-size rule: the size an input runs through the model at. By default an
+image is scaled down (never up) to the model's native pixel budget, native² pixels (512² for
+SD1.5, 1024² for SDXL), keeping its aspect ratio, both sides rounded down to multiples of 8: a
+4032x3024 phone photo runs at 1176x880 on SDXL, not at 12 megapixels. Multiples of 8 are enough
+for every family: the VAE downsamples by 8, and diffusers' UNet sizes each upsampling to its skip
+connection, so a latent side need not be a multiple of the UNet's own downsampling (4 or 8).
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +78,15 @@ def load_image(
 
 def open_rgb(path: Path) -> Image.Image:
     """Decode the whole file, apply its EXIF orientation and convert to 8-bit RGB."""
+    return to_rgb(_open(path))
+
+
+def _open(path: Path) -> Image.Image:
+    """Decode the whole file and apply its EXIF orientation; errors name the file."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and not later
-            return to_rgb(ImageOps.exif_transpose(img))
+            return ImageOps.exif_transpose(img)  # a copy: valid after the file closes
     except UnidentifiedImageError as exc:
         raise InputError(f"{path}: not an image (cannot identify image file)") from exc
     except Image.DecompressionBombError as exc:
@@ -92,11 +108,147 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB: alpha over white, 16-bit scaled, not clipped."""
     if img.mode in _SIXTEEN_BIT:
         return _sixteen_bit_to_rgb(img)
-    if img.mode.endswith(("A", "a")) or "transparency" in img.info:
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode.endswith(("A", "a")) or "transparency" in img.info
+
+
+def alpha_of(img: Image.Image) -> Image.Image | None:
+    """The image's alpha channel as "L", or None when it has none or is fully opaque."""
+    if img.mode in _SIXTEEN_BIT or not _has_alpha(img):
+        return None
+    alpha = img.convert("RGBA").getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """An input at its own size: 8-bit RGB (transparency over white) and its alpha channel."""
+
+    rgb: Image.Image
+    alpha: Image.Image | None  # "L" at the same size; None when the input is opaque
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.size
+
+
+def read_image(path: Path) -> SourceImage:
+    """Read an input at its own size, upright, as RGB plus its alpha (see `SourceImage`)."""
+    img = _open(Path(path))
+    return SourceImage(to_rgb(img), alpha_of(img))
+
+
+def resized(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`img` at `size` (Lanczos), or `img` itself when it already has that size."""
+    return img if img.size == tuple(size) else img.resize(size, Image.Resampling.LANCZOS)
+
+
+def with_alpha(img: Image.Image, alpha: Image.Image | None) -> Image.Image:
+    """`img` as RGBA with `alpha` (resampled to its size with Lanczos); `img` when alpha is None."""
+    if alpha is None:
+        return img
+    rgba = img.convert("RGB")
+    rgba.putalpha(resized(alpha, rgba.size))
+    return rgba
+
+
+def finish(out: Image.Image, source: SourceImage, *, keep_size: bool) -> Image.Image:
+    """An output as written: at the input's size with `keep_size` (Lanczos), with its alpha."""
+    return with_alpha(resized(out, source.size) if keep_size else out, source.alpha)
+
+
+# --- the working size --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How big inputs run through the model (the working size) and how big outputs are written.
+
+    At most one of `size` and (`max_size`, `max_pixels`) is given:
+
+    - `size` (W, H): exactly that size.
+    - `max_pixels` N: at most N pixels (W·H); 0: no cap. None: the model's native budget,
+      native² pixels, unless `max_size` is given, which then replaces it.
+    - `max_size` N: the longer side at most N px.
+    - `keep_size`: write image outputs at the input's size, resampled back from the working size.
+
+    An input smaller than these bounds keeps its size (rounded down to multiples of 8) unless the
+    caller asks to `fill` them (inpainting's crop, which the output never shows at that size).
+    """
+
+    size: tuple[int, int] | None = None
+    max_size: int | None = None
+    max_pixels: int | None = None
+    keep_size: bool = False
+
+    def check(self) -> Sizing:
+        """Refuse bad or conflicting values (a UsageError naming the flag)."""
+        if self.size is not None:
+            _check_size(self.size, multiple=8)
+            if self.max_size is not None or self.max_pixels is not None:
+                raise UsageError("give --size or --max-size/--max-pixels, not both")
+        if self.max_size is not None and self.max_size < 8:
+            raise UsageError(f"--max-size must be at least 8, got {self.max_size}")
+        if self.max_pixels is not None and self.max_pixels != 0 and self.max_pixels < 64:
+            raise UsageError(
+                f"--max-pixels must be 0 (no cap) or at least 64, got {self.max_pixels}"
+            )
+        return self
+
+    def budget(self, native: int) -> int | None:
+        """The cap on W·H for a model of `native` px: --max-pixels, else native² unless
+        --max-size is given; None for no cap."""
+        if self.max_pixels is not None:
+            return self.max_pixels or None
+        return None if self.max_size is not None else native * native
+
+    def scale(self, size: tuple[int, int], native: int, *, fill: bool = False) -> float:
+        """The factor that brings `size` within the bounds (≤ 1 unless `fill`)."""
+        width, height = size
+        scales = [] if fill else [1.0]
+        budget = self.budget(native)
+        if budget is not None:
+            scales.append(math.sqrt(budget / (width * height)))
+        if self.max_size is not None:
+            scales.append(self.max_size / max(width, height))
+        return min(scales, default=1.0)
+
+    def working(self, size: tuple[int, int], native: int, *, fill: bool = False) -> tuple[int, int]:
+        """The working size of a (W, H) input on a model of `native` px, multiples of 8."""
+        if self.size is not None:
+            return self.size
+        if min(size) < 8:
+            raise InputError(f"image is {size[0]}x{size[1]}, smaller than 8 px")
+        factor = self.scale(size, native, fill=fill)
+        width, height = (math.floor(side * factor + 1e-6) // 8 * 8 for side in size)
+        if width < 8 or height < 8:
+            raise InputError(f"too thin to scale within the working size ({size[0]}x{size[1]})")
+        return width, height
+
+    def describe(self, native: int, *, fill: bool = False) -> str:
+        """The rule in words, for the run's notice."""
+        if self.size is not None:
+            return f"{self.size[0]}x{self.size[1]} (--size)"
+        budget, bounds = self.budget(native), []
+        if budget is not None:
+            default = self.max_pixels is None
+            bounds.append(
+                f"{budget:,} px"
+                + (f" ({native}x{native}, the model's native size)" if default else "")
+            )
+        if self.max_size is not None:
+            bounds.append(f"a longer side of {self.max_size} px")
+        if not bounds:
+            return "the input's size, rounded down to multiples of 8 (no cap)"
+        verb = "scaled to fill" if fill else "at most"
+        return f"{verb} {' and '.join(bounds)}, aspect ratio kept"
 
 
 def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
@@ -135,6 +287,8 @@ def save_image(
     fmt = output_format(fmt or path.suffix)
     options = {"quality": quality} if fmt != "png" else {}
     options |= save_options(fmt, metadata or {})
+    if fmt == "jpg" and img.mode not in ("RGB", "L"):
+        img = to_rgb(img)  # JPEG has no alpha: transparency over white, as inputs are read
     with atomic_write(path) as f:
         img.save(f, format=_PIL_FORMATS[fmt], **options)
     return path

@@ -8,20 +8,30 @@
 image mode works, transparency counts as white. A mask of another size is resized (nearest) to
 its image and the output's settings say so (`mask_resized_from`). The model and the prompt/style
 conditioning load once per batch (`session.LazySession`). The `stylekit inpaint` command is in cli.py.
+
+Only the mask's neighbourhood runs through the model, whatever the input's size (A1111's "only
+masked"): the bounding box of the feathered mask grown by `mask_padding` px of context is cropped,
+scaled to fill the working size (`Sizing`, fill: the model's native pixel budget by default, up or
+down, aspect kept; `size` also widens the box to its aspect ratio), repainted, scaled back and
+pasted into the input at full resolution. The output has the input's exact size, and every pixel
+outside the mask grown by `mask_blur` px is the input's, byte for byte; so is its alpha channel.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from stylekit.engine import inpaint as engine
+from stylekit.engine.latents import to_pil
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwriting_files
-from stylekit.media.images import load_image, open_rgb
+from stylekit.media.images import Sizing, open_rgb, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
 from stylekit.session import (
@@ -36,6 +46,7 @@ from stylekit.session import (
 
 DEFAULT_MASK_BLUR = 4  # px of feathering outside the mask: hides the seam, touches little else
 MAX_MASK_BLUR = 64
+DEFAULT_MASK_PADDING = 32  # px of context around the mask's box, A1111's "only masked" default
 
 
 def check_mask_blur(blur: int) -> int:
@@ -47,11 +58,18 @@ def check_mask_blur(blur: int) -> int:
     return blur
 
 
+def check_mask_padding(padding: int) -> int:
+    """Refuse a context padding that is not a whole number of pixels ≥ 0."""
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise UsageError(f"--mask-padding must be a whole number of px ≥ 0, got {padding!r}")
+    return padding
+
+
 def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
     """Return (job → its mask file, every mask file) for a mask file or a folder of masks."""
     path = Path(mask).expanduser()
     if path.is_file():
-        return (lambda job: path), {path.resolve()}
+        return (lambda job: path), {Path(os.path.realpath(path))}
     if not path.is_dir():
         raise UsageError(f"--mask {mask}: no such file or folder")
     try:
@@ -73,7 +91,7 @@ def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
             raise InputError(f"{job.input}: more than one mask matches ({names})")
         return found[0]
 
-    return find, {item.path.resolve() for item in items}
+    return find, {Path(os.path.realpath(item.path)) for item in items}
 
 
 def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image.Image, str | None]:
@@ -105,25 +123,33 @@ def inpaint(
     runtime: Runtime | None = None,
     size: tuple[int, int] | None = None,
     max_size: int | None = None,
+    max_pixels: int | None = None,
     invert_mask: bool = False,
     mask_blur: int = DEFAULT_MASK_BLUR,
+    mask_padding: int = DEFAULT_MASK_PADDING,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
     """Repaint the masked part of image files, folders and globs; returns a BatchReport.
 
-    Each output equals its input outside the mask grown by `mask_blur` px, byte for byte; inside,
-    it is the model's image (diffusers' inpaint pipeline result), feathered over `mask_blur` px.
-    An input without a mask fails alone; the batch goes on and the exit code says so.
+    Each output has its input's size and equals it outside the mask grown by `mask_blur` px, byte
+    for byte; inside, it is the model's image (diffusers' inpaint pipeline result on the crop, see
+    the module docstring), feathered over `mask_blur` px. `size`, `max_size` and `max_pixels` set
+    the crop's working size (`Sizing`). An input without a mask fails alone; the batch goes on and
+    the exit code says so.
     """
+    sizing = Sizing(size, max_size, max_pixels).check()
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError("inpaint samples in few steps; --mode optimize is not available here")
     output = with_seed(output or Output())
     check_mask_blur(mask_blur)
+    check_mask_padding(mask_padding)
     find_mask, mask_files = mask_finder(mask)
     jobs = [
-        job for job in plan_files(list(inputs), output) if job.input.resolve() not in mask_files
+        job
+        for job in plan_files(list(inputs), output)
+        if Path(os.path.realpath(job.input)) not in mask_files
     ]
     if not jobs:
         raise UsageError("every input is one of the masks; put the masks in another folder")
@@ -145,25 +171,44 @@ def inpaint(
         seed=output.seed,
         events=events,
         check=refuse_ad_on_9ch,
+        task="img2img",
+        announce=lambda session: (
+            f"working size: the mask's box plus {mask_padding} px of context, "
+            f"{sizing.describe(session.native_px, fill=True)}; outputs keep the input's size"
+        ),
         before=check_size,
     )
 
     def process(job: Job, seed: int):
-        image = load_image(job.input, size=size, max_size=max_size)
-        what = f"{job.input}: {image.width}x{image.height}"
-        work = image_work(settings, image.size, style)
-        run.check_input(work, what=what, hint="shrink it with --max-size")
+        source = read_image(job.input)
+
+        def fits(working: tuple[int, int]) -> None:  # the crop at its working size
+            what = f"{job.input}: the mask's crop at {working[0]}x{working[1]}"
+            work = image_work(settings, working, style)
+            run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+
         mask_path = find_mask(job)
-        grey, resized = load_mask(mask_path, image.size, invert=invert_mask)
-        out = repaint(run(), image, grey, seed=seed, blur=mask_blur, callback=events.step)
-        meta = run().metadata(seed=seed, size=image.size, source=job.input.name)
-        meta |= {
+        grey, mask_resized = load_mask(mask_path, source.size, invert=invert_mask)
+        out, crop = repaint(
+            run(),
+            source.rgb,
+            grey,
+            seed=seed,
+            blur=mask_blur,
+            padding=mask_padding,
+            sizing=sizing,
+            callback=events.step,
+            fits=fits,
+        )
+        meta = run().metadata(seed=seed, size=out.size, source=job.input.name)
+        meta |= crop | {
             "mask": mask_path.name,
             "mask_blur": mask_blur,
+            "mask_padding": mask_padding,
             "invert_mask": invert_mask,
-            "mask_resized_from": resized,
+            "mask_resized_from": mask_resized,
         }
-        return out, meta
+        return with_alpha(out, source.alpha), meta
 
     return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
 
@@ -174,26 +219,56 @@ def repaint(
     mask: Image.Image,
     *,
     seed: int,
-    blur: int,
+    blur: int = DEFAULT_MASK_BLUR,
+    padding: int = DEFAULT_MASK_PADDING,
+    sizing: Sizing = Sizing(),
     callback: Callable[[int, int], None] | None = None,
-) -> Image.Image:
-    """Inpaint one image with a loaded session's model and conditioning, then paste the rest back."""
+    fits: Callable[[tuple[int, int]], None] | None = None,
+) -> tuple[Image.Image, dict]:
+    """Inpaint one image with a loaded session's model and conditioning; (output, crop settings).
+
+    The crop around the mask runs at its working size (`fits(size)` may refuse it first); the
+    output is `image` with the repainted pixels pasted back at full resolution (see the module
+    docstring).
+    """
     binary = engine.binarize(mask)
     if not binary.any():
         raise InputError(
             "the mask has no white pixels, so nothing would be repainted (--invert-mask?)"
         )
+    weights = engine.feather(binary, blur)  # (H, W), 0 wherever the input is kept
+    box = engine.crop_box(weights > 0, padding, aspect=sizing.size)
+    left, top, right, bottom = box
+    crop = image.crop(box)
+    working = sizing.working(crop.size, session.native_px, fill=True)
+    if fits is not None:
+        fits(working)
+    hole = working_mask(binary[0, 0, top:bottom, left:right].numpy(), working)
     s = session.settings
     arr = engine.inpaint(
         session.model,
         session.cond,
         session.sampler,
-        image,
-        binary,
+        resized(crop, working),
+        hole,
         steps=s.steps,
         strength=s.strength,
         generator=torch.Generator("cpu").manual_seed(seed),
         guidance=session.guided,
         callback=callback,
     )
-    return engine.paste_back(image, arr, engine.feather(binary, blur))
+    if working != crop.size:
+        arr = np.asarray(resized(to_pil(arr), crop.size), dtype=np.float32) / 255.0
+    out = image.copy()
+    out.paste(engine.paste_back(crop, arr, weights[top:bottom, left:right]), box[:2])
+    (w, h), (cw, ch) = working, crop.size
+    return out, {"working_size": f"{w}x{h}", "crop": f"{cw}x{ch}+{left}+{top}"}
+
+
+def working_mask(hole: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """A 0/1 (H, W) crop of the mask at the working `size` as (1, 1, h, w): a working pixel is
+    repainted if any input pixel under it is (a thin stroke survives scaling down)."""
+    if hole.shape[::-1] != tuple(size):
+        grey = Image.fromarray(hole.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)
+        hole = np.asarray(grey) > 0
+    return torch.from_numpy(hole.astype(np.float32))[None, None]

@@ -7,12 +7,13 @@ report = stylize(["photos/"], style=["ref.jpg"], preset="lcm-sd15", output=Outpu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
 from stylekit.errors import UsageError
 from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
-from stylekit.media.images import load_image
+from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_batched
 from stylekit.session import (
@@ -22,8 +23,21 @@ from stylekit.session import (
     default_batch,
     image_work,
     resolve_settings,
+    size_notice,
     with_seed,
 )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An input read and brought to its working size."""
+
+    source: SourceImage  # as read: its size and alpha are given back to the output
+    image: Image.Image  # RGB at the working size
+
+    def settings(self) -> dict:
+        (w, h), (iw, ih) = self.image.size, self.source.size
+        return {"working_size": f"{w}x{h}", "input_size": f"{iw}x{ih}"}
 
 
 def stylize(
@@ -36,17 +50,22 @@ def stylize(
     runtime: Runtime = Runtime(),
     size: tuple[int, int] | None = None,
     max_size: int | None = None,
+    max_pixels: int | None = None,
+    keep_size: bool = False,
     batch_size: int | None = None,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
     """Stylise image files, folders and globs; returns a BatchReport (see `stylekit.runner`).
 
-    Same-size images go through the UNet `batch_size` at a time; each keeps its own seed and
-    comes out as it would alone.
+    Each image runs at its working size (`media.images.Sizing`: by default scaled down to the
+    model's native pixel budget, aspect kept) and is written at it, or at its own size with
+    `keep_size`; an input's transparency is kept (PNG, WebP). Same-size images go through the
+    UNet `batch_size` at a time; each keeps its own seed and comes out as it would alone.
     """
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    sizing = Sizing(size, max_size, max_pixels, keep_size).check()
     settings = resolve_settings(settings, preset, overrides)
     output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
@@ -62,24 +81,34 @@ def stylize(
             check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
 
     run = LazySession(
-        settings, style, runtime=runtime, seed=output.seed, events=events, before=check_size
+        settings,
+        style,
+        runtime=runtime,
+        seed=output.seed,
+        events=events,
+        announce=size_notice(sizing),
+        task="img2img",
+        before=check_size,
     )
 
-    def load(job: Job) -> Image.Image:
-        image = load_image(job.input, size=size, max_size=max_size)
-        what = f"{job.input}: {image.width}x{image.height}"
-        work = image_work(settings, image.size, style, batch=rows)
-        run.check_input(work, what=what, hint="shrink it with --max-size")
-        return image
+    def load(job: Job) -> Loaded:
+        source = read_image(job.input)
+        working = sizing.working(source.size, run().native_px)
+        what = f"{job.input}: {working[0]}x{working[1]}"
+        work = image_work(settings, working, style, batch=rows)
+        run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+        return Loaded(source, resized(source.rgb, working))
 
-    def process(batch: list[tuple[Job, int, Image.Image]]):
+    def process(batch: list[tuple[Job, int, Loaded]]):
         session = run()
-        images, seeds = [b[2] for b in batch], [b[1] for b in batch]
+        images, seeds = [b[2].image for b in batch], [b[1] for b in batch]
         outs = session.img2img(images, seeds, callback=events.step)
-        return [
-            (out, session.metadata(seed=seed, size=im.size, source=job.input.name))
-            for out, (job, seed, im) in zip(outs, batch, strict=True)
-        ]
+        results = []
+        for out, (job, seed, item) in zip(outs, batch, strict=True):
+            out = finish(out, item.source, keep_size=sizing.keep_size)
+            meta = session.metadata(seed=seed, size=out.size, source=job.input.name)
+            results.append((out, meta | item.settings()))
+        return results
 
     return run_batched(
         jobs,
@@ -87,7 +116,7 @@ def stylize(
         load=load,
         process=process,
         batch_size=batch,
-        key=lambda im: im.size,
+        key=lambda item: item.image.size,
         prepare=run.prepare,
         events=events,
     )

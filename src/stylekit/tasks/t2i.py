@@ -84,7 +84,13 @@ def t2i_styled(
             check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
 
     run = LazySession(
-        settings, style, runtime=runtime, seed=output.seed, events=events, before=check_size
+        settings,
+        style,
+        runtime=runtime,
+        seed=output.seed,
+        events=events,
+        task="noise",
+        before=check_size,
     )
 
     def process(job: Job, seed: int):

@@ -70,6 +70,7 @@ from stylekit.runner import Events, Output, plan_files, run_jobs
 from stylekit.session import (
     Runtime,
     Session,
+    announce,
     cfg_rows,
     check_fits,
     check_sources,
@@ -474,7 +475,8 @@ def run_textures(
             what, hint = f"texture {size[0]}x{size[1]}", "choose a smaller --size"
             check_fits(settings, runtime, work, what=what, hint=hint)
         events.loading(settings.model)
-        session = open_session(settings, runtime)
+        session = open_session(settings, runtime, task="noise")
+        announce(session.model, events)
         if size is not None:  # bad window options fail the run here, not every job
             plan = canvas.plan(size, session.native)
             if maps is not None:

@@ -12,6 +12,11 @@ hidden part file, a frame folder as a hidden `.NAME.part` folder renamed at the 
 error or Ctrl-C leaves nothing half-written. A broken or non-video input fails alone and the
 batch goes on (exit code 1); usage errors stop it before the model loads (exit code 2).
 
+Frames run at the working size (`media.images.Sizing`: by default scaled down to the model's
+native pixel budget, aspect kept; a frame within it runs at its own size, padded to multiples of 8
+by the stream and cropped back) and are written at the input's size, resampled back (Lanczos),
+unless `keep_size=False` asks for the working size.
+
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
 frames: `events.step(done, total)` once per output frame, so a caller can show fps and an ETA;
@@ -44,6 +49,7 @@ from stylekit.media.batch import (
     refuse_overwriting_inputs,
     unique_outputs,
 )
+from stylekit.media.images import Sizing
 from stylekit.media.video import (
     VIDEO_SUFFIXES,
     VideoInfo,
@@ -64,6 +70,7 @@ from stylekit.session import (
     check_fits,
     image_work,
     resolve_settings,
+    size_notice,
     with_seed,
 )
 
@@ -79,18 +86,29 @@ class Clip:
     end: float | None = None
     max_frames: int | None = None
     every: int = 1
-    size: tuple[int, int] | None = None  # (W, H): resize every frame exactly
-    max_size: int | None = None  # scale the longer side down to this (never up)
+    size: tuple[int, int] | None = None  # (W, H): run every frame at exactly this size
+    max_size: int | None = None  # run with the longer side at most this
     codec: str | None = None
     crf: int | None = None
+    max_pixels: int | None = None  # run at most this many pixels; None native², 0 no cap
+    keep_size: bool = True  # write frames at the input's size (else at the working size)
+
+    @property
+    def sizing(self) -> Sizing:
+        return Sizing(self.size, self.max_size, self.max_pixels, self.keep_size)
 
     def check(self) -> Clip:
         check_selection(self.start, self.end, self.max_frames, self.every)
-        if self.size is not None and min(self.size) < 1:
-            raise UsageError(f"size must be positive, got {self.size[0]}x{self.size[1]}")
-        if self.max_size is not None and self.max_size < 8:
-            raise UsageError(f"max_size must be at least 8, got {self.max_size}")
+        self.sizing.check()
         return self
+
+    def working(self, size: tuple[int, int], native: int) -> tuple[int, int]:
+        """The frames' working size: `size` itself when it is within the bounds (the stream pads
+        it to multiples of 8 and crops back), else the `Sizing` rule's."""
+        sizing = self.sizing
+        if sizing.size is None and sizing.scale(size, native) >= 1.0:
+            return size
+        return sizing.working(size, native)
 
     def selection_args(self) -> dict:
         return dict(start=self.start, end=self.end, max_frames=self.max_frames, every=self.every)
@@ -195,24 +213,12 @@ def replace_dir(part: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def frame_size(size: tuple[int, int], clip: Clip) -> tuple[int, int]:
-    """The (W, H) a frame of `size` is processed at: `clip.size`, or shrunk to `clip.max_size`."""
-    w, h = size
-    if clip.size is not None:
-        return clip.size
-    if clip.max_size is not None and max(w, h) > clip.max_size:
-        scale = clip.max_size / max(w, h)
-        return max(1, round(w * scale)), max(1, round(h * scale))
-    return w, h
-
-
-def resized(frames: Iterable[np.ndarray], clip: Clip) -> Iterator[np.ndarray]:
-    """Resize frames to `clip.size`, or down to `clip.max_size` on the longer side (Lanczos)."""
+def resized(frames: Iterable[np.ndarray], size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Frames at `size` (W, H), resized with Lanczos where they differ."""
     for frame in frames:
         h, w = frame.shape[:2]
-        target = frame_size((w, h), clip)
-        if target != (w, h):
-            frame = np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.LANCZOS))
+        if (w, h) != tuple(size):
+            frame = np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.LANCZOS))
         yield frame
 
 
@@ -243,6 +249,7 @@ def stylize_one(
         guidance=session.guided,
     )
     done, size = 0, None
+    working = clip.working(info.size, session.native_px)
     with contextlib.ExitStack() as stack:
         sink = (
             frames_sink(job.output) if frames_out is not None else video_sink(job, selection, clip)
@@ -251,7 +258,9 @@ def stylize_one(
         source = stack.enter_context(
             contextlib.closing(read_frames(job.input, info=info, **clip.selection_args()))
         )
-        outputs = stack.enter_context(contextlib.closing(stream.run(resized(source, clip))))
+        outputs = stack.enter_context(contextlib.closing(stream.run(resized(source, working))))
+        if clip.keep_size:
+            outputs = resized(outputs, info.size)
         for frame in outputs:
             write(frame)
             done += 1
@@ -260,6 +269,7 @@ def stylize_one(
         if done != selection.count:
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
+    settings["working_size"] = "{}x{}".format(*working)
     return settings | video_settings(options, stream, selection, info.warnings)
 
 
@@ -313,16 +323,23 @@ def stylize_video(
     stream_batch: bool | None = None,
     size: tuple[int, int] | None = None,
     max_size: int | None = None,
+    max_pixels: int | None = None,
+    keep_size: bool = True,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
-    """Stylise video files and folders into videos (or PNG frame folders); returns a BatchReport."""
+    """Stylise video files and folders into videos (or PNG frame folders); returns a BatchReport.
+
+    `size`, `max_size` and `max_pixels` set the frames' working size (`Sizing`); outputs keep the
+    input's size unless `keep_size` is False.
+    """
+    clip = Clip(start, end, max_frames, every, size, max_size, codec, crf, max_pixels, keep_size)
+    clip = clip.check()
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
     output, events = with_seed(output or Output()), events or Events()
     frames_out = Path(frames_out) if frames_out is not None else None
-    clip = Clip(start, end, max_frames, every, size, max_size, codec, crf).check()
     options = StreamOptions(
         steps=settings.steps,
         strength=settings.strength,
@@ -345,15 +362,22 @@ def stylize_video(
             check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
 
     run = LazySession(
-        settings, style, runtime=runtime, seed=output.seed, events=events, before=check_size
+        settings,
+        style,
+        runtime=runtime,
+        seed=output.seed,
+        events=events,
+        announce=size_notice(clip.sizing, "frames written"),
+        task="video",
+        before=check_size,
     )
 
     def process(job: Job, seed: int) -> dict:
         info = probe(job.input)
-        width, height = frame_size(info.size, clip)
+        width, height = clip.working(info.size, run().native_px)
         work = image_work(settings, (width, height), style, stages=stages)
         what = f"{job.input}: frames of {width}x{height}"
-        run.check_input(work, what=what, hint="shrink them with --max-size")
+        run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         session = run()
         return stylize_one(
             job, seed, session, options, clip, frames_out=frames_out, events=events, info=info
