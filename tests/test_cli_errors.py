@@ -463,10 +463,20 @@ def wide_lora(sd15_lora, tmp_path) -> Path:
 
 
 def test_a_lora_of_another_width_names_both_shapes(tmp_path, sd15_path, inputs, wide_lora):
-    result = cli("stylize", inputs, "-o", tmp_path / "out", *tiny(sd15_path), "--lora", wide_lora)
-    line = one_error(result, 2)
-    assert str(wide_lora) in line and "does not fit this sd15 model" in line
-    assert "[4, 48]" in line and "[4, 32]" in line
+    """In a real process, so that all of stderr is seen: diffusers logs the state-dict error in
+    full before raising it, and that must not show."""
+    args = ["stylize", inputs, "-o", tmp_path / "out", *tiny(sd15_path), "--lora", wide_lora]
+    done = subprocess.run(
+        [sys.executable, "-m", "stylekit.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()  # one line, nothing else
+    assert line.startswith("error: ") and str(wide_lora) in line
+    assert "does not fit this sd15 model" in line and "[4, 48]" in line and "[4, 32]" in line
     assert "network" not in line and "Hugging Face cache" not in line
 
 

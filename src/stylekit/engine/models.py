@@ -8,6 +8,7 @@ turbo (ADD) models are the released SD-Turbo and SDXL-Turbo, or whatever `--turb
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -354,11 +355,17 @@ class hub_errors:
 
     def __init__(self, what: str, source: str, *, family: str | None = None):
         self.what, self.source, self.family = what, source, family
+        self.logger, self.level = logging.getLogger("diffusers"), logging.NOTSET
 
     def __enter__(self):
+        # diffusers logs some load errors in full before raising them (a LoRA's state-dict
+        # error, many lines): the raised error is what the user sees, as one line
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
         return self
 
     def __exit__(self, kind, exc, tb):
+        self.logger.setLevel(self.level)
         if exc is None or isinstance(exc, (ModelError, UsageError, KeyboardInterrupt)):
             return False
         if not isinstance(exc, (OSError, ValueError, RuntimeError, KeyError)):
