@@ -161,6 +161,24 @@ def test_an_8192_png_fails_alone_and_the_rest_are_done(tmp_path, sd15_path, free
     assert files_under(tmp_path / "out") == ["small.png"]
 
 
+def test_an_inpaint_crop_too_big_fails_alone(tmp_path, sd15_path, free_16gib):
+    """Inpainting runs the mask's crop: at its own size (`--max-pixels 0`) an 8192² one cannot."""
+    big = tmp_path / "in" / "big.png"
+    big.parent.mkdir(parents=True)
+    Image.new("L", (8192, 8192), 128).save(big, optimize=True)
+    write_image(tmp_path / "in" / "small.png")
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)  # resized to each image: all of it is repainted
+    args = ["inpaint", tmp_path / "in", "--mask", mask, "--mask-blur", "0", "--max-pixels", "0"]
+    result = cli(*args, "-o", tmp_path / "out", "--json", *tiny(sd15_path))
+    assert result.exit_code == 1, (result.stderr, result.exception)
+    status = {Path(r["input"]).name: r for r in records(result.stdout)}
+    assert status["small.png"]["status"] == "done"
+    assert status["big.png"]["status"] == "failed"
+    assert "crop at 8192x8192" in status["big.png"]["error"]
+    assert "needs about" in status["big.png"]["error"]
+
+
 # --- 2. symlink loops ------------------------------------------------------------------------
 
 

@@ -17,9 +17,9 @@ far (a 100000² canvas, an 8192² photo at full size), not to be exact near the 
 why `--no-size-check` exists; it leaves out small things (the IP-Adapter image encoder, AD's
 reference features, video anchors).
 
-Available memory: on CUDA `torch.cuda.mem_get_info` (free on the device); on a CPU the kernel's
-MemAvailable, lowered to a cgroup v2 limit when the process has one (containers); unknown (no
-check) elsewhere, e.g. MPS.
+Available memory: on CUDA `torch.cuda.mem_get_info` (free on the device) plus the blocks
+PyTorch keeps cached for reuse; on a CPU the kernel's MemAvailable, lowered to a cgroup v2 limit
+when the process has one (containers); unknown (no check) elsewhere, e.g. MPS.
 """
 
 from __future__ import annotations
@@ -118,9 +118,10 @@ def estimate(
 
 def available(device: torch.device) -> int | None:
     """Bytes free for this run on `device`, or None when unknown (no check)."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # free on the device, plus what PyTorch holds cached but unused
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     if device.type == "cpu":
         return system_available()
     return None
