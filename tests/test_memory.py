@@ -82,7 +82,7 @@ def test_too_big_says_how_much_and_what_dominates():
 def test_available_memory_on_this_cpu():
     free = memory.available(torch.device("cpu"))
     assert free is not None and 0 < free < 2**50
-    assert memory.available(torch.device("meta")) is None
+    assert memory.available(torch.device("meta")) is None  # unknown: no check
 
 
 @pytest.mark.parametrize(

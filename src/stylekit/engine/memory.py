@@ -18,8 +18,8 @@ why `--no-size-check` exists; it leaves out small things (the IP-Adapter image e
 reference features, video anchors).
 
 Available memory: on CUDA `torch.cuda.mem_get_info` (free on the device) plus the blocks
-PyTorch keeps cached for reuse; on a CPU the kernel's MemAvailable, lowered to a cgroup v2 limit
-when the process has one (containers); unknown (no check) elsewhere, e.g. MPS.
+PyTorch keeps cached for reuse; on a CPU (and MPS, which shares it) the kernel's MemAvailable,
+lowered to a cgroup v2 limit when the process has one (containers); unknown (no check) elsewhere.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def available(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + cached)
-    if device.type == "cpu":
+    if device.type in ("cpu", "mps"):  # Apple silicon's GPU shares the system's memory
         return system_available()
     return None
 
