@@ -17,7 +17,8 @@ MemAvailable − 3 GiB read at its start, so a case that does not fit fails alon
 when MemAvailable is above 20 GB at that moment. The child reports its resident memory after
 building the UNet, the peak (VmHWM, reset through /proc/self/clear_refs) of the reference
 feature pass, and the peak of the AD step; "AD step over model" is that peak minus the resident
-memory just before the step: what `engine.ad.AD_BYTES_PER_TOKEN` is fitted to.
+memory just before the step: what `engine.memory.UNET_GRAD` and `UNET_GRAD_CHECKPOINTED` hold
+(per latent token, rounded up), for AD's memory plan (`engine.ad.memory_plan`) and the size check.
 """
 
 from __future__ import annotations

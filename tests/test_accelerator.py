@@ -156,10 +156,10 @@ def hub_loras(monkeypatch, sd15_lora, sdxl_lora):
     asked: list[tuple[str, str]] = []
     real = models.load_lora
 
-    def load_lora(pipe, source, *, name, allow_pickle):
+    def load_lora(pipe, source, *, name, allow_pickle, **kwargs):
         asked.append((name, source))
         tiny = sdxl_lora if "XL" in type(pipe).__name__ else sd15_lora
-        real(pipe, str(tiny), name=name, allow_pickle=allow_pickle)
+        real(pipe, str(tiny), name=name, allow_pickle=allow_pickle, **kwargs)
 
     monkeypatch.setattr(models, "load_lora", load_lora)
     return asked

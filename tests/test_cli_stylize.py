@@ -557,21 +557,21 @@ def test_real_process_exit_code_and_streams(tmp_path, sd15_path):
 def test_missing_local_model_is_one_line(folder, tmp_path, sd15_path):
     missing = tmp_path / "does" / "not" / "exist"
     result = stylize(folder, "-o", tmp_path / "out", model=missing)
-    line = one_error(result, 1)
+    line = one_error(result, 2)  # a setup error: nothing could start
     assert str(missing) in line and "no such file or folder" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_relative_missing_model_is_one_line(folder, tmp_path, sd15_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = one_error(stylize(folder, model=Path("does/not/exist")), 1)
+    line = one_error(stylize(folder, model=Path("does/not/exist")), 2)
     assert "does/not/exist" in line
 
 
 def test_uncached_hub_model_fails_fast_offline(folder, tmp_path):
     start = time.perf_counter()
     result = stylize(folder, "-o", tmp_path / "out", model=Path("nobody-here/not-a-cached-model"))
-    line = one_error(result, 1)
+    line = one_error(result, 2)
     assert time.perf_counter() - start < 30  # no network retries
     assert "nobody-here/not-a-cached-model" in line and "offline" in line
     assert "local folder" in line  # tells the user how to do without the hub
@@ -608,7 +608,7 @@ def test_model_config_loads_a_single_file_checkpoint(tmp_path, sd15_path, sd15_s
     # without --model-config diffusers looks for the default config on the hub (offline here)
     source = tmp_path / "content.png"
     result = stylize(source, "-o", tmp_path / "no-config.png", model=sd15_single_file)
-    line = one_error(result, 1)
+    line = one_error(result, 2)
     assert str(sd15_single_file) in line and "could not load" in line
 
 
@@ -670,7 +670,7 @@ def test_style_reference_through_ip_adapter(tmp_path, sd15_path, sd15_ip_adapter
 
 def test_tiny_vae_from_the_hub_fails_offline_with_one_line(tmp_path, sd15_path):
     source = write_image(tmp_path / "a.png", 0)
-    line = one_error(stylize(source, "-o", tmp_path / "out", "--tiny-vae", model=sd15_path), 1)
+    line = one_error(stylize(source, "-o", tmp_path / "out", "--tiny-vae", model=sd15_path), 2)
     assert "madebyollin/taesd" in line and "local folder" in line
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path, PurePath
 
 import pytest
@@ -12,6 +13,8 @@ from stylekit.media.batch import (
     BatchReport,
     InputItem,
     Job,
+    _glob_base,
+    _recursive_glob,
     atomic_write,
     collect_inputs,
     output_format,
@@ -66,6 +69,45 @@ def test_duplicates_are_kept_once_in_spec_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     items = collect_inputs(["d/b.png", "d", "./d/a.png", str(tmp_path)])
     assert [i.path.name for i in items] == ["b.png", "a.png"]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["p/**", "p/**/*.jpg", "**/*.png", "p/**/x/*", "p/*/**/*.jpg", "**", "p/**/.h/*", "*/x/**/*"],
+)
+def test_recursive_glob_finds_what_python_glob_finds(tmp_path, monkeypatch, pattern):
+    """Without links the walk-based `**` matches exactly what glob.glob(recursive=True) does,
+    hidden names included (not matched by wildcards, matched when named)."""
+    touch(tmp_path, "p/a.jpg", "p/x/b.jpg", "p/x/c.png", "p/x/y/d.jpg", "p/.h/e.jpg")
+    touch(tmp_path, "p/x/.f.jpg", "top.png", ".hid/g.png")
+    monkeypatch.chdir(tmp_path)
+    ours = _recursive_glob(pattern, _glob_base(pattern), set())
+    theirs = glob.glob(pattern, recursive=True)
+    assert sorted(map(Path, ours)) == sorted(map(Path, theirs))
+
+
+def test_output_folder_is_left_out_of_folders_and_globs(tmp_path, monkeypatch):
+    touch(tmp_path, "p/a.png", "p/x/b.png", "p/out/a.png", "p/out/x/b.png")
+    monkeypatch.chdir(tmp_path)
+    for spec in ("p", "p/**/*.png", "p/*/*.png", "p/**"):
+        items = collect_inputs([spec], exclude=Path("p/out"))
+        assert "out" not in {i.rel.parts[0] for i in items}, spec
+    assert rels(collect_inputs(["p"], exclude=Path("p/out"))) == ["a.png", "x/b.png"]
+    # the output folder itself as the input: nothing to leave out but the folder itself
+    assert rels(collect_inputs(["p/out"], exclude=Path("p/out"))) == ["a.png", "x/b.png"]
+    # a link to the output folder is the output folder
+    (tmp_path / "p" / "alias").symlink_to("out")
+    assert rels(collect_inputs(["p"], exclude=Path("p/out"))) == ["a.png", "x/b.png"]
+
+
+def test_folder_links_are_followed_once(tmp_path):
+    touch(tmp_path, "data/a.png", "in/b.png")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "data")
+    (tmp_path / "in" / "again").symlink_to(tmp_path / "data")
+    (tmp_path / "in" / "up").symlink_to("..")
+    (tmp_path / "in" / "broken").symlink_to(tmp_path / "nowhere")
+    items = collect_inputs([str(tmp_path / "in")])
+    assert rels(items) == ["again/a.png", "b.png"]  # `again` sorts before `linked`
 
 
 @pytest.mark.parametrize("spec", ["missing.png", "*.gif", "empty"])
@@ -149,10 +191,30 @@ def test_split_existing(tmp_path):
     touch(tmp_path / "in", "a.png", "b.png")
     touch(tmp_path / "o", "a.png")
     jobs = plan_outputs(collect_inputs([str(tmp_path / "in")]), out=tmp_path / "o", fmt="png")
-    to_do, skipped = split_existing(jobs)
+    to_do, skipped, blocked = split_existing(jobs)
     assert [j.input.name for j in to_do] == ["b.png"]
     assert [j.input.name for j in skipped] == ["a.png"]
-    assert split_existing(jobs, overwrite=True) == (jobs, [])
+    assert blocked == []
+    assert split_existing(jobs, overwrite=True) == (jobs, [], [])
+
+
+def test_only_a_regular_file_is_finished_work(tmp_path):
+    """A folder where a file goes (or a file where a frames folder goes) is neither done nor
+    replaceable: blocked, with the reason, with or without overwrite."""
+    touch(tmp_path / "in", "a.png", "b.png", "c.png")
+    touch(tmp_path / "o", "a.png", "b.png/x")
+    jobs = plan_outputs(collect_inputs([str(tmp_path / "in")]), out=tmp_path / "o", fmt="png")
+    for overwrite in (False, True):
+        to_do, skipped, blocked = split_existing(jobs, overwrite=overwrite)
+        assert [j.input.name for j in to_do] == (["a.png", "c.png"] if overwrite else ["c.png"])
+        assert [j.input.name for j in skipped] == ([] if overwrite else ["a.png"])
+        assert [(j.input.name, reason.split(";")[0]) for j, reason in blocked] == [
+            ("b.png", f"{tmp_path / 'o' / 'b.png'} exists and is a folder")
+        ]
+    frames = [Job(j.input, j.output, j.rel, j.index, folder=True) for j in jobs]
+    _, skipped, blocked = split_existing(frames)
+    assert [j.input.name for j in skipped] == ["b.png"]
+    assert [(j.input.name, "not a folder" in reason) for j, reason in blocked] == [("a.png", True)]
 
 
 # --- writing and reporting -----------------------------------------------------------

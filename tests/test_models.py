@@ -321,11 +321,18 @@ def test_turbo_detection_table(source, turbo, notice):
         ("owner/repo/file.safetensors", "owner/repo/file.safetensors", 1.0),
         ("owner/repo/sub/file.safetensors:0.8", "owner/repo/sub/file.safetensors", 0.8),
         ("C:/loras/x.safetensors", "C:/loras/x.safetensors", 1.0),  # a drive letter, no scale
-        ("x.safetensors:high", "x.safetensors:high", 1.0),
     ],
 )
 def test_lora_spec_parse(text, source, scale):
     assert LoraSpec.parse(text) == LoraSpec(source, scale)
+
+
+def test_a_lora_scale_that_is_not_a_number_is_named(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match=r"the scale 'high' is not a number"):
+        LoraSpec.parse("x.safetensors:high")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "odd:name.safetensors").write_bytes(b"")  # a file that exists is taken as given
+    assert LoraSpec.parse("odd:name.safetensors") == LoraSpec("odd:name.safetensors", 1.0)
 
 
 def test_lora_spec_parse_keeps_an_existing_path_with_a_colon(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The `stylekit` command: parse, call the library, print. torch is imported only inside commands.
 
-Exit codes: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted.
+Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error (nothing could start),
+130 interrupted. Every error is one line; the global `--debug` adds its traceback.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 
 from stylekit import __version__
-from stylekit.errors import StylekitError, UsageError
+from stylekit.errors import StylekitError, UsageError, one_line
 
 app = typer.Typer(
     name="stylekit",
@@ -304,6 +306,17 @@ Json = Annotated[
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel=RUN)
 ]
+NoSizeCheck = Annotated[
+    bool,
+    typer.Option(
+        "--no-size-check",
+        help="Run sizes the memory estimate says will not fit (default: refuse them up front).",
+        rich_help_panel=RUN,
+    ),
+]
+
+
+DEBUG = {"on": False}  # the global --debug of the running invocation (main_options sets it)
 
 
 def version_callback(value: bool) -> None:
@@ -320,8 +333,13 @@ def main_options(
             "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
         ),
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Print the traceback behind an error (before the command)."),
+    ] = False,
 ) -> None:
     """Batch image and video stylization and texture synthesis with few-step diffusion models."""
+    DEBUG["on"] = debug
 
 
 # --- options of single commands ---------------------------------------------------------------
@@ -644,6 +662,7 @@ def stylize(
     dry_run: DryRun = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -711,6 +730,7 @@ def t2i_styled(
     dry_run: DryRun = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -783,6 +803,7 @@ def inpaint(
     dry_run: DryRun = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -869,6 +890,7 @@ def video(
     dry_run: DryRun = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -949,6 +971,7 @@ def texture_expand(
     dry_run: DryRun = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -1021,6 +1044,7 @@ def texture(
     dry_run: DryRun = False,
     as_json: Json = False,
     quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -1078,6 +1102,7 @@ class CommonOptions:
     dry_run: bool
     as_json: bool
     quiet: bool
+    no_size_check: bool
     device: str
     dtype: str
     allow_pickle: bool
@@ -1104,16 +1129,23 @@ class CommonOptions:
         return Output(self.out, self.fmt, self.suffix, self.overwrite, self.seed, self.dry_run)
 
     def runtime(self):
-        """Device, dtype and loading permissions (`stylekit.api.Runtime`)."""
+        """Device, dtype, loading permissions and the size check (`stylekit.api.Runtime`)."""
         from stylekit.api import Runtime
 
-        return Runtime(self.device, self.dtype, self.allow_pickle, self.model_config)
+        return Runtime(
+            self.device,
+            self.dtype,
+            self.allow_pickle,
+            self.model_config,
+            size_check=not self.no_size_check,
+        )
 
     def events(self, kind=None):
         """Progress on stderr, `--json` records on stdout (`ConsoleEvents` unless `kind`)."""
         from stylekit.progress import ConsoleEvents
 
-        return (kind or ConsoleEvents)(err, as_json=self.as_json, quiet=self.quiet)
+        kind = kind or ConsoleEvents
+        return kind(err, as_json=self.as_json, quiet=self.quiet, debug=debug_mode())
 
 
 SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain"}  # flag parameter → Settings field
@@ -1149,20 +1181,35 @@ def exit_with(events, report) -> NoReturn:
     raise typer.Exit(report.exit_code())
 
 
+def debug_mode() -> bool:
+    """Whether the global `--debug` was given to this invocation (set by `main_options`)."""
+    return DEBUG["on"]
+
+
 class cli_errors:
-    """One red line and the right exit code for StylekitError; 130 on Ctrl-C."""
+    """One red line and the right exit code for any error: a StylekitError's own code, 2 for an
+    unexpected exception (the run stopped), 130 on Ctrl-C; `--debug` adds the traceback."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, exc, tb):
-        if isinstance(exc, StylekitError):
-            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code)
+        passing = (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException)
+        if exc is None or isinstance(exc, (*passing, click.exceptions.Abort, SystemExit)):
+            return False  # exit codes and click's own usage errors (typer.Exit is a RuntimeError)
         if isinstance(exc, KeyboardInterrupt):
             err.print("[yellow]interrupted[/yellow]: finished outputs are kept; rerun to resume")
             raise typer.Exit(130)
-        return False
+        if debug_mode():
+            from stylekit.progress import print_traceback
+
+            print_traceback(err, exc)
+        if isinstance(exc, StylekitError):
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        hint = "" if debug_mode() else " (stylekit --debug ... shows the traceback)"
+        err.print(f"[red]error:[/red] {escape(one_line(exc))}{hint}", soft_wrap=True)
+        raise typer.Exit(2)
 
 
 def escape(text: str) -> str:

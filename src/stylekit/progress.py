@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import asdict
 
 from rich.console import Console
@@ -23,9 +24,16 @@ class ConsoleEvents(Events):
     """Render a batch: an items bar with rate and ETA, a steps bar for the item in progress."""
 
     def __init__(
-        self, console: Console, *, as_json: bool = False, quiet: bool = False, unit: str = "images"
+        self,
+        console: Console,
+        *,
+        as_json: bool = False,
+        quiet: bool = False,
+        unit: str = "images",
+        debug: bool = False,
     ):
         self.console, self.as_json, self.quiet, self.unit = console, as_json, quiet, unit
+        self.debug = debug
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -92,6 +100,10 @@ class ConsoleEvents(Events):
                     self.items, rate=f"{task.completed / task.elapsed:.2f} {self.unit}/s"
                 )
 
+    def error(self, exc: BaseException) -> None:
+        if self.debug:
+            print_traceback(self.console, exc)
+
     def warning(self, message: str) -> None:
         self.console.print(f"[yellow]warning[/yellow] {escape(message)}", soft_wrap=True)
 
@@ -114,3 +126,9 @@ def with_path(path: str, reason: str | None) -> str:
     """`path: reason`, unless the reason already starts with the path."""
     reason = reason or "failed"
     return reason if reason.startswith(path) else f"{path}: {reason}"
+
+
+def print_traceback(console: Console, exc: BaseException) -> None:
+    """The full traceback of `exc` (its causes included), as Python prints it (--debug)."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    console.print(text, markup=False, highlight=False, soft_wrap=True)

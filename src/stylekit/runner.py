@@ -15,12 +15,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from stylekit.errors import StylekitError, UsageError
+from stylekit.errors import SetupError, StylekitError, UsageError, one_line
 from stylekit.media.batch import (
     BatchReport,
     Job,
+    check_writable,
     collect_inputs,
     output_format,
+    output_root,
     plan_outputs,
     split_existing,
 )
@@ -58,6 +60,9 @@ class Events:
     def notice(self, message: str) -> None:
         """Something the user should know about the run (a console shows each text once)."""
 
+    def error(self, exc: BaseException) -> None:
+        """The exception behind a failure (the CLI prints its traceback with --debug)."""
+
 
 @dataclass(frozen=True)
 class Output:
@@ -86,26 +91,47 @@ def base_seed(seed: int | None) -> int:
 
 
 def plan_files(inputs: list[str], output: Output) -> list[Job]:
-    """Expand inputs and name their outputs; usage errors surface before any model loads."""
-    return plan_outputs(
-        collect_inputs(inputs), out=output.out, fmt=output.fmt, suffix=output.suffix
-    )
+    """Expand inputs and name their outputs; usage errors surface before any model loads.
+
+    The output folder is left out of the inputs, so a rerun into a folder inside an input
+    folder resumes instead of taking its own outputs as inputs."""
+    items = collect_inputs(inputs, exclude=output_root(output.out))
+    return plan_outputs(items, out=output.out, fmt=output.fmt, suffix=output.suffix)
 
 
 def begin(jobs: list[Job], output: Output, events: Events) -> tuple[BatchReport, list[Job], int]:
-    """Report skipped jobs, fix the base seed, and return what is left to do (nothing on --dry-run)."""
+    """Report skipped and blocked jobs, fix the base seed, check that the outputs can be written,
+    and return what is left to do (nothing on --dry-run)."""
     report = BatchReport()
-    to_do, skipped = split_existing(jobs, overwrite=output.overwrite)
-    events.planned(len(to_do), len(skipped))
+    to_do, skipped, blocked = split_existing(jobs, overwrite=output.overwrite)
+    seed0 = base_seed(output.seed)
+    if to_do and not output.dry_run:
+        check_writable(job.output for job in to_do)
+    events.planned(len(to_do) + len(blocked), len(skipped))
     for job in skipped:
         report.add_skipped(job)
         events.finished(Record(source(job), str(job.output), "skipped"))
-    seed0 = base_seed(output.seed)
+    for job, reason in blocked:
+        fail(job, seed0 + job.index, reason, report, events)
     if output.dry_run:
         for job in to_do:
             events.finished(Record(source(job), str(job.output), "planned", seed=seed0 + job.index))
         return report, [], seed0
     return report, to_do, seed0
+
+
+def start_run(prepare: Callable[[], None] | None) -> None:
+    """Run the batch's `prepare` (model load, conditioning). Whatever fails there, nothing could
+    start: our errors become a SetupError (exit 2), not a failed input; any other exception goes
+    up as it is (the CLI prints it as one line, exit 2)."""
+    if prepare is None:
+        return
+    try:
+        prepare()
+    except StylekitError as exc:
+        if exc.exit_code == 2:
+            raise
+        raise SetupError(str(exc)) from exc
 
 
 FLATTENED = (
@@ -146,8 +172,8 @@ def run_jobs(
     """
     events = events or Events()
     report, to_do, seed0 = begin(jobs, output, events)
-    if to_do and prepare is not None:
-        prepare()
+    if to_do:
+        start_run(prepare)
     for job in to_do:
         events.started(job)
         start = time.perf_counter()
@@ -181,8 +207,8 @@ def run_batched(
     """
     events = events or Events()
     report, to_do, seed0 = begin(jobs, output, events)
-    if to_do and prepare is not None:
-        prepare()
+    if to_do:
+        start_run(prepare)
     pending: list[tuple[Job, int, object]] = []
 
     def flush() -> None:
@@ -219,17 +245,19 @@ def run_batched(
     return report
 
 
-def reason_of(exc: BaseException) -> str:
+def reason_of(exc: BaseException | str) -> str:
     """One line for the user: our errors and OS errors as they are, others with their type."""
-    if isinstance(exc, (StylekitError, OSError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    return exc if isinstance(exc, str) else one_line(exc)
 
 
-def fail(job: Job, seed: int, exc: BaseException, report: BatchReport, events: Events) -> None:
-    """Record a failed job."""
+def fail(
+    job: Job, seed: int, exc: BaseException | str, report: BatchReport, events: Events
+) -> None:
+    """Record a failed job (with the exception behind it, for --debug)."""
     reason = reason_of(exc)
     report.add_failed(job, reason)
+    if isinstance(exc, BaseException):
+        events.error(exc)
     events.finished(Record(source(job), str(job.output), "failed", error=reason, seed=seed))
 
 

@@ -15,6 +15,7 @@ frames or windows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,12 +25,12 @@ import torch
 from PIL import Image
 
 from stylekit import __version__
-from stylekit.engine import ad, conditioning, models, sampling
+from stylekit.engine import ad, conditioning, memory, models, sampling
 from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
 from stylekit.engine.latents import decode, to_pil
 from stylekit.engine.sampling import AfterStep
-from stylekit.errors import UsageError
+from stylekit.errors import InputError, ModelError, StylekitError, UsageError
 from stylekit.media.images import Sizing, load_image, resized
 from stylekit.presets import Settings, load_preset
 from stylekit.runner import Events, Output, base_seed
@@ -39,12 +40,13 @@ Callback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Runtime:
-    """How to run (not what): device, dtype, and loading permissions."""
+    """How to run (not what): device, dtype, loading permissions, and the memory check."""
 
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
     model_config: str | None = None  # diffusers config for a single-file checkpoint
+    size_check: bool = True  # refuse sizes that `engine.memory` says will not fit
 
 
 def default_batch(runtime: Runtime) -> int:
@@ -76,8 +78,84 @@ def size_notice(sizing: Sizing, what: str = "outputs") -> Callable[[Session], st
 
 
 def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
-    """Load the style references up front, so a bad one stops the run before the model loads."""
-    return [load_image(Path(p)) for p in paths]
+    """Load the style references up front: a missing or bad one is a usage error of the run
+    (exit 2), raised before the model loads."""
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(Path(path)))
+        except InputError as exc:
+            raise UsageError(f"--style {exc}") from exc
+    return images
+
+
+def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) -> None:
+    """Refuse a missing local model, LoRA, accelerator, tiny VAE or IP-Adapter, a bad LoRA
+    scale or a pickle without --allow-pickle now, before anything loads (exit 2). Hub ids can
+    only be checked when they load."""
+    spec = model_spec(settings, runtime, ip_adapter=wants_ip_adapter(settings, style))
+    models.check_local_sources(spec)
+
+
+def cfg_rows(settings: Settings) -> int:
+    """UNet rows per image: 2 with classifier-free guidance (cfg > 1), else 1."""
+    return 2 if settings.cfg > 1 else 1
+
+
+def image_work(
+    settings: Settings, size: tuple[int, int], style: Sequence, *, batch: int = 1, stages: int = 1
+) -> memory.Work:
+    """What `batch` images (or a video's `stages` in flight) of `size` (W, H) hold at once."""
+    if settings.mode == "optimize":
+        return memory.Work(size, rows=1, grad_rows=1)
+    ad_rows = (
+        1 if uses_ad(settings, style) else 0
+    )  # AD refines row by row if need be (ad.memory_plan)
+    return memory.Work(size, rows=batch * stages * cfg_rows(settings), grad_rows=ad_rows)
+
+
+def check_fits(
+    settings: Settings,
+    runtime: Runtime,
+    work: memory.Work | Callable[[str], memory.Work],
+    *,
+    what: str,
+    hint: str,
+    model: models.LoadedModel | None = None,
+    error: type[StylekitError] = UsageError,
+) -> None:
+    """Refuse `work` (or `work(family)`) when `engine.memory` estimates it will not fit, unless
+    --no-size-check.
+
+    Before the model loads (`model` None) the estimate counts its weights, from the family read
+    off the model's config; a model whose config cannot be read is left to the load, which says
+    why. After the load it uses the loaded model and what is still free."""
+    if not runtime.size_check:
+        return
+    if model is None:
+        device = models.resolve_device(runtime.device)
+        dtype = models.resolve_dtype(runtime.dtype, device)
+        try:
+            family = models.detect_family(settings.model, allow_pickle=runtime.allow_pickle)
+        except ModelError:  # e.g. a hub id not in the cache offline: the load reports it
+            return
+        widths = folder_widths(settings.model)
+    else:
+        device, dtype, family = model.device, model.dtype, model.family
+        widths = first_width(model.unet.config), first_width(model.vae.config)
+    work = work(family) if callable(work) else work
+    vae_bytes = 4 if family == "sdxl" and dtype == torch.float16 else dtype.itemsize  # upcast
+    est = memory.estimate(
+        work,
+        family,
+        dtype_bytes=dtype.itemsize,
+        vae_bytes=vae_bytes,
+        widths=widths,
+        weights=model is None,
+    )
+    reason = memory.too_big(est, memory.available(device))
+    if reason:
+        raise error(f"{what}: {reason} on {device.type}; {hint}, or pass --no-size-check")
 
 
 def wants_ip_adapter(settings: Settings, style: Sequence) -> bool:
@@ -378,6 +456,25 @@ class Session:
         }
 
 
+def folder_widths(source: str) -> tuple[int | None, int | None]:
+    """The UNet's and VAE's first block widths from a local diffusers folder's configs (read
+    before loading; None where unknown: a hub id or a single file is taken at full size)."""
+    folder = Path(source).expanduser()
+    widths = []
+    for part in ("unet", "vae"):
+        try:
+            widths.append(first_width(json.loads((folder / part / "config.json").read_text())))
+        except (OSError, ValueError):
+            widths.append(None)
+    return widths[0], widths[1]
+
+
+def first_width(config) -> int | None:
+    """`block_out_channels[0]` of a UNet or KL VAE config (mapping or diffusers config)."""
+    channels = dict(config).get("block_out_channels")
+    return int(channels[0]) if channels else None
+
+
 def announce(model: models.LoadedModel, events: Events) -> None:
     """Tell the user what the loader chose for them (the accelerator) and what may go wrong."""
     for line in model.notices:
@@ -389,10 +486,11 @@ def announce(model: models.LoadedModel, events: Events) -> None:
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
-    Style references are loaded by the constructor, so a bad one stops the run before any model
-    loads; `check(session)` may refuse a combination only the loaded model reveals, and
-    `announce(session)` returns a line for `events.notice` once the model is known (the working
-    size, which depends on the model).
+    Style references are loaded and local model paths checked by the constructor, so a bad one
+    stops the run before any model loads; `before()` runs first in `prepare` (a size check that
+    needs the model's family); `check(session)` may refuse a combination only the loaded model
+    reveals, and `announce(session)` returns a line for `events.notice` once the model is known
+    (the working size, which depends on the model).
     """
 
     def __init__(
@@ -406,16 +504,20 @@ class LazySession:
         check: Callable[[Session], None] | None = None,
         task: str = "img2img",
         announce: Callable[[Session], str] | None = None,
+        before: Callable[[], None] | None = None,
     ):
         self.settings, self.runtime = settings, runtime or Runtime()
         self.seed, self.events, self.check, self.task = seed, events, check, task
-        self.announce = announce
+        self.announce, self.before = announce, before
         self.style_names = [Path(p).name for p in style]
         self.style_images = load_style_images(style)
         check_references(settings, self.style_images)
+        check_sources(settings, self.runtime, self.style_images)
         self.session: Session | None = None
 
     def prepare(self) -> None:
+        if self.before is not None:
+            self.before()
         self.events.loading(self.settings.model)
         session = open_session(
             self.settings,
@@ -434,3 +536,15 @@ class LazySession:
 
     def __call__(self) -> Session:
         return self.session
+
+    def check_input(self, work: memory.Work, *, what: str, hint: str) -> None:
+        """Fail one input (InputError) whose `work` will not fit next to the loaded model."""
+        check_fits(
+            self.settings,
+            self.runtime,
+            work,
+            what=what,
+            hint=hint,
+            model=self.session.model,
+            error=InputError,
+        )

@@ -23,13 +23,13 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit.engine import conditioning
+from stylekit.engine import conditioning, memory
 from stylekit.engine.ad_loss import LabelMaps, ad_loss, content_loss
 from stylekit.engine.attention import Features, FeatureStore, record_attention, select_layers
 from stylekit.engine.latents import encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import AfterStep, add_noise
-from stylekit.engine.tiling import View, free_memory, map_windows
+from stylekit.engine.tiling import View, map_windows
 from stylekit.errors import UsageError
 
 # encoder_hidden_states alone, or UNet keyword arguments (added_cond_kwargs, timestep_cond, ...)
@@ -339,18 +339,9 @@ class FeatureCache:
 
 # --- memory ------------------------------------------------------------------------------------
 
-# Bytes one AD refinement step (forward + backward of the whole UNet, the last 6 self-attention
-# layers recorded) holds beyond the loaded model, per latent token of one image, in a 2-byte dtype:
-# (checkpointing off, on). Measured on CPU in bf16 with the full-size architectures and random
-# weights at 512² and 768² (benchmarks/bench_ad_memory.py, table in benchmarks/README.md); the
-# larger per-token figure of the two sizes (512²: a fixed part weighs more), so an estimate errs
-# on the large side: SDXL 1024², one image, is estimated at 6.5 GiB without checkpointing and 1.9
-# GiB with it; measured 6.2 and 1.3.
-AD_BYTES_PER_TOKEN = {
-    "sd15": (237_000, 127_000),
-    "sd2": (237_000, 127_000),  # not measured: SD1.5's channel widths and attention levels
-    "sdxl": (425_000, 123_000),
-}
+# Activations of one AD step per latent token come from `engine.memory` (UNET_GRAD, and
+# UNET_GRAD_CHECKPOINTED with checkpointing), measured by benchmarks/bench_ad_memory.py; SDXL 1024²,
+# one image, is estimated at 6.5 GiB without checkpointing and 1.9 GiB with it (measured 6.2, 1.3).
 MEMORY_HEADROOM = 0.8  # plan within this share of free memory: allocator slack, sampler tensors
 
 
@@ -368,8 +359,9 @@ def ad_memory_estimate(
 ) -> int:
     """Bytes an AD refinement of `rows` latents of `tokens` (h·w) each needs over the model.
 
-    An unknown family gets SDXL's figures (the larger)."""
-    per_token = AD_BYTES_PER_TOKEN.get(family, AD_BYTES_PER_TOKEN["sdxl"])[checkpointing]
+    An unknown family gets SDXL's figures (the larger without checkpointing)."""
+    table = memory.UNET_GRAD_CHECKPOINTED if checkpointing else memory.UNET_GRAD
+    per_token = table.get(family, table["sdxl"])
     return int(per_token * tokens * rows * dtype_bytes / 2)
 
 
@@ -413,7 +405,7 @@ def plan_for(
     key = tuple(z.shape)
     if key not in cache.plans:
         cache.plans[key] = memory_plan(
-            free_memory(model.device),
+            memory.available(model.device),
             model.family,
             z.shape[-2] * z.shape[-1],
             z.shape[0],

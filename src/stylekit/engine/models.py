@@ -8,6 +8,7 @@ turbo (ADD) models are the released SD-Turbo and SDXL-Turbo, or whatever `--turb
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -73,10 +74,13 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """Parse `PATH_OR_HUB_FILE[:SCALE]`."""
+        """Parse `PATH_OR_HUB_FILE[:SCALE]`; a scale that is not a number is a usage error."""
         m = re.fullmatch(r"(.+?):(-?\d+(?:\.\d*)?|-?\.\d+)", text)
         if m and not Path(text).exists():
             return cls(m.group(1), float(m.group(2)))
+        head, sep, tail = text.rpartition(":")
+        if sep and head and not re.search(r"[\\/]", tail) and not Path(text).expanduser().exists():
+            raise UsageError(f"--lora {text}: the scale {tail!r} is not a number (e.g. FILE:0.8)")
         return cls(text, 1.0)
 
 
@@ -188,6 +192,24 @@ def check_source(source: str, *, what: str, allow_pickle: bool) -> None:
         raise ModelError(f"{what} {source}: no such file or folder")
     if not is_local(source) and not re.fullmatch(r"[\w.\-]+/[\w.\-]+(/.+)?", source):
         raise ModelError(f"{what} {source!r}: not a local path or a hub id like owner/name")
+
+
+def check_local_sources(spec: ModelSpec) -> None:
+    """`check_source` for everything `spec` would load from disk, before anything loads."""
+    allow = spec.allow_pickle
+    check_source(spec.model, what="model", allow_pickle=allow)
+    for lora in spec.loras:
+        check_source(lora.source, what="LoRA", allow_pickle=allow)
+    if spec.accelerator not in ("auto", "none"):
+        check_source(spec.accelerator, what="accelerator", allow_pickle=allow)
+    if isinstance(spec.tiny_vae, str) and is_local(spec.tiny_vae):
+        check_source(spec.tiny_vae, what="tiny VAE", allow_pickle=False)
+    if spec.ip_adapter not in (None, "auto"):
+        check_source(spec.ip_adapter, what="IP-Adapter", allow_pickle=allow)
+    encoder = spec.image_encoder
+    if spec.ip_adapter is not None and encoder and is_local(encoder):
+        if not Path(encoder).expanduser().is_dir():
+            raise ModelError(f"image encoder {encoder}: no such folder")
 
 
 def refuse_pickle(what: str, source: str | Path) -> NoReturn:
@@ -333,30 +355,112 @@ def detect_turbo(source: str, flag: bool | None = None) -> tuple[bool, str | Non
 
 
 class hub_errors:
-    """Turn hub, network and file errors while loading into one ModelError naming what was looked for."""
+    """Turn hub, network and file errors while loading into one ModelError naming what was looked
+    for: a weight of the wrong shape says which one and for which family's model; only a hub or
+    network miss gets the offline hint."""
 
-    def __init__(self, what: str, source: str):
-        self.what, self.source = what, source
+    def __init__(self, what: str, source: str, *, family: str | None = None):
+        self.what, self.source, self.family = what, source, family
+        self.logger, self.level = logging.getLogger("diffusers"), logging.NOTSET
 
     def __enter__(self):
+        # diffusers logs some load errors in full before raising them (a LoRA's state-dict
+        # error, many lines): the raised error is what the user sees, as one line
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
         return self
 
     def __exit__(self, kind, exc, tb):
+        self.logger.setLevel(self.level)
         if exc is None or isinstance(exc, (ModelError, UsageError, KeyboardInterrupt)):
             return False
-        if isinstance(exc, (OSError, ValueError, RuntimeError, KeyError)) or _is_hub_error(exc):
-            offline = (
-                " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            )
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, (OSError, ValueError, RuntimeError, KeyError)):
+            if not _is_hub_error(exc):
+                return False
+        mismatch = shape_mismatch(exc)
+        if mismatch:
+            model = f"this {self.family} model" if self.family else "this model"
             raise ModelError(
-                f"{self.what} {self.source}: could not load{offline}: {first[:300]}; {OFFLINE_HINT}"
+                f"{self.what} {self.source} does not fit {model}: {mismatch}; "
+                "it was made for another model family or size"
             ) from exc
-        return False
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not network_miss(exc):
+            raise ModelError(f"{self.what} {self.source}: could not load: {first[:300]}") from exc
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelError(
+            f"{self.what} {self.source}: could not load{offline}: {first[:300]}; {OFFLINE_HINT}"
+        ) from exc
 
 
 def _is_hub_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("huggingface_hub", "requests", "httpx"))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling (diffusers re-raises hub
+    errors as OSError), outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def network_miss(exc: BaseException) -> bool:
+    """Whether a load failed for want of the hub: not cached offline, no connection, no such
+    repository or file on the hub (what running once with network access can fix)."""
+    from huggingface_hub import errors as hub
+
+    misses = (
+        hub.LocalEntryNotFoundError,
+        hub.OfflineModeIsEnabled,
+        hub.RepositoryNotFoundError,
+        hub.RevisionNotFoundError,
+        hub.EntryNotFoundError,
+        hub.HfHubHTTPError,
+        ConnectionError,
+        TimeoutError,
+    )
+    for e in _chain(exc):
+        if isinstance(e, misses) or type(e).__module__.startswith(("requests", "httpx")):
+            return True
+        if re.search(r"couldn't connect to|offline mode|cached files|huggingface\.co", str(e)):
+            return True
+    return False
+
+
+SIZE_MISMATCH = (  # (pattern, group of the file's shape, group of the model's shape)
+    (
+        r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+        r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)",
+        2,
+        3,
+    ),
+    (
+        r"because ([\w.]+) expected shape torch\.Size\((\[[^\]]*\])\), "
+        r"but got torch\.Size\((\[[^\]]*\])\)",
+        3,
+        2,
+    ),
+)
+
+
+def shape_mismatch(exc: BaseException) -> str | None:
+    """'NAME is [a, b] in the file but [c, d] in the model (COMPONENT)' from torch's or diffusers'
+    size-mismatch message anywhere in the chain, or None."""
+    for e in _chain(exc):
+        text = str(e)
+        for pattern, file_group, model_group in SIZE_MISMATCH:
+            m = re.search(pattern, text)
+            if m:
+                owner = re.search(r"state_dict for (\w+)", text)
+                where = f" ({owner.group(1)})" if owner else ""
+                return (
+                    f"{m.group(1)} is {m.group(file_group)} in the file but "
+                    f"{m.group(model_group)} in the model{where}"
+                )
+    return None
 
 
 def pipeline_class(family: str):
@@ -401,10 +505,12 @@ def split_hub_file(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def load_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> None:
+def load_lora(
+    pipe, source: str, *, name: str, allow_pickle: bool, family: str | None = None
+) -> None:
     """Load one LoRA (local file/folder or hub file) into the pipeline as adapter `name`."""
     check_source(source, what="LoRA", allow_pickle=allow_pickle)
-    with hub_errors("LoRA", source):
+    with hub_errors("LoRA", source, family=family):
         path = Path(source).expanduser()
         if path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
@@ -553,7 +659,7 @@ def load_tiny_vae(pipe, family: str, source: bool | str, dtype: torch.dtype) -> 
     src = TINY_VAE[family] if source is True else str(source)
     if is_local(src):
         check_source(src, what="tiny VAE", allow_pickle=False)
-    with hub_errors("tiny VAE", src):
+    with hub_errors("tiny VAE", src, family=family):
         pipe.vae = AutoencoderTiny.from_pretrained(src, dtype=dtype)
 
 
@@ -642,7 +748,9 @@ def load_ip_adapter(pipe, spec: ModelSpec, family: str) -> None:
     files = adapter_files(spec, family)
     load_image_encoder(pipe, files)
     with hub_errors(
-        "IP-Adapter", f"{files.repo}/{files.subfolder}/{files.weight_name}".replace("//", "/")
+        "IP-Adapter",
+        f"{files.repo}/{files.subfolder}/{files.weight_name}".replace("//", "/"),
+        family=family,
     ):
         pipe.load_ip_adapter(
             files.repo,
@@ -703,7 +811,7 @@ def load(spec: ModelSpec) -> LoadedModel:
     if accel.source:
         adapters.insert(0, ("accelerator", accel.source, 1.0))
     for name, source, _ in adapters:
-        load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle)
+        load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle, family=family)
     fuse_loras(pipe, [(name, scale) for name, _, scale in adapters])
     if spec.vae:
         load_vae(pipe, spec.vae, dtype, allow_pickle=spec.allow_pickle)

@@ -10,7 +10,6 @@ it wraps, so memory stays bounded by the tile size.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from stylekit.engine import memory
 from stylekit.engine.latents import (
     decode_raw,
     degenerate,
@@ -370,19 +370,8 @@ def lockstep_fits(model: LoadedModel, height: int, width: int) -> bool:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device` now: on CUDA the driver's free memory plus what
-    PyTorch's allocator holds unused, else the system's MemAvailable."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    """Bytes free on `device` now (`memory.available`; 0 where unknown)."""
+    return memory.available(device) or 0
 
 
 @torch.no_grad()

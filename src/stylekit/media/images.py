@@ -16,6 +16,7 @@ connection, so a latent side need not be a multiple of the UNet's own downsampli
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ def _open(path: Path) -> Image.Image:
         raise InputError(f"{path}: permission denied") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "truncated image" if "truncated" in str(exc) else f"cannot decode image ({exc})"
+        if getattr(exc, "errno", None) == errno.ELOOP:
+            reason = "symbolic link loop"
         raise InputError(f"{path}: {reason}") from exc
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import subprocess
+import tempfile
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -348,25 +349,41 @@ def read_frames(
     """
     info = info if info is not None else probe(path)
     selection = select_frames(info, start=start, end=end, max_frames=max_frames, every=every)
-    return _decode(Path(path), selection)
+    return _decode(Path(path), selection, info.size)
 
 
-def _decode(path: Path, selection: FrameSelection) -> Iterator[np.ndarray]:
-    params = ["-map", "0:V:0", "-fps_mode", "passthrough", *_select_filter(selection.indices)]
-    reader = imageio_ffmpeg.read_frames(str(path), output_params=params)
+def _decode(path: Path, selection: FrameSelection, size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Run ffmpeg and read raw RGB frames of `size` (W, H) off its stdout.
+
+    ffmpeg and its pipes are closed however the consumer stops, early or at the end
+    (imageio-ffmpeg's reader leaves both pipes open when ffmpeg has already exited: a
+    ResourceWarning on every video read to its end)."""
+    width, height = size
+    frame_bytes = width * height * 3
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
+    cmd += ["-map", "0:V:0", "-fps_mode", "passthrough", *_select_filter(selection.indices)]
+    cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     done = 0
-    try:
-        width, height = next(reader)["size"]
-        for data in reader:
-            yield np.frombuffer(data, np.uint8).reshape(height, width, 3).copy()  # (H, W, 3)
-            done += 1
-            if done == selection.count:
-                return
-    except (OSError, RuntimeError) as err:
-        reason = _ffmpeg_reason(str(err).split("=== stderr ===")[-1])
-        raise InputError(f"{path}: decoding failed after {done} frames ({reason})") from err
-    finally:
-        reader.close()  # stops ffmpeg when the consumer stops early
+    with (
+        tempfile.TemporaryFile() as log,
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log) as proc,
+    ):
+        try:
+            while done < selection.count:
+                data = proc.stdout.read(frame_bytes)
+                if len(data) < frame_bytes:
+                    break
+                yield np.frombuffer(data, np.uint8).reshape(height, width, 3).copy()  # (H, W, 3)
+                done += 1
+        except BaseException:  # the consumer stopped early (GeneratorExit) or an interrupt
+            proc.kill()  # `with` then closes the pipe and reaps ffmpeg
+            raise
+        if done == selection.count:
+            proc.kill()  # the rest is not wanted (a no-op when ffmpeg has finished)
+        elif proc.wait() != 0:
+            log.seek(0)
+            reason = _ffmpeg_reason(log.read().decode("utf-8", "replace"))
+            raise InputError(f"{path}: decoding failed after {done} frames ({reason})")
 
 
 def _select_filter(indices: range) -> list[str]:

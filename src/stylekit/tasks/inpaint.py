@@ -19,6 +19,7 @@ outside the mask grown by `mask_blur` px is the input's, byte for byte; so is it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,7 +34,15 @@ from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwr
 from stylekit.media.images import Sizing, open_rgb, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
-from stylekit.session import LazySession, Runtime, Session, resolve_settings, with_seed
+from stylekit.session import (
+    LazySession,
+    Runtime,
+    Session,
+    check_fits,
+    image_work,
+    resolve_settings,
+    with_seed,
+)
 
 DEFAULT_MASK_BLUR = 4  # px of feathering outside the mask: hides the seam, touches little else
 MAX_MASK_BLUR = 64
@@ -60,7 +69,7 @@ def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
     """Return (job → its mask file, every mask file) for a mask file or a folder of masks."""
     path = Path(mask).expanduser()
     if path.is_file():
-        return (lambda job: path), {path.resolve()}
+        return (lambda job: path), {Path(os.path.realpath(path))}
     if not path.is_dir():
         raise UsageError(f"--mask {mask}: no such file or folder")
     try:
@@ -82,7 +91,7 @@ def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
             raise InputError(f"{job.input}: more than one mask matches ({names})")
         return found[0]
 
-    return find, {item.path.resolve() for item in items}
+    return find, {Path(os.path.realpath(item.path)) for item in items}
 
 
 def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image.Image, str | None]:
@@ -138,13 +147,23 @@ def inpaint(
     check_mask_padding(mask_padding)
     find_mask, mask_files = mask_finder(mask)
     jobs = [
-        job for job in plan_files(list(inputs), output) if job.input.resolve() not in mask_files
+        job
+        for job in plan_files(list(inputs), output)
+        if Path(os.path.realpath(job.input)) not in mask_files
     ]
     if not jobs:
         raise UsageError("every input is one of the masks; put the masks in another folder")
     refuse_overwriting_files(jobs, style, "--style")
     refuse_overwriting_files(jobs, mask_files, "--mask")
     events = events or Events()
+    runtime = runtime or Runtime()
+
+    def check_size() -> None:  # before the model loads: --size is every image's size
+        if size is not None:
+            what = f"--size {size[0]}x{size[1]}"
+            work = image_work(settings, size, style)
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
     run = LazySession(
         settings,
         style,
@@ -157,10 +176,17 @@ def inpaint(
             f"working size: the mask's box plus {mask_padding} px of context, "
             f"{sizing.describe(session.native_px, fill=True)}; outputs keep the input's size"
         ),
+        before=check_size,
     )
 
     def process(job: Job, seed: int):
         source = read_image(job.input)
+
+        def fits(working: tuple[int, int]) -> None:  # the crop at its working size
+            what = f"{job.input}: the mask's crop at {working[0]}x{working[1]}"
+            work = image_work(settings, working, style)
+            run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+
         mask_path = find_mask(job)
         grey, mask_resized = load_mask(mask_path, source.size, invert=invert_mask)
         out, crop = repaint(
@@ -172,6 +198,7 @@ def inpaint(
             padding=mask_padding,
             sizing=sizing,
             callback=events.step,
+            fits=fits,
         )
         meta = run().metadata(seed=seed, size=out.size, source=job.input.name)
         meta |= crop | {
@@ -196,11 +223,13 @@ def repaint(
     padding: int = DEFAULT_MASK_PADDING,
     sizing: Sizing = Sizing(),
     callback: Callable[[int, int], None] | None = None,
+    fits: Callable[[tuple[int, int]], None] | None = None,
 ) -> tuple[Image.Image, dict]:
     """Inpaint one image with a loaded session's model and conditioning; (output, crop settings).
 
-    The crop around the mask runs at its working size; the output is `image` with the repainted
-    pixels pasted back at full resolution (see the module docstring).
+    The crop around the mask runs at its working size (`fits(size)` may refuse it first); the
+    output is `image` with the repainted pixels pasted back at full resolution (see the module
+    docstring).
     """
     binary = engine.binarize(mask)
     if not binary.any():
@@ -212,6 +241,8 @@ def repaint(
     left, top, right, bottom = box
     crop = image.crop(box)
     working = sizing.working(crop.size, session.native_px, fill=True)
+    if fits is not None:
+        fits(working)
     hole = working_mask(binary[0, 0, top:bottom, left:right].numpy(), working)
     s = session.settings
     arr = engine.inpaint(

@@ -19,7 +19,9 @@ from stylekit.runner import Events, Output, plan_files, run_batched
 from stylekit.session import (
     LazySession,
     Runtime,
+    check_fits,
     default_batch,
+    image_work,
     resolve_settings,
     size_notice,
     with_seed,
@@ -69,6 +71,15 @@ def stylize(
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
+    batch = batch_size or default_batch(runtime)
+    rows = min(batch, len(jobs)) or 1  # same-size images per UNet call, at most
+
+    def check_size() -> None:  # before the model loads: --size is every image's size
+        if size is not None:
+            work = image_work(settings, size, style, batch=rows)
+            what = f"--size {size[0]}x{size[1]}"
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
     run = LazySession(
         settings,
         style,
@@ -77,11 +88,16 @@ def stylize(
         events=events,
         announce=size_notice(sizing),
         task="img2img",
+        before=check_size,
     )
 
     def load(job: Job) -> Loaded:
         source = read_image(job.input)
-        return Loaded(source, resized(source.rgb, sizing.working(source.size, run().native_px)))
+        working = sizing.working(source.size, run().native_px)
+        what = f"{job.input}: {working[0]}x{working[1]}"
+        work = image_work(settings, working, style, batch=rows)
+        run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+        return Loaded(source, resized(source.rgb, working))
 
     def process(batch: list[tuple[Job, int, Loaded]]):
         session = run()
@@ -99,7 +115,7 @@ def stylize(
         output,
         load=load,
         process=process,
-        batch_size=batch_size or default_batch(runtime),
+        batch_size=batch,
         key=lambda item: item.image.size,
         prepare=run.prepare,
         events=events,

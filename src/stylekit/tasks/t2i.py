@@ -21,7 +21,14 @@ from stylekit.media.batch import (
 )
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, run_jobs
-from stylekit.session import LazySession, Runtime, resolve_settings, with_seed
+from stylekit.session import (
+    LazySession,
+    Runtime,
+    check_fits,
+    image_work,
+    resolve_settings,
+    with_seed,
+)
 
 
 def prompt_stem(prompt: str, limit: int = 40) -> str:
@@ -69,8 +76,21 @@ def t2i_styled(
     jobs = plan_generated(count, prompt, output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
+
+    def check_size() -> None:  # before the model loads (the native size always fits)
+        if size is not None:
+            work = image_work(settings, size, style)
+            what = f"--size {size[0]}x{size[1]}"
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
     run = LazySession(
-        settings, style, runtime=runtime, seed=output.seed, events=events, task="noise"
+        settings,
+        style,
+        runtime=runtime,
+        seed=output.seed,
+        events=events,
+        task="noise",
+        before=check_size,
     )
 
     def process(job: Job, seed: int):

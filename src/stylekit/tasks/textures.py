@@ -56,7 +56,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from stylekit.engine import ad
+from stylekit.engine import ad, memory
 from stylekit.engine.ad_loss import LabelMaps
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import multidiffusion, noise_predictor
@@ -71,6 +71,9 @@ from stylekit.session import (
     Runtime,
     Session,
     announce,
+    cfg_rows,
+    check_fits,
+    check_sources,
     open_session,
     resolve_settings,
     with_seed,
@@ -255,6 +258,22 @@ def decode_canvas(model: LoadedModel, z: torch.Tensor, plan: CanvasPlan) -> np.n
         return decode_tiled(
             model, z, tile=DECODE_TILE, overlap=DECODE_OVERLAP, wrap_x=wrap_x, wrap_y=wrap_y
         )[0]
+
+
+def canvas_work(plan: CanvasPlan, settings: Settings) -> memory.Work:
+    """What a canvas holds at once (`engine.memory`): `view_batch` windows through the UNet (AD
+    refines them with a backward pass, one at a time when all would not fit), or the whole canvas
+    when optimising; a decode tile; the
+    canvas as float arrays while it decodes."""
+    width, height = plan.size
+    tile = 8 * (DECODE_TILE + 2 * DECODE_OVERLAP)
+    decode = (min(width, tile), min(height, tile))
+    if settings.mode == "optimize":
+        return memory.Work(plan.size, grad_rows=1, decode=decode, canvas=plan.size)
+    window = (min(width, 8 * plan.window), min(height, 8 * plan.window))
+    rows = plan.view_batch * cfg_rows(settings)
+    grad = 1 if settings.style_mode != "none" else 0  # window by window if need be (ad.memory_plan)
+    return memory.Work(window, rows=rows, grad_rows=grad, decode=decode, canvas=plan.size)
 
 
 def check_masks_fit(plan: CanvasPlan, settings: Settings) -> None:
@@ -444,10 +463,20 @@ def run_textures(
     size = canvas.size or (multiple_of_8(maps[1].size, "--target-mask") if maps else None)
     state: dict[str, Session] = {}
     events = events or Events()
+    runtime = runtime or Runtime()
+    check_sources(settings, runtime)
 
     def prepare() -> None:
+        if size is not None:  # the canvas, before the model loads (its window: the family's)
+
+            def work(family: str) -> memory.Work:
+                native = memory.NATIVE_LATENT.get(family, 128)
+                return canvas_work(canvas.plan(size, native), settings)
+
+            what, hint = f"texture {size[0]}x{size[1]}", "choose a smaller --size"
+            check_fits(settings, runtime, work, what=what, hint=hint)
         events.loading(settings.model)
-        session = open_session(settings, runtime or Runtime(), task="noise")
+        session = open_session(settings, runtime, task="noise")
         announce(session.model, events)
         if size is not None:  # bad window options fail the run here, not every job
             plan = canvas.plan(size, session.native)
@@ -459,6 +488,13 @@ def run_textures(
         session = state["session"]
         exemplar = load_image(job.input, max_size=max_size or 8 * session.native)
         plan = canvas.plan(size or exemplar.size, session.native)
+        if size is None:  # a canvas the exemplar's size (an explicit one was checked up front)
+            what = f"{job.input}: texture {plan.size[0]}x{plan.size[1]}"
+            work = canvas_work(plan, settings)
+            hint = "give a smaller --size or --max-size"
+            check_fits(
+                settings, runtime, work, what=what, hint=hint, model=session.model, error=InputError
+            )
         lm = label_maps(*maps, exemplar.size, plan.size) if maps else None
         arr = synthesize(session, exemplar, plan, seed=seed, masks=lm, callback=events.step)
         names = (Path(masks[0]).name, Path(masks[1]).name) if masks else None

@@ -44,6 +44,7 @@ from stylekit.media.batch import (
     BatchReport,
     Job,
     collect_inputs,
+    output_root,
     refuse_overwriting_files,
     refuse_overwriting_inputs,
     unique_outputs,
@@ -51,6 +52,7 @@ from stylekit.media.batch import (
 from stylekit.media.images import Sizing
 from stylekit.media.video import (
     VIDEO_SUFFIXES,
+    VideoInfo,
     VideoWriter,
     check_selection,
     probe,
@@ -65,6 +67,8 @@ from stylekit.session import (
     LazySession,
     Runtime,
     Session,
+    check_fits,
+    image_work,
     resolve_settings,
     size_notice,
     with_seed,
@@ -123,7 +127,8 @@ def video_extension(fmt: str | None) -> str:
 
 def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None = None) -> list[Job]:
     """Collect video inputs and name their outputs (videos, or frame folders with `frames_out`)."""
-    items = collect_inputs(list(inputs), kinds=VIDEO_SUFFIXES)
+    root = Path(frames_out) if frames_out is not None else output.out
+    items = collect_inputs(list(inputs), kinds=VIDEO_SUFFIXES, exclude=output_root(root))
     if frames_out is not None:
         if output.out is not None:
             raise UsageError("give either -o (videos) or --frames-out (PNG frames), not both")
@@ -144,7 +149,11 @@ def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None =
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root}: is a file, not a folder")
     paths = unique_outputs(items, root, ext, output.suffix)
-    jobs = [Job(i.path, p, i.rel, n) for n, (i, p) in enumerate(zip(items, paths, strict=True))]
+    folder = frames_out is not None
+    jobs = [
+        Job(i.path, p, i.rel, n, folder=folder)
+        for n, (i, p) in enumerate(zip(items, paths, strict=True))
+    ]
     refuse_overwriting_inputs(jobs)
     return jobs
 
@@ -225,9 +234,10 @@ def stylize_one(
     *,
     frames_out: Path | None,
     events: Events,
+    info: VideoInfo | None = None,
 ) -> dict:
     """Stylise one video into its output; returns the settings for its record."""
-    info = probe(job.input)
+    info = info or probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
         warn(events, message)
@@ -342,6 +352,15 @@ def stylize_video(
     jobs = plan_videos(inputs, output, frames_out)
     refuse_overwriting_files(jobs, style, "--style")
     check_encoding(jobs, clip, frames_out)
+    runtime = runtime or Runtime()
+    stages = settings.steps if stream_batch is not False else 1  # rows of one stream-batch call
+
+    def check_size() -> None:  # before the model loads: --size is every frame's size
+        if size is not None:
+            work = image_work(settings, size, style, stages=stages)
+            what = f"--size {size[0]}x{size[1]}"
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
     run = LazySession(
         settings,
         style,
@@ -350,10 +369,19 @@ def stylize_video(
         events=events,
         announce=size_notice(clip.sizing, "frames written"),
         task="video",
+        before=check_size,
     )
 
     def process(job: Job, seed: int) -> dict:
-        return stylize_one(job, seed, run(), options, clip, frames_out=frames_out, events=events)
+        info = probe(job.input)
+        width, height = clip.working(info.size, run().native_px)
+        work = image_work(settings, (width, height), style, stages=stages)
+        what = f"{job.input}: frames of {width}x{height}"
+        run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+        session = run()
+        return stylize_one(
+            job, seed, session, options, clip, frames_out=frames_out, events=events, info=info
+        )
 
     return run_jobs(
         jobs,
@@ -371,8 +399,8 @@ def stylize_video(
 class VideoConsoleEvents(ConsoleEvents):
     """`ConsoleEvents` counting videos, with a per-video frames bar showing fps and an ETA."""
 
-    def __init__(self, console, *, as_json: bool = False, quiet: bool = False):
-        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos")
+    def __init__(self, console, *, as_json: bool = False, quiet: bool = False, debug: bool = False):
+        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos", debug=debug)
 
     def started(self, job) -> None:
         super().started(job)
