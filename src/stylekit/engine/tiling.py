@@ -117,12 +117,14 @@ def map_windows(
     *,
     view_batch: int = 4,
     on_batch: Callable[[int], None] | None = None,
+    pass_views: bool = False,
 ) -> torch.Tensor:
     """Apply `fn` to the windows of a (N, C, H, W) canvas, ≤ `view_batch` at a time, and average
     the results where windows overlap: (N, C, H, W) in z's dtype.
 
     `fn` maps (len(batch)·N, C, h, w) crops, window-major, to as many results of the same shape;
-    `on_batch(windows_done)` follows every batch. MultiDiffusion (Bar-Tal et al. 2023) averages
+    with `pass_views` it is called as fn(crops, batch_views) (per-window inputs such as a label
+    map's crop). `on_batch(windows_done)` follows every batch. MultiDiffusion (Bar-Tal et al. 2023) averages
     each window's ε this way (`predict.window_averaged`) and AD guidance refines each window.
     """
     if view_batch < 1:
@@ -132,7 +134,8 @@ def map_windows(
     for j in range(0, len(windows), view_batch):
         batch = windows[j : j + view_batch]
         crops = torch.cat([crop(z, v) for v in batch])  # (len(batch)·N, C, h, w)
-        for view, part in zip(batch, fn(crops).split(z.shape[0]), strict=True):
+        out = fn(crops, batch) if pass_views else fn(crops)
+        for view, part in zip(batch, out.split(z.shape[0]), strict=True):
             paste_add(value, view, part.float())
         if on_batch is not None:
             on_batch(len(batch))
