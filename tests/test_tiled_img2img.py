@@ -151,10 +151,11 @@ def test_memory_stays_flat_as_the_canvas_grows(sd15, empty_prompt):
         seen[size] = unet_and_decoder_sizes(sd15, run)
         assert out["arr"].shape == (1, size[1], size[0], 3)
     small, large = seen.values()
-    assert small[0] == large[0] == {(vb, window, window)}  # every window batch is full here
+    calls = small[0] | large[0]  # (B, h, w) of every UNet call
+    assert {tuple(hw) for _, *hw in calls} == {(window, window)}
+    assert max(b for b, *_ in small[0]) == max(b for b, *_ in large[0]) == vb
     biggest = max(a * b for a, b in small[1] | large[1])
     assert biggest <= (8 * (tile + 2 * overlap)) ** 2
-    assert max(a * b for a, b in large[1]) == max(a * b for a, b in small[1])
 
 
 def test_panorama_parity_img2img(sd15, empty_prompt):
@@ -205,3 +206,75 @@ def test_panorama_parity_img2img(sd15, empty_prompt):
     assert ours.shape == theirs.shape == (1, height, width, 3)
     # parity means every pixel within one 8-bit level
     assert np.abs(ours - theirs).max() <= 1 / 255
+
+
+# --- through the CLI ---------------------------------------------------------------------------
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from stylekit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def tiny_flags(model) -> list[str]:
+    return [
+        *("--model", str(model), "--accelerator", "none", "--scheduler", "tcd"),
+        *("--steps", "1", "--device", "cpu", "--dtype", "fp32", "-q", "--json"),
+    ]
+
+
+def test_cli_tiled_writes_the_input_size_and_records_the_windows(sd15_path, tmp_path):
+    """A 600 × 330 px photo (far above the tiny model's 256² working budget) comes out at
+    600 × 330 with --tiled: it runs at 600 × 328 (multiples of 8; latents 41 × 75, 16-latent
+    windows every 8: 5 × 9 of them) and is resampled back; at 1.5× with --upscale 1.5."""
+    from stylekit.media.metadata import read_metadata
+
+    big = tmp_path / "big.png"
+    photo((600, 330)).save(big)
+    out = tmp_path / "out"
+    flags = ("--window", "16", "--view-batch", "3", "--seed", "4", "-o", out)
+    result = invoke("stylize", big, "--tiled", *flags, *tiny_flags(sd15_path))
+    assert result.exit_code == 0, result.output
+    written = Image.open(out / "big.png")
+    assert written.size == (600, 330)
+    meta = read_metadata(out / "big.png")
+    assert meta["tiled"] is True and meta["window"] == 16 and meta["stride"] == 8
+    assert meta["working_size"] == "600x328" and meta["windows"] == 5 * 9
+    assert meta["seed"] == 4 and meta["upscale"] == 1.0
+
+    up = tmp_path / "up"
+    result = invoke(
+        "stylize",
+        big,
+        "--tiled",
+        "--upscale",
+        "1.5",
+        "--window",
+        "32",
+        "-o",
+        up,
+        *tiny_flags(sd15_path),
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(up / "big.png").size == (900, 495)
+    assert read_metadata(up / "big.png")["upscale"] == 1.5
+    assert json.loads(result.stdout.strip().splitlines()[-1])  # the --json record
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--upscale", "2"), "need --tiled"),
+        (("--tiled", "--max-size", "256"), "drop --size"),
+        (("--tiled", "--upscale", "0"), "--upscale must be above 0"),
+        (("--tiled", "--stride", "40", "--window", "16"), "--stride 40 is larger"),
+    ],
+)
+def test_cli_tiled_refuses_conflicting_flags(sd15_path, tmp_path, flags, message):
+    img = tmp_path / "a.png"
+    photo((64, 64)).save(img)
+    result = invoke("stylize", img, *flags, "-o", tmp_path / "out", *tiny_flags(sd15_path))
+    assert result.exit_code == 2 and message in result.output, result.output
