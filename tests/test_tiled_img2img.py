@@ -278,3 +278,13 @@ def test_cli_tiled_refuses_conflicting_flags(sd15_path, tmp_path, flags, message
     photo((64, 64)).save(img)
     result = invoke("stylize", img, *flags, "-o", tmp_path / "out", *tiny_flags(sd15_path))
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["inpaint", "video"])
+def test_cli_tiled_is_refused_where_it_is_not_implemented(tmp_path, command):
+    """inpaint and video have no tiled path yet: one clear line and exit 2, before any loading."""
+    img = tmp_path / "a.png"
+    photo((64, 64)).save(img)
+    extra = ("--mask", img) if command == "inpaint" else ()
+    result = invoke(command, img, *extra, "--tiled", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and f"{command} has no --tiled yet" in result.output

@@ -797,6 +797,7 @@ def inpaint(
     size: CropSize = None,
     max_size: MaxSize = None,
     max_pixels: MaxPixels = None,
+    tiled: TiledFlag = False,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -814,6 +815,11 @@ def inpaint(
     """
     common = CommonOptions.of(locals())
     with cli_errors():
+        if tiled:
+            raise UsageError(
+                "inpaint has no --tiled yet: it runs only the crop around the mask; "
+                "--max-pixels 0 runs that crop at full size (memory grows with it)"
+            )
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
 
@@ -882,6 +888,7 @@ def video(
     max_size: FrameMaxSize = None,
     max_pixels: MaxPixels = None,
     keep_size: FrameKeepSize = True,
+    tiled: TiledFlag = False,
     fmt: VideoFormat = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -899,6 +906,11 @@ def video(
     """
     common = CommonOptions.of(locals())
     with cli_errors():
+        if tiled:
+            raise UsageError(
+                "video has no --tiled yet: frames run at the working size; "
+                "--max-pixels 0 runs them at full size (memory grows with it)"
+            )
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
         from stylekit.tasks.video import VideoConsoleEvents
