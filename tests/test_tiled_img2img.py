@@ -288,3 +288,28 @@ def test_cli_tiled_is_refused_where_it_is_not_implemented(tmp_path, command):
     extra = ("--mask", img) if command == "inpaint" else ()
     result = invoke(command, img, *extra, "--tiled", "-o", tmp_path / "out")
     assert result.exit_code == 2 and f"{command} has no --tiled yet" in result.output
+
+
+def test_encode_above_the_lockstep_budget_runs_tile_by_tile(sd15):
+    """Above WHOLE_MID_TOKENS (forced here with lockstep=False) `encode_tiled` runs every tile
+    through the encoder alone: the encoder never sees more than one tile with its context, and
+    the latent stays close to the whole encode (per-tile statistics: measured mean 0.02 against
+    a latent std of 0.19 on the tiny VAE, 512² px, tiles 16/4 latents)."""
+    from stylekit.engine.latents import encode_pixels, to_tensor
+    from stylekit.engine.tiling import encode_tiled
+
+    x = to_tensor(photo((512, 512)))
+    sizes = set()
+    hook = sd15.vae.encoder.conv_in.register_forward_pre_hook(
+        lambda m, args: sizes.add(tuple(args[0].shape[-2:]))
+    )
+    try:
+        alone = encode_tiled(
+            sd15, x, torch.Generator().manual_seed(1), tile=16, overlap=4, lockstep=False
+        )
+    finally:
+        hook.remove()
+    whole = encode_pixels(sd15, x, torch.Generator().manual_seed(1))
+    assert alone.shape == whole.shape == (1, 4, 64, 64)
+    assert max(a * b for a, b in sizes) <= (8 * (16 + 2 * 4)) ** 2
+    assert (alone - whole).abs().mean() <= 0.15 * whole.std()
