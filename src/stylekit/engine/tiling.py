@@ -324,10 +324,11 @@ def encode_tiled(
     down blocks in step with shared GroupNorm statistics (`vae_tiles.encode_down_tiles`); their
     cores are put together and the mid block (attention), the output layers and the posterior
     draw run on the whole latent, which has 64 times fewer positions than the image. A KL
-    posterior is sampled with `generator` as `latents.encode_pixels` does. Other VAEs (TAESD)
-    are encoded whole. Above WHOLE_MID_TOKENS (or with `lockstep` False) every tile runs the
-    whole encoder alone and the cores are put together (`_encode_alone`): memory bounded by one
-    tile, at the cost of per-tile statistics.
+    posterior is sampled with `generator` as `latents.encode_pixels` does. One tile is encoded
+    whole. Above WHOLE_MID_TOKENS (or with `lockstep` False), and for encoders without GroupNorm
+    (TAESD), every tile runs the whole encoder alone and the cores are put together
+    (`_encode_alone`): memory bounded by one tile, at the cost of per-tile statistics (none
+    for TAESD, whose convolutions see only the tile's context).
     """
     from stylekit.engine.latents import encode_pixels, scale_latents
 
@@ -337,10 +338,10 @@ def encode_tiled(
     cols = _spans(w, tile=tile, overlap=overlap, wrap=wrap_x)
     if lockstep is None:
         lockstep = h * w <= WHOLE_MID_TOKENS
-    if not lockstep and len(rows) * len(cols) > 1:
-        return _encode_alone(model, x, generator, rows, cols)
-    if not encoder_splits(vae) or not lockstep:
+    if len(rows) * len(cols) == 1:
         return encode_pixels(model, x, generator)
+    if not lockstep or not encoder_splits(vae):
+        return _encode_alone(model, x, generator, rows, cols)
     dtype = torch.float32 if upcast_needed(model) else vae.dtype
     with vae_dtype(vae, dtype):
         pixels = x.to(device=model.device, dtype=dtype)
