@@ -270,12 +270,15 @@ def test_cli_tiled_writes_the_input_size_and_records_the_windows(sd15_path, tmp_
         (("--upscale", "2"), "need --tiled"),
         (("--tiled", "--max-size", "256"), "drop --size"),
         (("--tiled", "--upscale", "0"), "--upscale must be above 0"),
+        (("--tiled", "--batch-size", "2"), "one image at a time"),
+        (("--tiled", "--mode", "optimize", "--style", "{img}"), "--mode optimize has no windows"),
         (("--tiled", "--stride", "40", "--window", "16"), "--stride 40 is larger"),
     ],
 )
 def test_cli_tiled_refuses_conflicting_flags(sd15_path, tmp_path, flags, message):
     img = tmp_path / "a.png"
     photo((64, 64)).save(img)
+    flags = [str(img) if f == "{img}" else f for f in flags]
     result = invoke("stylize", img, *flags, "-o", tmp_path / "out", *tiny_flags(sd15_path))
     assert result.exit_code == 2 and message in result.output, result.output
 

@@ -126,6 +126,10 @@ def stylize(
     settings = resolve_settings(settings, preset, overrides)
     if tiled is not None:
         tiled.check(sizing)
+        if batch_size is not None and batch_size > 1:
+            raise UsageError(
+                "--tiled runs one image at a time (its windows are the batch: --view-batch)"
+            )
         if settings.mode == "optimize":
             raise UsageError("--tiled runs guided sampling; --mode optimize has no windows")
     output = with_seed(output or Output())
