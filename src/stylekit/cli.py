@@ -554,6 +554,23 @@ Seamless = Annotated[
         "--seamless", help="Make the texture tile along x, y or xy.", rich_help_panel=CANVAS
     ),
 ]
+TiledFlag = Annotated[
+    bool,
+    typer.Option(
+        "--tiled",
+        help="Run at the input's full size over MultiDiffusion windows (tiled VAE) instead of "
+        "shrinking it to the working size.",
+        rich_help_panel=CANVAS,
+    ),
+]
+Upscale = Annotated[
+    float | None,
+    typer.Option(
+        "--upscale",
+        help="With --tiled: resample the input by this factor (Lanczos) first, then re-detail it.",
+        rich_help_panel=CANVAS,
+    ),
+]
 ExemplarMaxSize = Annotated[
     int | None,
     typer.Option(
@@ -656,6 +673,11 @@ def stylize(
     max_size: MaxSize = None,
     max_pixels: MaxPixels = None,
     keep_size: KeepSize = False,
+    tiled: TiledFlag = False,
+    upscale: Upscale = None,
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = 4,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -671,11 +693,19 @@ def stylize(
     """Stylise images with a few-step model, optionally after a style reference.
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
+    Full resolution: stylekit stylize big.jpg --tiled [--upscale 2]
     """
     common = CommonOptions.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
+        from stylekit.tasks.stylize import Tiled
+
+        if not tiled and (upscale is not None or window is not None or stride is not None):
+            raise UsageError("--upscale, --window and --stride need --tiled")
+        tiling = None
+        if tiled:
+            tiling = Tiled(1.0 if upscale is None else upscale, window, stride, view_batch)
 
         with common.events() as events:
             report = api.stylize(
@@ -689,6 +719,7 @@ def stylize(
                 max_pixels=max_pixels,
                 keep_size=keep_size,
                 batch_size=batch_size,
+                tiled=tiling,
                 events=events,
                 **common.settings,
             )
@@ -797,6 +828,7 @@ def inpaint(
     size: CropSize = None,
     max_size: MaxSize = None,
     max_pixels: MaxPixels = None,
+    tiled: TiledFlag = False,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -815,6 +847,11 @@ def inpaint(
     """
     common = CommonOptions.of(locals())
     with cli_errors():
+        if tiled:
+            raise UsageError(
+                "inpaint has no --tiled yet: it runs only the crop around the mask; "
+                "--max-pixels 0 runs that crop at full size (memory grows with it)"
+            )
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
 
@@ -884,6 +921,7 @@ def video(
     max_size: FrameMaxSize = None,
     max_pixels: MaxPixels = None,
     keep_size: FrameKeepSize = True,
+    tiled: TiledFlag = False,
     fmt: VideoFormat = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -902,6 +940,11 @@ def video(
     """
     common = CommonOptions.of(locals())
     with cli_errors():
+        if tiled:
+            raise UsageError(
+                "video has no --tiled yet: frames run at the working size; "
+                "--max-pixels 0 runs them at full size (memory grows with it)"
+            )
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
         from stylekit.tasks.video import VideoConsoleEvents

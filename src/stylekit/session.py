@@ -30,6 +30,7 @@ from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
 from stylekit.engine.latents import decode, to_pil
 from stylekit.engine.sampling import AfterStep
+from stylekit.engine.tiling import View
 from stylekit.errors import InputError, ModelError, StylekitError, UsageError
 from stylekit.media.images import Sizing, load_image, resized
 from stylekit.presets import Settings, load_preset
@@ -339,11 +340,25 @@ class Session:
         *,
         z0: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        windows: Sequence[View] | None = None,
+        view_batch: int = 4,
     ) -> AfterStep:
-        """AD refinement after every step of a trajectory over `ts` (see `ad.guidance`)."""
-        return ad.guidance(
-            self.model, self.references, self.features, ts, self.sampler.ac, z0=z0, noise=noise
-        )
+        """AD refinement after every step of a trajectory over `ts` (see `ad.guidance`); over
+        MultiDiffusion `windows`, of each window (`ad.windowed_guidance`)."""
+        refs, ac = self.references, self.sampler.ac
+        if windows is not None:
+            return ad.windowed_guidance(
+                self.model,
+                refs,
+                self.features,
+                ts,
+                ac,
+                windows,
+                view_batch=view_batch,
+                z0=z0,
+                noise=noise,
+            )
+        return ad.guidance(self.model, refs, self.features, ts, ac, z0=z0, noise=noise)
 
     @property
     def guided(self) -> Callable[..., AfterStep] | None:
@@ -376,6 +391,32 @@ class Session:
             callback=callback,
         )
         return [to_pil(a) for a in arr]
+
+    def img2img_tiled(
+        self, image: Image.Image, seed: int, plan, *, callback: Callback = None
+    ) -> Image.Image:
+        """Stylise one image at its own size over the MultiDiffusion windows of `plan` (a
+        `tasks.textures.CanvasPlan` of the image's latent size), tiled VAE in and out."""
+        from stylekit.engine.img2img import Windows, img2img
+
+        s = self.settings
+        if s.mode == "optimize":
+            raise UsageError("--tiled runs guided sampling; --mode optimize has no windows")
+        if image.size != plan.size:
+            raise ValueError(f"image {image.size} and canvas {plan.size} differ")
+        arr = img2img(
+            self.model,
+            self.cond,
+            self.sampler,
+            [image],
+            steps=s.steps,
+            strength=s.strength,
+            generator=[torch.Generator("cpu").manual_seed(seed)],
+            guidance=self.guided,
+            callback=callback,
+            windows=Windows(plan.windows(), view_batch=plan.view_batch),
+        )
+        return to_pil(arr[0])
 
     def generate(
         self, width: int, height: int, *, seed: int, callback: Callback = None

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -29,7 +30,7 @@ from stylekit.engine.attention import Features, FeatureStore, record_attention, 
 from stylekit.engine.latents import encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import AfterStep, add_noise
-from stylekit.engine.tiling import View, map_windows
+from stylekit.engine.tiling import View, crop, map_windows
 from stylekit.errors import UsageError
 
 # encoder_hidden_states alone, or UNet keyword arguments (added_cond_kwargs, timestep_cond, ...)
@@ -481,9 +482,36 @@ def noised_features(
 
 
 def adain_to(refs: References, z: torch.Tensor, t: int, ac: torch.Tensor) -> torch.Tensor:
-    """Match z's channel statistics to the noised references' (all references pooled)."""
+    """Match z's channel statistics to the noised references' (all references pooled).
+
+    With label maps each target label's region of z is matched to the same label's region of
+    the references (regions of fewer than 2 latents, or a label no reference has, keep the
+    match to all references)."""
     pooled = torch.cat([noised(refs, i, t, ac).flatten(2) for i in range(len(refs.latents))], 2)
-    return adain(z, pooled[:, :, None, :])  # ref as (1, C, 1, ΣHW)
+    out = adain(z, pooled[:, :, None, :])  # ref as (1, C, 1, ΣHW)
+    if refs.masks is None:
+        return out
+    target = _labels_on(refs.masks.target, z.shape[-2:])  # (h·w,)
+    source = torch.cat(
+        [
+            _labels_on(m, r.shape[-2:])
+            for m, r in zip(refs.masks.references, refs.latents, strict=True)
+        ]
+    )  # (ΣHW,)
+    flat = out.flatten(2)  # (B, C, h·w), a view of out
+    for label in target.unique():
+        here, there = target == label, source == label
+        if here.sum() < 2 or there.sum() < 2:
+            continue
+        matched = adain(z.flatten(2)[:, :, None, here], pooled[:, :, None, there])
+        flat[:, :, here] = matched[:, :, 0]
+    return out
+
+
+def _labels_on(label_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A (H, W) label map nearest-resized to a latent's (h, w) grid: (h·w,) labels."""
+    grid = F.interpolate(label_map[None, None].float(), size=tuple(size), mode="nearest")
+    return grid.flatten()
 
 
 def refine_at(
@@ -583,15 +611,52 @@ def windowed_guidance(
     windows: Sequence[View],
     *,
     view_batch: int,
+    z0: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> AfterStep:
-    """`guidance` for a MultiDiffusion canvas: refine each window, average where they overlap."""
+    """`guidance` for a MultiDiffusion canvas: refine each window, average where they overlap.
+
+    With label maps the windows refine one at a time, each with its crop of the target map (the
+    references' maps stay whole), so the AD mask pairs that window's tokens with the references'.
+    With `z0` and `noise` (image-to-image) a window's content term is its crop of z0 noised to t'.
+    """
+    masks = refs.masks
 
     def after_step(i: int, z: torch.Tensor) -> torch.Tensor:
-        t = next_timestep(ts, i)
-        refined = partial(refine_at, model, refs, cache, t=t, ac=ac)
-        return map_windows(lambda crops: refined(z=crops), z, windows, view_batch=view_batch)
+        t, c = next_timestep(ts, i), z.shape[1]
+        wanted = z0 is not None and refs.options.content_weight
+        content = add_noise(z0, noise, t, ac) if wanted else None
+        stacked = z if content is None else torch.cat([z, content], 1)  # (N, C or 2C, H, W)
+
+        def refine_windows(crops: torch.Tensor, batch: Sequence[View]) -> torch.Tensor:
+            own = refs if masks is None else replace(refs, masks=window_masks(masks, batch[0], z))
+            if content is None:
+                return refine_at(model, own, cache, crops, t, ac)
+            part = crops[:, c:].contiguous()  # (B, C, h, w) each
+            refined = refine_at(model, own, cache, crops[:, :c].contiguous(), t, ac, part)
+            return torch.cat([refined, part], 1)
+
+        out = map_windows(
+            refine_windows,
+            stacked,
+            windows,
+            view_batch=1 if masks is not None else view_batch,
+            pass_views=True,
+        )
+        return out[:, :c]
 
     return after_step
+
+
+def window_masks(masks: LabelMaps, view: View, z: torch.Tensor) -> LabelMaps:
+    """The label maps of one window of canvas `z`: the target map's crop under `view` (scaled
+    from latents to the map's resolution, wrapping like the window), the references' maps whole."""
+    (mh, mw), (h, w) = masks.target.shape[-2:], z.shape[-2:]
+    fy, fx = mh / h, mw / w
+    scaled = View(
+        round(view.top * fy), round(view.left * fx), round(view.height * fy), round(view.width * fx)
+    )
+    return LabelMaps(crop(masks.target, scaled), masks.references)
 
 
 def leading_timesteps(n: int, train_steps: int = 1000) -> list[int]:

@@ -124,12 +124,14 @@ def map_windows(
     *,
     view_batch: int = 4,
     on_batch: Callable[[int], None] | None = None,
+    pass_views: bool = False,
 ) -> torch.Tensor:
     """Apply `fn` to the windows of a (N, C, H, W) canvas, ≤ `view_batch` at a time, and average
     the results where windows overlap: (N, C, H, W) in z's dtype.
 
     `fn` maps (len(batch)·N, C, h, w) crops, window-major, to as many results of the same shape;
-    `on_batch(windows_done)` follows every batch. MultiDiffusion (Bar-Tal et al. 2023) averages
+    with `pass_views` it is called as fn(crops, batch_views) (per-window inputs such as a label
+    map's crop). `on_batch(windows_done)` follows every batch. MultiDiffusion (Bar-Tal et al. 2023) averages
     each window's ε this way (`predict.window_averaged`) and AD guidance refines each window.
     """
     if view_batch < 1:
@@ -139,7 +141,8 @@ def map_windows(
     for j in range(0, len(windows), view_batch):
         batch = windows[j : j + view_batch]
         crops = torch.cat([crop(z, v) for v in batch])  # (len(batch)·N, C, h, w)
-        for view, part in zip(batch, fn(crops).split(z.shape[0]), strict=True):
+        out = fn(crops, batch) if pass_views else fn(crops)
+        for view, part in zip(batch, out.split(z.shape[0]), strict=True):
             paste_add(value, view, part.float())
         if on_batch is not None:
             on_batch(len(batch))
@@ -320,6 +323,7 @@ def encode_tiled(
     overlap: int = 16,
     wrap_x: bool = False,
     wrap_y: bool = False,
+    lockstep: bool | None = None,
 ) -> torch.Tensor:
     """Encode (1, 3, H, W) pixels in [−1, 1] tile by tile like the whole image: scaled latents.
 
@@ -327,17 +331,24 @@ def encode_tiled(
     down blocks in step with shared GroupNorm statistics (`vae_tiles.encode_down_tiles`); their
     cores are put together and the mid block (attention), the output layers and the posterior
     draw run on the whole latent, which has 64 times fewer positions than the image. A KL
-    posterior is sampled with `generator` as `latents.encode_pixels` does. Other VAEs (TAESD),
-    or a latent above WHOLE_MID_TOKENS, are encoded whole.
+    posterior is sampled with `generator` as `latents.encode_pixels` does. One tile is encoded
+    whole. Above WHOLE_MID_TOKENS (or with `lockstep` False), and for encoders without GroupNorm
+    (TAESD), every tile runs the whole encoder alone and the cores are put together
+    (`_encode_alone`): memory bounded by one tile, at the cost of per-tile statistics (none
+    for TAESD, whose convolutions see only the tile's context).
     """
     from stylekit.engine.latents import encode_pixels, scale_latents
 
     vae = model.vae
     h, w = x.shape[-2] // 8, x.shape[-1] // 8
-    if not encoder_splits(vae) or h * w > WHOLE_MID_TOKENS:
-        return encode_pixels(model, x, generator)
     rows = _spans(h, tile=tile, overlap=overlap, wrap=wrap_y)
     cols = _spans(w, tile=tile, overlap=overlap, wrap=wrap_x)
+    if lockstep is None:
+        lockstep = h * w <= WHOLE_MID_TOKENS
+    if len(rows) * len(cols) == 1:
+        return encode_pixels(model, x, generator)
+    if not lockstep or not encoder_splits(vae):
+        return _encode_alone(model, x, generator, rows, cols)
     dtype = torch.float32 if upcast_needed(model) else vae.dtype
     with vae_dtype(vae, dtype):
         pixels = x.to(device=model.device, dtype=dtype)
@@ -357,6 +368,49 @@ def encode_tiled(
         moments = encode_rest(vae, whole)
     z = DiagonalGaussianDistribution(moments).sample(generator).to(model.dtype)
     return scale_latents(vae, z)
+
+
+def _encode_alone(
+    model: LoadedModel,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    rows: list[_Span],
+    cols: list[_Span],
+) -> torch.Tensor:
+    """Encode (1, 3, H, W) pixels tile by tile, each tile (with its context) through the whole
+    encoder alone; the tiles' cores make the posterior's moments (a KL VAE: drawn on the whole
+    latent with `generator`) or the latents (TAESD). Scaled latents."""
+    from stylekit.engine.latents import scale_latents
+
+    vae = model.vae
+    h, w = x.shape[-2] // 8, x.shape[-1] // 8
+    dtype = torch.float32 if upcast_needed(model) else vae.dtype
+    whole, kl = None, False
+    with vae_dtype(vae, dtype):
+        pixels = x.to(device=model.device, dtype=dtype)
+        for r in rows:
+            for c in cols:
+                out = vae.encode(
+                    crop(pixels, View(8 * r.start, 8 * c.start, 8 * r.length, 8 * c.length))
+                )
+                kl = hasattr(out, "latent_dist")
+                part = out.latent_dist.parameters if kl else out.latents  # (1, 2C or C, h, w)
+                if whole is None:
+                    whole = torch.zeros(
+                        1, part.shape[1], h, w, dtype=part.dtype, device=part.device
+                    )
+                core = part[
+                    ...,
+                    r.core_offset : r.core_offset + r.core,
+                    c.core_offset : c.core_offset + c.core,
+                ]
+                paste_add(
+                    whole,
+                    View(r.start + r.core_offset, c.start + c.core_offset, r.core, c.core),
+                    core,
+                )
+    z = DiagonalGaussianDistribution(whole).sample(generator) if kl else whole
+    return scale_latents(vae, z.to(model.dtype))
 
 
 def lockstep_fits(model: LoadedModel, height: int, width: int) -> bool:

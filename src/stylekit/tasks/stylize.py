@@ -13,7 +13,7 @@ from PIL import Image
 
 from stylekit.errors import UsageError
 from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
-from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized
+from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_batched
 from stylekit.session import (
@@ -26,6 +26,61 @@ from stylekit.session import (
     size_notice,
     with_seed,
 )
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """Full-resolution stylisation (`--tiled`): image-to-image over MultiDiffusion windows of the
+    model's native size (the texture commands' windows, stride and view batch; None: their
+    defaults) with the tiled VAE, on the input resampled by `upscale` (Lanczos) first."""
+
+    upscale: float = 1.0
+    window: int | None = None
+    stride: int | None = None
+    view_batch: int = 4
+
+    def check(self, sizing: Sizing) -> Tiled:
+        """Refuse bad values and the working-size flags, which --tiled replaces."""
+        from stylekit.tasks.textures import check_window_options
+
+        if not self.upscale > 0:
+            raise UsageError(f"--upscale must be above 0, got {self.upscale}")
+        if sizing != Sizing():
+            raise UsageError(
+                "--tiled runs at the input's own size (times --upscale); "
+                "drop --size, --max-size, --max-pixels and --keep-size"
+            )
+        check_window_options(self.window, self.stride, self.view_batch, None)
+        return self
+
+    def target(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The output size of a (W, H) input: scaled by `upscale`, rounded."""
+        width, height = (max(round(side * self.upscale), 8) for side in size)
+        return width, height
+
+    def working(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The size the model runs at: the target rounded down to multiples of 8."""
+        width, height = self.target(size)
+        return width // 8 * 8, height // 8 * 8
+
+    def plan(self, size: tuple[int, int], native: int):
+        """The canvas plan (`tasks.textures.CanvasPlan`) of a working size."""
+        from stylekit.tasks.textures import plan_canvas
+
+        return plan_canvas(
+            size, native=native, window=self.window, stride=self.stride, view_batch=self.view_batch
+        )
+
+    def settings(self, plan) -> dict:
+        """What the output records beyond the session's metadata."""
+        return {
+            "tiled": True,
+            "upscale": self.upscale,
+            "window": plan.window,
+            "stride": plan.stride,
+            "view_batch": plan.view_batch,
+            "windows": len(plan.windows()),
+        }
 
 
 @dataclass(frozen=True)
@@ -53,6 +108,7 @@ def stylize(
     max_pixels: int | None = None,
     keep_size: bool = False,
     batch_size: int | None = None,
+    tiled: Tiled | None = None,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
@@ -62,11 +118,22 @@ def stylize(
     model's native pixel budget, aspect kept) and is written at it, or at its own size with
     `keep_size`; an input's transparency is kept (PNG, WebP). Same-size images go through the
     UNet `batch_size` at a time; each keeps its own seed and comes out as it would alone.
+
+    With `tiled` each image runs at its own size (times `tiled.upscale`) over MultiDiffusion
+    windows with the tiled VAE, one image at a time, in memory bounded by the window batch.
     """
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     sizing = Sizing(size, max_size, max_pixels, keep_size).check()
     settings = resolve_settings(settings, preset, overrides)
+    if tiled is not None:
+        tiled.check(sizing)
+        if batch_size is not None and batch_size > 1:
+            raise UsageError(
+                "--tiled runs one image at a time (its windows are the batch: --view-batch)"
+            )
+        if settings.mode == "optimize":
+            raise UsageError("--tiled runs guided sampling; --mode optimize has no windows")
     output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
@@ -86,18 +153,31 @@ def stylize(
         runtime=runtime,
         seed=output.seed,
         events=events,
-        announce=size_notice(sizing),
+        announce=size_notice(sizing) if tiled is None else tiled_notice,
         task="img2img",
         before=check_size,
     )
 
     def load(job: Job) -> Loaded:
         source = read_image(job.input)
+        if tiled is not None:
+            return Loaded(source, resized(source.rgb, tiled.working(source.size)))
         working = sizing.working(source.size, run().native_px)
         what = f"{job.input}: {working[0]}x{working[1]}"
         work = image_work(settings, working, style, batch=rows)
         run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         return Loaded(source, resized(source.rgb, working))
+
+    def process_tiled(batch: list[tuple[Job, int, Loaded]]):
+        session = run()
+        results = []
+        for job, seed, item in batch:
+            plan = tiled.plan(item.image.size, session.native)
+            out = session.img2img_tiled(item.image, seed, plan, callback=events.step)
+            out = with_alpha(resized(out, tiled.target(item.source.size)), item.source.alpha)
+            meta = session.metadata(seed=seed, size=out.size, source=job.input.name)
+            results.append((out, meta | item.settings() | tiled.settings(plan)))
+        return results
 
     def process(batch: list[tuple[Job, int, Loaded]]):
         session = run()
@@ -114,9 +194,17 @@ def stylize(
         jobs,
         output,
         load=load,
-        process=process,
-        batch_size=batch,
+        process=process if tiled is None else process_tiled,
+        batch_size=1 if tiled is not None else batch,
         key=lambda item: item.image.size,
         prepare=run.prepare,
         events=events,
+    )
+
+
+def tiled_notice(session) -> str:
+    """What a tiled run tells the user once the model is loaded."""
+    return (
+        f"--tiled: images run at full size over {session.native_px} px windows "
+        "(time grows with the image's area)"
     )

@@ -33,8 +33,9 @@ Choices, with their reasons:
   (a longer axis is made periodic by the wrapped windows themselves, and a crop is not periodic).
 - Exemplars larger than the model's native size (512 px SD1.5, 1024 px SDXL) are shrunk to it
   (unless `max_size` says otherwise): AD's reference features are computed on the whole exemplar.
-- Label masks (controlled synthesis) need the canvas to fit in one window: the AD mask pairs
-  target-map tokens with exemplar tokens, and a window would need its own crop of the target map.
+- Label masks (controlled synthesis) work at any canvas size: each window is refined with its
+  own crop of the target map (the source map stays whole, like the exemplar), one window per
+  refinement call; AdaIN matches each label's region to the same label's region of the exemplar.
 - The reference noise of AD guidance is drawn from its own stream derived from the job's seed
   (`session.reference_generator`), not the seed itself: with equal shapes the canvas noise would
   otherwise equal the reference noise and pull the canvas towards a copy of the exemplar's layout.
@@ -276,15 +277,6 @@ def canvas_work(plan: CanvasPlan, settings: Settings) -> memory.Work:
     return memory.Work(window, rows=rows, grad_rows=grad, decode=decode, canvas=plan.size)
 
 
-def check_masks_fit(plan: CanvasPlan, settings: Settings) -> None:
-    """Label masks in guided sampling need one window: the AD mask is made for the whole canvas."""
-    if settings.mode == "sample" and len(plan.windows()) > 1:
-        raise UsageError(
-            f"label masks need a canvas within one window ({plan.window * 8} px here); "
-            "use a smaller --size or a larger --window"
-        )
-
-
 def synthesize(
     session: Session,
     exemplar: Image.Image,
@@ -301,8 +293,6 @@ def synthesize(
     from the session's own stream for `seed`, never the canvas's.
     """
     s = session.settings
-    if masks is not None:
-        check_masks_fit(plan, s)
     generator = torch.Generator("cpu").manual_seed(seed)
     z = initial_noise(session, plan, generator) if noise is None else noise
     if s.style_mode != "none" or s.mode == "optimize":
@@ -479,9 +469,7 @@ def run_textures(
         session = open_session(settings, runtime, task="noise")
         announce(session.model, events)
         if size is not None:  # bad window options fail the run here, not every job
-            plan = canvas.plan(size, session.native)
-            if maps is not None:
-                check_masks_fit(plan, settings)
+            canvas.plan(size, session.native)
         state["session"] = session
 
     def process(job: Job, seed: int):
