@@ -283,9 +283,9 @@ def test_cli_tiled_refuses_conflicting_flags(sd15_path, tmp_path, flags, message
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-@pytest.mark.parametrize("command", ["inpaint", "video"])
+@pytest.mark.parametrize("command", ["video"])
 def test_cli_tiled_is_refused_where_it_is_not_implemented(tmp_path, command):
-    """inpaint and video have no tiled path yet: one clear line and exit 2, before any loading."""
+    """video has no tiled path yet: one clear line and exit 2, before any loading."""
     img = tmp_path / "a.png"
     photo((64, 64)).save(img)
     extra = ("--mask", img) if command == "inpaint" else ()

@@ -829,6 +829,9 @@ def inpaint(
     max_size: MaxSize = None,
     max_pixels: MaxPixels = None,
     tiled: TiledFlag = False,
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = 4,
     fmt: Format = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -844,16 +847,17 @@ def inpaint(
     """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
 
     Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
+    Full resolution: stylekit inpaint big.jpg --mask mask.png --tiled
     """
     common = CommonOptions.of(locals())
     with cli_errors():
-        if tiled:
-            raise UsageError(
-                "inpaint has no --tiled yet: it runs only the crop around the mask; "
-                "--max-pixels 0 runs that crop at full size (memory grows with it)"
-            )
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
+        from stylekit.tasks.stylize import Tiled
+
+        if not tiled and (window is not None or stride is not None):
+            raise UsageError("--window and --stride need --tiled")
+        tiling = Tiled(1.0, window, stride, view_batch) if tiled else None
 
         with common.events() as events:
             report = api.inpaint(
@@ -869,6 +873,7 @@ def inpaint(
                 size=wh,
                 max_size=longest,
                 max_pixels=max_pixels,
+                tiled=tiling,
                 events=events,
                 **common.settings,
             )

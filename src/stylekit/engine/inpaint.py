@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,11 +22,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter
 
 from stylekit.engine.conditioning import Conditioning
-from stylekit.engine.latents import decode, encode_pixels, to_tensor
+from stylekit.engine.latents import decode, encode_pixels, to_tensor, upcast_needed
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import noise_predictor
+from stylekit.engine.predict import Progress, noise_predictor, window_averaged
 from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, sample
+from stylekit.engine.tiling import crop, decode_tiled, encode_tiled, map_windows
 from stylekit.errors import UsageError
+
+if TYPE_CHECKING:
+    from stylekit.engine.img2img import Windows
 
 
 def binarize(mask: Image.Image) -> torch.Tensor:
@@ -47,7 +52,8 @@ class InpaintLatents:
     z0: torch.Tensor | None  # clean image latent (None only for a 9-channel UNet at strength 1)
     noise: torch.Tensor  # the initial noise ε0, reused to re-noise the known region
     mask: torch.Tensor  # (1, 1, h, w) 0/1 on the latent grid, 1 = repaint
-    masked: torch.Tensor  # (1, 4, h, w) latent of the image with the repaint region zeroed
+    masked: torch.Tensor | None  # (1, 4, h, w) latent of the image with the repaint region
+    # zeroed (None when tiled with a 4-channel UNet, which does not use it)
 
 
 def prepare_latents(
@@ -76,6 +82,42 @@ def prepare_latents(
     return InpaintLatents(z, z0, noise, small, masked)
 
 
+def prepare_latents_tiled(
+    model: LoadedModel,
+    image: Image.Image,
+    mask: torch.Tensor,
+    t0: int | None,
+    sampler: Sampler,
+    generator: torch.Generator,
+    windows: Windows,
+) -> InpaintLatents:
+    """`prepare_latents` with the tiled VAE (`tiling.encode_tiled`), in the same draw order.
+
+    A 4-channel UNet does not use the masked image: it is not encoded, but its posterior draw is
+    still taken from the generator (a KL VAE), so the sampler's later draws are the untiled run's.
+    """
+    x = to_tensor(image)  # (1, 3, H, W) in [−1, 1]
+
+    def enc(pixels: torch.Tensor) -> torch.Tensor:
+        return encode_tiled(model, pixels, generator, tile=windows.tile, overlap=windows.overlap)
+
+    full = t0 is None
+    z0 = None if full and model.inpainting_unet else enc(x)
+    f = model.pipe.vae_scale_factor
+    shape = (1, model.vae.config.latent_channels, image.height // f, image.width // f)
+    noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    z = noise if full else add_noise(z0, noise, t0, sampler.ac)
+    if model.inpainting_unet:
+        masked = enc(x * (mask < 0.5))
+    else:
+        masked = None
+        if hasattr(model.vae, "quant_conv"):  # a KL VAE samples its posterior: one draw
+            dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
+            randn_tensor(shape, generator=generator, device=model.device, dtype=dtype)
+    small = latent_mask(mask.to(model.device), shape[-2:]).to(model.dtype)
+    return InpaintLatents(z, z0, noise, small, masked)
+
+
 def keep_known(
     lat: InpaintLatents, ts: list[int], ac: torch.Tensor
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -101,6 +143,39 @@ def masked_predictor(
     return noise_predictor(model, cond, height, width, extra=extra)
 
 
+def windowed_masked_predictor(
+    model: LoadedModel,
+    cond: Conditioning,
+    lat: InpaintLatents,
+    windows: Windows,
+    *,
+    callback: Callable[[int, int], None] | None = None,
+    steps: int = 1,
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`masked_predictor` over MultiDiffusion windows: each window's UNet input gets the same
+    window of the mask and the masked-image latent; ε averaged like `predict.window_averaged`."""
+    extra = torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
+    first = windows.views[0]
+    height, width = 8 * first.height, 8 * first.width
+    progress = Progress(callback, steps * len(windows.views))
+
+    def eps(z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        def one_batch(crops: torch.Tensor, batch) -> torch.Tensor:
+            rows = torch.cat([crop(extra, v) for v in batch])  # (len(batch), 5, hw, ww)
+            return noise_predictor(model, cond, height, width, extra=rows)(crops, t)
+
+        return map_windows(
+            one_batch,
+            z,
+            windows.views,
+            view_batch=windows.view_batch,
+            on_batch=progress,
+            pass_views=True,
+        )
+
+    return eps
+
+
 @torch.no_grad()
 def inpaint(
     model: LoadedModel,
@@ -114,14 +189,34 @@ def inpaint(
     generator: torch.Generator,
     guidance: Guidance | None = None,
     callback: Callable[[int, int], None] | None = None,
+    windows: Windows | None = None,
 ) -> np.ndarray:
     """Repaint where `mask` (from `binarize`) is 1 in `steps` UNet evaluations; (H, W, 3) floats in [0, 1].
 
     This is the decoded image before paste-back, the image diffusers' pipeline returns. With AD
     `guidance` (4-channel UNets only) each step is refined first, then the known region put back.
+
+    With `windows` (`img2img.Windows`) the image runs at its full size in bounded memory: tiled
+    VAE encode and decode, ε averaged over the windows (a 9-channel UNet gets each window's crop
+    of the mask and masked-image latent), AD refining each window; the known region is put back
+    on the whole latent after every step as above. A canvas of one window is the untiled run.
     """
     if guidance is not None and model.inpainting_unet:
         raise UsageError("AD style guidance needs a plain 4-channel UNet, not an inpainting UNet")
+    if windows is not None:
+        return _tiled(
+            model,
+            cond,
+            sampler,
+            image,
+            mask,
+            steps,
+            strength,
+            generator,
+            guidance,
+            callback,
+            windows,
+        )
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
     lat = prepare_latents(
         model, image, mask, None if strength >= 1.0 else ts[0], sampler, generator
@@ -135,6 +230,45 @@ def inpaint(
             after = chain(guidance(ts, z0=lat.z0, noise=lat.noise), after)
     z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after, callback=callback)
     return decode(model, z)[0]
+
+
+def _tiled(
+    model: LoadedModel,
+    cond: Conditioning,
+    sampler: Sampler,
+    image: Image.Image,
+    mask: torch.Tensor,
+    steps: int,
+    strength: float,
+    generator: torch.Generator,
+    guidance: Guidance | None,
+    callback: Callable[[int, int], None] | None,
+    windows: Windows,
+) -> np.ndarray:
+    """`inpaint` over MultiDiffusion windows: the same schedule, draws and loop, other hooks."""
+    _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
+    t0 = None if strength >= 1.0 else ts[0]
+    lat = prepare_latents_tiled(model, image, mask, t0, sampler, generator, windows)
+    if model.inpainting_unet:
+        eps = windowed_masked_predictor(model, cond, lat, windows, callback=callback, steps=len(ts))
+        after = None
+    else:
+        first = windows.views[0]
+        unet_eps = noise_predictor(model, cond, 8 * first.height, 8 * first.width)
+        eps = window_averaged(
+            unet_eps, windows.views, view_batch=windows.view_batch, callback=callback, steps=len(ts)
+        )
+        after = keep_known(lat, ts, sampler.ac)
+        if guidance is not None:
+            refine = guidance(
+                ts, z0=lat.z0, noise=lat.noise, windows=windows.views, view_batch=windows.view_batch
+            )
+            after = chain(refine, after)
+    z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after)
+    h, w = z.shape[-2:]
+    if windows.fits_one_tile(h, w):
+        return decode(model, z)[0]
+    return decode_tiled(model, z, tile=windows.tile, overlap=windows.overlap)[0]
 
 
 def grow(region: np.ndarray, radius: int) -> np.ndarray:

@@ -15,6 +15,10 @@ scaled to fill the working size (`Sizing`, fill: the model's native pixel budget
 down, aspect kept; `size` also widens the box to its aspect ratio), repainted, scaled back and
 pasted into the input at full resolution. The output has the input's exact size, and every pixel
 outside the mask grown by `mask_blur` px is the input's, byte for byte; so is its alpha channel.
+
+With `tiled` (`--tiled`) the crop is not scaled: it runs at its own size (rounded down to
+multiples of 8) over MultiDiffusion windows of the model's native size with the tiled VAE
+(`engine.inpaint.inpaint(windows=)`), in memory bounded by the window batch.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from stylekit.session import (
     resolve_settings,
     with_seed,
 )
+from stylekit.tasks.stylize import Tiled
 
 DEFAULT_MASK_BLUR = 4  # px of feathering outside the mask: hides the seam, touches little else
 MAX_MASK_BLUR = 64
@@ -127,6 +132,7 @@ def inpaint(
     invert_mask: bool = False,
     mask_blur: int = DEFAULT_MASK_BLUR,
     mask_padding: int = DEFAULT_MASK_PADDING,
+    tiled: Tiled | None = None,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
@@ -136,9 +142,14 @@ def inpaint(
     for byte; inside, it is the model's image (diffusers' inpaint pipeline result on the crop, see
     the module docstring), feathered over `mask_blur` px. `size`, `max_size` and `max_pixels` set
     the crop's working size (`Sizing`). An input without a mask fails alone; the batch goes on and
-    the exit code says so.
+    the exit code says so. With `tiled` the crop runs at full size over MultiDiffusion windows
+    (see the module docstring); the working-size flags are refused then.
     """
     sizing = Sizing(size, max_size, max_pixels).check()
+    if tiled is not None:
+        tiled.check(sizing)
+        if tiled.upscale != 1.0:
+            raise UsageError("inpaint --tiled keeps the input's size; --upscale is for stylize")
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError("inpaint samples in few steps; --mode optimize is not available here")
@@ -174,7 +185,12 @@ def inpaint(
         task="img2img",
         announce=lambda session: (
             f"working size: the mask's box plus {mask_padding} px of context, "
-            f"{sizing.describe(session.native_px, fill=True)}; outputs keep the input's size"
+            + (
+                f"at full size over {session.native_px} px windows (--tiled)"
+                if tiled is not None
+                else sizing.describe(session.native_px, fill=True)
+            )
+            + "; outputs keep the input's size"
         ),
         before=check_size,
     )
@@ -198,7 +214,8 @@ def inpaint(
             padding=mask_padding,
             sizing=sizing,
             callback=events.step,
-            fits=fits,
+            fits=None if tiled is not None else fits,
+            tiled=tiled,
         )
         meta = run().metadata(seed=seed, size=out.size, source=job.input.name)
         meta |= crop | {
@@ -224,12 +241,13 @@ def repaint(
     sizing: Sizing = Sizing(),
     callback: Callable[[int, int], None] | None = None,
     fits: Callable[[tuple[int, int]], None] | None = None,
+    tiled: Tiled | None = None,
 ) -> tuple[Image.Image, dict]:
     """Inpaint one image with a loaded session's model and conditioning; (output, crop settings).
 
-    The crop around the mask runs at its working size (`fits(size)` may refuse it first); the
-    output is `image` with the repainted pixels pasted back at full resolution (see the module
-    docstring).
+    The crop around the mask runs at its working size (`fits(size)` may refuse it first), or
+    with `tiled` at its own size over MultiDiffusion windows; the output is `image` with the
+    repainted pixels pasted back at full resolution (see the module docstring).
     """
     binary = engine.binarize(mask)
     if not binary.any():
@@ -240,7 +258,17 @@ def repaint(
     box = engine.crop_box(weights > 0, padding, aspect=sizing.size)
     left, top, right, bottom = box
     crop = image.crop(box)
-    working = sizing.working(crop.size, session.native_px, fill=True)
+    windows, extra = None, {}
+    if tiled is not None:
+        from stylekit.engine.img2img import Windows
+
+        working = tiled.working(crop.size)
+        plan = tiled.plan(working, session.native)
+        windows = Windows(plan.windows(), view_batch=plan.view_batch)
+        extra = tiled.settings(plan)
+        del extra["upscale"]
+    else:
+        working = sizing.working(crop.size, session.native_px, fill=True)
     if fits is not None:
         fits(working)
     hole = working_mask(binary[0, 0, top:bottom, left:right].numpy(), working)
@@ -256,13 +284,14 @@ def repaint(
         generator=torch.Generator("cpu").manual_seed(seed),
         guidance=session.guided,
         callback=callback,
+        windows=windows,
     )
     if working != crop.size:
         arr = np.asarray(resized(to_pil(arr), crop.size), dtype=np.float32) / 255.0
     out = image.copy()
     out.paste(engine.paste_back(crop, arr, weights[top:bottom, left:right]), box[:2])
     (w, h), (cw, ch) = working, crop.size
-    return out, {"working_size": f"{w}x{h}", "crop": f"{cw}x{ch}+{left}+{top}"}
+    return out, {"working_size": f"{w}x{h}", "crop": f"{cw}x{ch}+{left}+{top}"} | extra
 
 
 def working_mask(hole: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
