@@ -283,16 +283,6 @@ def test_cli_tiled_refuses_conflicting_flags(sd15_path, tmp_path, flags, message
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-@pytest.mark.parametrize("command", ["video"])
-def test_cli_tiled_is_refused_where_it_is_not_implemented(tmp_path, command):
-    """video has no tiled path yet: one clear line and exit 2, before any loading."""
-    img = tmp_path / "a.png"
-    photo((64, 64)).save(img)
-    extra = ("--mask", img) if command == "inpaint" else ()
-    result = invoke(command, img, *extra, "--tiled", "-o", tmp_path / "out")
-    assert result.exit_code == 2 and f"{command} has no --tiled yet" in result.output
-
-
 def test_encode_above_the_lockstep_budget_runs_tile_by_tile(sd15):
     """Above WHOLE_MID_TOKENS (forced here with lockstep=False) `encode_tiled` runs every tile
     through the encoder alone: the encoder never sees more than one tile with its context, and

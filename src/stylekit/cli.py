@@ -927,6 +927,9 @@ def video(
     max_pixels: MaxPixels = None,
     keep_size: FrameKeepSize = True,
     tiled: TiledFlag = False,
+    window: Window = None,
+    stride: Stride = None,
+    view_batch: ViewBatch = 4,
     fmt: VideoFormat = None,
     suffix: Suffix = "",
     overwrite: Overwrite = False,
@@ -942,17 +945,18 @@ def video(
     """Stylise videos frame by frame; audio and the exact frame rate are kept.
 
     Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
+    Full resolution: stylekit video clip.mp4 --tiled (frames one at a time, no stream batch)
     """
     common = CommonOptions.of(locals())
     with cli_errors():
-        if tiled:
-            raise UsageError(
-                "video has no --tiled yet: frames run at the working size; "
-                "--max-pixels 0 runs them at full size (memory grows with it)"
-            )
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
+        from stylekit.tasks.stylize import Tiled
         from stylekit.tasks.video import VideoConsoleEvents
+
+        if not tiled and (window is not None or stride is not None):
+            raise UsageError("--window and --stride need --tiled")
+        tiling = Tiled(1.0, window, stride, view_batch) if tiled else None
 
         with common.events(VideoConsoleEvents) as events:
             report = api.stylize_video(
@@ -977,6 +981,7 @@ def video(
                 max_size=longest,
                 max_pixels=max_pixels,
                 keep_size=keep_size,
+                tiled=tiling,
                 events=events,
                 **common.settings,
             )

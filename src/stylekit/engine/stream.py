@@ -32,6 +32,10 @@ Decisions:
 - AD guidance (style mode ad/both) refines each frame after each step, as for a still image
   (`guidance` gives each frame its hook); the run caches the reference features per
   timestep, so they are computed once per run.
+- Full resolution (`windows`, `--tiled`): every frame runs at its own size over MultiDiffusion
+  windows (ε averaged over them, AD refining each) with the tiled VAE in and out, as tiled
+  img2img does for a still image. Frames then go one at a time (no stream batch: the windows
+  are the UNet batch) and anchor attention is refused (an anchor's features are one window's).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import contextlib
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -54,11 +59,15 @@ from stylekit.engine.attention import (
     select_layers,
 )
 from stylekit.engine.conditioning import Conditioning
-from stylekit.engine.latents import decode, encode
+from stylekit.engine.latents import decode, encode, to_tensor
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import noise_predictor
+from stylekit.engine.predict import noise_predictor, window_averaged
 from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, trajectory
+from stylekit.engine.tiling import decode_tiled, encode_tiled
 from stylekit.errors import UsageError
+
+if TYPE_CHECKING:
+    from stylekit.engine.img2img import Windows
 
 CONSISTENCY = ("none", "noise", "anchor")
 MULTIPLE = 8  # the VAE's downsampling factor: latent sizes need pixel sizes divisible by it
@@ -212,11 +221,25 @@ class FrameStream:
         options: StreamOptions,
         *,
         guidance: Guidance | None = None,
+        windows: Windows | None = None,
     ):
         self.model, self.cond, self.sampler, self.options = model, cond, sampler, options.check()
         self.guidance = guidance  # AD: each frame's after_step, from its z0 and start noise
+        self.windows = windows  # full resolution: the (padded) frame's MultiDiffusion windows
         _, self.ts = img2img_schedule(options.steps, options.strength, turbo=model.turbo)
         batched = options.stream_batch
+        if windows is not None:
+            if batched:
+                raise UsageError(
+                    "--tiled runs frames one at a time (the windows are the batch); "
+                    "drop --stream-batch"
+                )
+            if options.consistency == "anchor":
+                raise UsageError(
+                    "--consistency anchor has no --tiled (an anchor's attention is one "
+                    "window's); use --consistency noise"
+                )
+            batched = False
         self.batched = model.device.type in ("cpu", "cuda") if batched is None else batched
         self.fixed = options.consistency != "none"
         self.stats = StreamStats()
@@ -258,11 +281,13 @@ class FrameStream:
         self.stats.processed += 1
         image = Image.fromarray(pad_frame(frame))
         if self._eps is None:
-            self._eps = noise_predictor(self.model, self.cond, image.height, image.width)
+            self._eps = self._predictor(image)
         z0, noises = self._encode(image)
         after = None
         if self.guidance is not None:
-            after = self.guidance(self.ts, z0=z0, noise=noises[0])
+            w = self.windows
+            tiles = {} if w is None else {"windows": w.views, "view_batch": w.view_batch}
+            after = self.guidance(self.ts, z0=z0, noise=noises[0], **tiles)
         run = trajectory(
             add_noise(z0, noises[0], self.ts[0], self.sampler.ac),
             self.ts,
@@ -284,11 +309,27 @@ class FrameStream:
             raise ValueError(f"frame size {frame.shape[:2]} differs from the first {self._size}")
         return frame
 
+    def _predictor(self, image: Image.Image):
+        """The ε prediction of every frame: the UNet on the whole frame, or window-averaged."""
+        w = self.windows
+        if w is None:
+            return noise_predictor(self.model, self.cond, image.height, image.width)
+        first = w.views[0]
+        unet = noise_predictor(self.model, self.cond, 8 * first.height, 8 * first.width)
+        return window_averaged(unet, w.views, view_batch=w.view_batch)
+
+    def _latent(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        """Encode one frame (tiled when the stream has windows), drawing from `generator`."""
+        w = self.windows
+        if w is None:
+            return encode(self.model, image, generator)
+        return encode_tiled(self.model, to_tensor(image), generator, tile=w.tile, overlap=w.overlap)
+
     def _encode(self, image: Image.Image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Encode and return the stage noises, drawn in img2img's order (posterior, start, steps)."""
         if self._noises is not None:  # fixed noise: the first frame's posterior draw, again
-            return encode(self.model, image, self._reseeded()), self._noises
-        z0 = encode(self.model, image, self._generator)
+            return self._latent(image, self._reseeded()), self._noises
+        z0 = self._latent(image, self._generator)
         n = len(self.ts)
         noises = [self._randn(z0)]
         noises += [self._randn(z0) if self.sampler.needs_noise(i, n) else None for i in range(n)]
@@ -389,6 +430,11 @@ class FrameStream:
         """Decode and crop a finished frame; a skipped one repeats the last output."""
         if not item.skip:
             h, w = self._size
-            self._last = to_uint8(decode(self.model, item.z)[0])[:h, :w]
+            tiles = self.windows
+            if tiles is None or tiles.fits_one_tile(*item.z.shape[-2:]):
+                arr = decode(self.model, item.z)[0]
+            else:
+                arr = decode_tiled(self.model, item.z, tile=tiles.tile, overlap=tiles.overlap)[0]
+            self._last = to_uint8(arr)[:h, :w]
             item.z = None
         return self._last

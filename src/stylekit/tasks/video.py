@@ -17,6 +17,10 @@ native pixel budget, aspect kept; a frame within it runs at its own size, padded
 by the stream and cropped back) and are written at the input's size, resampled back (Lanczos),
 unless `keep_size=False` asks for the working size.
 
+With `tiled` (`--tiled`) every frame runs at its own size over MultiDiffusion windows of the
+model's native size with the tiled VAE (`FrameStream(windows=)`), one frame at a time (no
+stream batch) in memory bounded by the window batch; anchor consistency is refused then.
+
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
 frames: `events.step(done, total)` once per output frame, so a caller can show fps and an ETA;
@@ -73,6 +77,7 @@ from stylekit.session import (
     size_notice,
     with_seed,
 )
+from stylekit.tasks.stylize import Tiled
 
 VIDEO_FORMATS = {"mp4": ".mp4", "m4v": ".m4v", "mov": ".mov", "mkv": ".mkv", "webm": ".webm"}
 ANCHOR_EVERY = 30  # a fresh anchor about once a second at 30 fps (see StreamOptions)
@@ -235,21 +240,31 @@ def stylize_one(
     frames_out: Path | None,
     events: Events,
     info: VideoInfo | None = None,
+    tiled: Tiled | None = None,
 ) -> dict:
     """Stylise one video into its output; returns the settings for its record."""
     info = info or probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
         warn(events, message)
+    working = info.size if tiled is not None else clip.working(info.size, session.native_px)
+    windows, extra = None, {}
+    if tiled is not None:  # the windows of the frame padded to multiples of 8 by the stream
+        from stylekit.engine.img2img import Windows
+
+        padded = tuple(-(-side // 8) * 8 for side in working)
+        plan = tiled.plan(padded, session.native)
+        windows = Windows(plan.windows(), view_batch=plan.view_batch)
+        extra = {k: v for k, v in tiled.settings(plan).items() if k != "upscale"}
     stream = FrameStream(
         session.model,
         session.cond,
         session.sampler,
         replace(options, seed=seed),
         guidance=session.guided,
+        windows=windows,
     )
     done, size = 0, None
-    working = clip.working(info.size, session.native_px)
     with contextlib.ExitStack() as stack:
         sink = (
             frames_sink(job.output) if frames_out is not None else video_sink(job, selection, clip)
@@ -270,7 +285,7 @@ def stylize_one(
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
     settings["working_size"] = "{}x{}".format(*working)
-    return settings | video_settings(options, stream, selection, info.warnings)
+    return settings | video_settings(options, stream, selection, info.warnings) | extra
 
 
 def video_settings(options: StreamOptions, stream, selection, warnings) -> dict:
@@ -325,16 +340,31 @@ def stylize_video(
     max_size: int | None = None,
     max_pixels: int | None = None,
     keep_size: bool = True,
+    tiled: Tiled | None = None,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
     """Stylise video files and folders into videos (or PNG frame folders); returns a BatchReport.
 
     `size`, `max_size` and `max_pixels` set the frames' working size (`Sizing`); outputs keep the
-    input's size unless `keep_size` is False.
+    input's size unless `keep_size` is False. With `tiled` frames run at full size over
+    MultiDiffusion windows, one at a time (see the module docstring).
     """
     clip = Clip(start, end, max_frames, every, size, max_size, codec, crf, max_pixels, keep_size)
     clip = clip.check()
+    if tiled is not None:
+        tiled.check(Sizing(size, max_size, max_pixels))
+        if tiled.upscale != 1.0:
+            raise UsageError("video --tiled keeps the frames' size; --upscale is for stylize")
+        if stream_batch:
+            raise UsageError(
+                "--tiled runs frames one at a time (the windows are the batch); drop --stream-batch"
+            )
+        if consistency == "anchor":
+            raise UsageError(
+                "--consistency anchor has no --tiled (an anchor's attention is one window's); "
+                "use --consistency noise"
+            )
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
@@ -367,20 +397,29 @@ def stylize_video(
         runtime=runtime,
         seed=output.seed,
         events=events,
-        announce=size_notice(clip.sizing, "frames written"),
+        announce=size_notice(clip.sizing, "frames written") if tiled is None else tiled_notice,
         task="video",
         before=check_size,
     )
 
     def process(job: Job, seed: int) -> dict:
         info = probe(job.input)
-        width, height = clip.working(info.size, run().native_px)
-        work = image_work(settings, (width, height), style, stages=stages)
-        what = f"{job.input}: frames of {width}x{height}"
-        run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+        if tiled is None:
+            width, height = clip.working(info.size, run().native_px)
+            work = image_work(settings, (width, height), style, stages=stages)
+            what = f"{job.input}: frames of {width}x{height}"
+            run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         session = run()
         return stylize_one(
-            job, seed, session, options, clip, frames_out=frames_out, events=events, info=info
+            job,
+            seed,
+            session,
+            options,
+            clip,
+            frames_out=frames_out,
+            events=events,
+            info=info,
+            tiled=tiled,
         )
 
     return run_jobs(
@@ -390,6 +429,14 @@ def stylize_video(
         prepare=run.prepare,
         events=events,
         write=lambda job, settings, output: settings,  # the video is written while it streams
+    )
+
+
+def tiled_notice(session) -> str:
+    """What a tiled run tells the user once the model is loaded."""
+    return (
+        f"--tiled: frames run at full size over {session.native_px} px windows, one at a time "
+        "(no stream batch; time grows with the frame's area)"
     )
 
 
