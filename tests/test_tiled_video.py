@@ -55,7 +55,9 @@ def run_stream(session, frames, windows=None, **options):
     s = session.settings
     opts = StreamOptions(steps=s.steps, strength=s.strength, seed=3, stream_batch=False, **options)
     fs = FrameStream(session.model, session.cond, session.sampler, opts, windows=windows)
-    return [out.copy() for out in fs.run(frames)]
+    outs = [out.copy() for out in fs.run(frames)]
+    run_stream.stats = fs.stats
+    return outs
 
 
 def windows_of(size: tuple[int, int], native: int, **kw) -> Windows:
@@ -78,20 +80,25 @@ def test_one_window_frames_are_the_untiled_run(session, clip):
 
 def test_unet_sees_window_batches_of_the_window_size(session, clip):
     """8-latent windows every 4, 3 per call, on 13 × 17 latents: every UNet call has at most 3
-    windows of 8 × 8 latents, and the frames keep their size and count."""
+    windows of 8 × 8 latents, the frames keep their size and count, and the stats count every
+    UNet call (2 frames × 2 stages × ⌈windows / 3⌉)."""
     frames = list(read_frames(clip))[:2]
     spec = windows_of((136, 104), session.native, window=8, stride=4, view_batch=3)
     assert len(spec.views) > 3
-    shapes = set()
-    hook = session.model.unet.register_forward_pre_hook(
-        lambda m, args: shapes.add(tuple(args[0].shape))
-    )
+    shapes, calls = set(), []
+
+    def see(module, args) -> None:  # a pre-hook returning None leaves the inputs alone
+        shapes.add(tuple(args[0].shape))
+        calls.append(1)
+
+    hook = session.model.unet.register_forward_pre_hook(see)
     try:
         out = run_stream(session, frames, windows=spec)
     finally:
         hook.remove()
     assert len(out) == 2 and out[0].shape == (98, 130, 3)
     assert {s[1:] for s in shapes} == {(4, 8, 8)} and max(s[0] for s in shapes) == 3
+    assert run_stream.stats.unet_calls == len(calls) == 2 * 2 * -(-len(spec.views) // 3)
 
 
 def video_cli(clip, model, *extra):

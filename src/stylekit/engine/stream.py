@@ -316,7 +316,12 @@ class FrameStream:
             return noise_predictor(self.model, self.cond, image.height, image.width)
         first = w.views[0]
         unet = noise_predictor(self.model, self.cond, 8 * first.height, 8 * first.width)
-        return window_averaged(unet, w.views, view_batch=w.view_batch)
+
+        def counted(z: torch.Tensor, t) -> torch.Tensor:  # one UNet call per window batch
+            self.stats.unet_calls += 1
+            return unet(z, t)
+
+        return window_averaged(counted, w.views, view_batch=w.view_batch)
 
     def _latent(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         """Encode one frame (tiled when the stream has windows), drawing from `generator`."""
@@ -393,7 +398,8 @@ class FrameStream:
                 eps = self._eps(z, t)
             if item.records:
                 item.anchor.stages[item.stage] = anchor_kv(recorded.features)
-            self.stats.unet_calls += 1
+            if self.windows is None:  # tiled: counted per window batch (`_predictor`)
+                self.stats.unet_calls += 1
             item.send(eps)
 
     @torch.no_grad()
