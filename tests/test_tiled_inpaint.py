@@ -160,14 +160,15 @@ def tiny_flags(model) -> list[str]:
 
 @pytest.mark.parametrize("fixture", ["sd15_path", "sd15_inpaint_path"])
 def test_cli_tiled_keeps_the_size_and_every_unmasked_byte(fixture, request, tmp_path):
-    """A 421 × 333 px photo with a mask whose crop (plus padding) is far above the tiny model's
-    256² budget: with --tiled the crop runs at its own size rounded down to multiples of 8 over
-    16-latent windows; the output keeps the input's size and every byte outside the mask grown
-    by --mask-blur."""
+    """A 480 × 333 px photo with a mask whose crop (plus padding) is far above the tiny model's
+    256² budget: with --tiled the crop runs at its own size over 16-latent windows, its box
+    widened to a multiple of 8 px across (425 → 432) and, as the image's 333 px height has no
+    room for 336, resampled to 328 down; the output keeps the input's size and every byte
+    outside the mask grown by --mask-blur."""
     from stylekit.media.metadata import read_metadata
 
     model = request.getfixturevalue(fixture)
-    size, box, blur = (421, 333), (37, 29, 390, 301), 4
+    size, box, blur = (480, 333), (37, 29, 390, 301), 4
     big, mask = tmp_path / "big.png", tmp_path / "mask.png"
     photo(size, seed=3).save(big)
     box_mask(size, box).save(mask)
@@ -179,16 +180,16 @@ def test_cli_tiled_keeps_the_size_and_every_unmasked_byte(fixture, request, tmp_
     assert result.exit_code == 0, result.output
     written = np.asarray(Image.open(out / "big.png").convert("RGB"))
     source = np.asarray(Image.open(big).convert("RGB"))
-    assert written.shape == source.shape == (333, 421, 3)
+    assert written.shape == source.shape == (333, 480, 3)
     keep = np.ones(source.shape[:2], bool)
     left, top, right, bottom = box
     keep[top - blur : bottom + blur, left - blur : right + blur] = False
     assert np.array_equal(written[keep], source[keep])
     assert not np.array_equal(written[~keep], source[~keep])  # something was repainted
     meta = read_metadata(out / "big.png")
-    # the crop: the box grown by blur + 32 px padding, within the image → 421 × 312 at 0, 0 + ...
-    cw, ch = (int(v) for v in meta["crop"].split("+")[0].split("x"))
-    assert meta["working_size"] == f"{cw // 8 * 8}x{ch // 8 * 8}"
+    # the box grown by blur + 32 px of padding: x 1..426 widened to 432 px, y the whole 333
+    assert meta["crop"] == "432x333+0+0"
+    assert meta["working_size"] == "432x328"
     assert meta["tiled"] is True and meta["window"] == 16 and meta["stride"] == 8
     assert meta["windows"] > 1
 
@@ -234,3 +235,11 @@ def test_cli_tiled_with_ad_refines_each_window(sd15_path, tmp_path):
         assert arr.shape == source.shape and np.array_equal(arr[keep], source[keep])
     changed = np.abs(outs["ad"] - outs["none"]).max(axis=-1)[~keep] > 2
     assert changed.mean() > 0.2
+
+
+def test_snap_box_widens_to_multiples_of_8_within_the_image():
+    from stylekit.engine.inpaint import snap_box
+
+    assert snap_box((10, 5, 20, 13), (100, 100)) == (7, 5, 23, 13)  # 10 → 16 around the centre
+    assert snap_box((90, 0, 99, 8), (100, 100)) == (84, 0, 100, 8)  # shifted to stay inside
+    assert snap_box((0, 0, 97, 30), (99, 99)) == (0, 0, 97, 32)  # no room for 104: left alone

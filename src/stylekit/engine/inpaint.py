@@ -315,6 +315,23 @@ def crop_box(region: np.ndarray, padding: int, *, aspect: tuple[int, int] | None
     return int(left), int(top), int(right), int(bottom)
 
 
+def snap_box(box: Box, size: tuple[int, int], multiple: int = 8) -> Box:
+    """Widen a box so each side is a multiple of `multiple` px, within a (W, H) image; a side
+    the image has no room for (the next multiple is larger than the image) is left as it is."""
+    left, top, right, bottom = box
+    width, height = size
+
+    def snapped(start: int, end: int, limit: int) -> tuple[int, int]:
+        length = -(-(end - start) // multiple) * multiple
+        if length > limit:
+            return start, end
+        return _widen(start, end, length, limit)
+
+    left, right = snapped(left, right, width)
+    top, bottom = snapped(top, bottom, height)
+    return int(left), int(top), int(right), int(bottom)
+
+
 def _widen(start: int, end: int, length: int, limit: int) -> tuple[int, int]:
     """Grow [start, end) to `length` around its centre, shifted to stay within [0, limit)."""
     grow = max(length - (end - start), 0)

@@ -16,8 +16,8 @@ down, aspect kept; `size` also widens the box to its aspect ratio), repainted, s
 pasted into the input at full resolution. The output has the input's exact size, and every pixel
 outside the mask grown by `mask_blur` px is the input's, byte for byte; so is its alpha channel.
 
-With `tiled` (`--tiled`) the crop is not scaled: it runs at its own size (rounded down to
-multiples of 8) over MultiDiffusion windows of the model's native size with the tiled VAE
+With `tiled` (`--tiled`) the crop is not scaled: its box is widened to multiples of 8 px where
+the image has room (else the crop is resampled to the multiple of 8 below) and it runs at that size over MultiDiffusion windows of the model's native size with the tiled VAE
 (`engine.inpaint.inpaint(windows=)`), in memory bounded by the window batch.
 """
 
@@ -256,6 +256,8 @@ def repaint(
         )
     weights = engine.feather(binary, blur)  # (H, W), 0 wherever the input is kept
     box = engine.crop_box(weights > 0, padding, aspect=sizing.size)
+    if tiled is not None:  # full size: no resampling where the image leaves room for it
+        box = engine.snap_box(box, image.size)
     left, top, right, bottom = box
     crop = image.crop(box)
     windows, extra = None, {}
