@@ -115,6 +115,27 @@ def image_work(
     return memory.Work(size, rows=batch * stages * cfg_rows(settings), grad_rows=ad_rows)
 
 
+def size_flag_check(
+    settings: Settings,
+    runtime: Runtime,
+    size: tuple[int, int] | None,
+    style: Sequence,
+    *,
+    batch: int = 1,
+    stages: int = 1,
+) -> Callable[[], None]:
+    """`LazySession`'s `before`: refuse an explicit `--size` whose job would not fit, before the
+    model loads (every image or frame of the run has that size)."""
+
+    def check() -> None:
+        if size is not None:
+            work = image_work(settings, size, style, batch=batch, stages=stages)
+            what = f"--size {size[0]}x{size[1]}"
+            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
+
+    return check
+
+
 def check_fits(
     settings: Settings,
     runtime: Runtime,

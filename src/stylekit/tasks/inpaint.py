@@ -42,9 +42,9 @@ from stylekit.session import (
     LazySession,
     Runtime,
     Session,
-    check_fits,
     image_work,
     resolve_settings,
+    size_flag_check,
     with_seed,
 )
 from stylekit.tasks.stylize import Tiled
@@ -169,12 +169,7 @@ def inpaint(
     events = events or Events()
     runtime = runtime or Runtime()
 
-    def check_size() -> None:  # before the model loads: --size is every image's size
-        if size is not None:
-            what = f"--size {size[0]}x{size[1]}"
-            work = image_work(settings, size, style)
-            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
-
+    check_size = size_flag_check(settings, runtime, size, style)
     run = LazySession(
         settings,
         style,

@@ -19,10 +19,10 @@ from stylekit.runner import Events, Output, plan_files, run_batched
 from stylekit.session import (
     LazySession,
     Runtime,
-    check_fits,
     default_batch,
     image_work,
     resolve_settings,
+    size_flag_check,
     size_notice,
     with_seed,
 )
@@ -141,12 +141,7 @@ def stylize(
     batch = batch_size or default_batch(runtime)
     rows = min(batch, len(jobs)) or 1  # same-size images per UNet call, at most
 
-    def check_size() -> None:  # before the model loads: --size is every image's size
-        if size is not None:
-            work = image_work(settings, size, style, batch=rows)
-            what = f"--size {size[0]}x{size[1]}"
-            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
-
+    check_size = size_flag_check(settings, runtime, size, style, batch=rows)
     run = LazySession(
         settings,
         style,

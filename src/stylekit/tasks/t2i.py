@@ -24,9 +24,8 @@ from stylekit.runner import Events, Output, run_jobs
 from stylekit.session import (
     LazySession,
     Runtime,
-    check_fits,
-    image_work,
     resolve_settings,
+    size_flag_check,
     with_seed,
 )
 
@@ -77,12 +76,7 @@ def t2i_styled(
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
 
-    def check_size() -> None:  # before the model loads (the native size always fits)
-        if size is not None:
-            work = image_work(settings, size, style)
-            what = f"--size {size[0]}x{size[1]}"
-            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
-
+    check_size = size_flag_check(settings, runtime, size, style)
     run = LazySession(
         settings,
         style,

@@ -71,9 +71,9 @@ from stylekit.session import (
     LazySession,
     Runtime,
     Session,
-    check_fits,
     image_work,
     resolve_settings,
+    size_flag_check,
     size_notice,
     with_seed,
 )
@@ -385,12 +385,7 @@ def stylize_video(
     runtime = runtime or Runtime()
     stages = settings.steps if stream_batch is not False else 1  # rows of one stream-batch call
 
-    def check_size() -> None:  # before the model loads: --size is every frame's size
-        if size is not None:
-            work = image_work(settings, size, style, stages=stages)
-            what = f"--size {size[0]}x{size[1]}"
-            check_fits(settings, runtime, work, what=what, hint="choose a smaller --size")
-
+    check_size = size_flag_check(settings, runtime, size, style, stages=stages)
     run = LazySession(
         settings,
         style,
