@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.markup import escape
 
 from stylekit.engine.stream import FrameStream, StreamOptions
 from stylekit.errors import StylekitError, UsageError
@@ -453,6 +452,3 @@ class VideoConsoleEvents(ConsoleEvents):
         task = self.progress.tasks[self.steps]
         if task.elapsed:
             self.progress.update(self.steps, rate=f"{done / task.elapsed:.2f} fps")
-
-    def warning(self, message: str) -> None:
-        self.console.print(f"[yellow]warning[/yellow] {escape(message)}")
