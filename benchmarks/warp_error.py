@@ -24,8 +24,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
+
+try:
+    import cv2
+except ModuleNotFoundError:  # one line, not a traceback: the bench extra brings OpenCV
+    sys.exit("warp_error.py needs OpenCV: pip install -e '.[bench]' (opencv-python-headless)")
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FARNEBACK = dict(
