@@ -418,7 +418,8 @@ class Session:
     ) -> Image.Image:
         """Stylise one image at its own size over the MultiDiffusion windows of `plan` (a
         `tasks.textures.CanvasPlan` of the image's latent size), tiled VAE in and out."""
-        from stylekit.engine.img2img import Windows, img2img
+        from stylekit.engine.img2img import img2img
+        from stylekit.engine.windows import Windows
 
         s = self.settings
         if s.mode == "optimize":
@@ -435,7 +436,7 @@ class Session:
             generator=[torch.Generator("cpu").manual_seed(seed)],
             guidance=self.guided,
             callback=callback,
-            windows=Windows(plan.windows(), view_batch=plan.view_batch),
+            windows=Windows.of(plan),
         )
         return to_pil(arr[0])
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,38 +10,23 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from stylekit.engine.conditioning import Conditioning
-from stylekit.engine.latents import decode, encode, to_tensor
+from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import noise_predictor, window_averaged
+from stylekit.engine.predict import noise_predictor
 from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, sample
-from stylekit.engine.tiling import View, decode_tiled, encode_tiled
+from stylekit.engine.windows import Windows
 from stylekit.errors import UsageError
 
 
-@dataclass(frozen=True)
-class Windows:
-    """MultiDiffusion windows over one image's latent (`tiling.views`), ≤ `view_batch` per UNet
-    call, and the VAE's tiles: about `tile` latents with `overlap` latents of context (512 px
-    tiles with 128 px of context by default, the texture commands' decode tiles)."""
-
-    views: Sequence[View]
-    view_batch: int = 4
-    tile: int = 64
-    overlap: int = 16
-
-    def fits_one_tile(self, height: int, width: int) -> bool:
-        """Whether an (height, width) latent is one VAE tile: then the VAE runs on it whole."""
-        return height <= self.tile and width <= self.tile
-
-
 def start_latent(
-    model: LoadedModel, images, t0: int, sampler: Sampler, generator
+    model: LoadedModel, images, t0: int, sampler: Sampler, generator, *, encoder=encode
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode and noise the content image(s) to t0: returns (z_t0, z0, ε), drawing like diffusers.
 
-    `images` is one image or a list of same-size images with one generator each.
+    `images` is one image or a list of same-size images with one generator each; `encoder`
+    is `latents.encode` or a `Windows`' tiled one.
     """
-    z0 = encode(model, images, generator)
+    z0 = encoder(model, images, generator)
     noise = randn_tensor(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     return add_noise(z0, noise, t0, sampler.ac), z0, noise
 
@@ -74,60 +58,26 @@ def img2img(
     generator for the whole latent as above, so a canvas of one window is the untiled run.
     """
     if windows is not None:
-        return _tiled(
-            model, cond, sampler, images, steps, strength, generator, guidance, callback, windows
-        )
+        _check_one(images, generator)
     first = images[0] if isinstance(images, (list, tuple)) else images
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
-    z, z0, noise = start_latent(model, images, ts[0], sampler, generator)
-    hook = guidance(ts, z0=z0, noise=noise) if guidance is not None else None
-    eps = noise_predictor(model, cond, first.height, first.width)
+    encoder = encode if windows is None else windows.encode
+    z, z0, noise = start_latent(model, images, ts[0], sampler, generator, encoder=encoder)
+    if windows is None:
+        eps, tiles = noise_predictor(model, cond, first.height, first.width), {}
+    else:  # progress counts windows, from the predictor
+        eps = windows.predictor(model, cond, callback=callback, steps=len(ts))
+        tiles, callback = windows.guidance_args, None
+    hook = guidance(ts, z0=z0, noise=noise, **tiles) if guidance is not None else None
     z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
-    return decode(model, z)
+    return decode(model, z) if windows is None else windows.decode(model, z)
 
 
-def _tiled(
-    model: LoadedModel,
-    cond: Conditioning,
-    sampler: Sampler,
-    images: Image.Image | list[Image.Image],
-    steps: int,
-    strength: float,
-    generator: torch.Generator | list[torch.Generator],
-    guidance: Guidance | None,
-    callback: Callable[[int, int], None] | None,
-    windows: Windows,
-) -> np.ndarray:
-    """`img2img` over MultiDiffusion windows: the same schedule, draws and loop, other hooks."""
-    if isinstance(images, (list, tuple)):
-        if len(images) != 1:
-            raise UsageError(f"tiled image-to-image runs one image at a time, got {len(images)}")
-        images = images[0]
-    gens = generator if isinstance(generator, list) else [generator]
-    if len(gens) != 1:
-        raise UsageError(f"tiled image-to-image takes one generator, got {len(gens)}")
-    h, w = images.height // 8, images.width // 8
-    whole = windows.fits_one_tile(h, w)
-    _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
-    if whole:
-        z0 = encode(model, [images], gens)
-    else:
-        z0 = encode_tiled(
-            model, to_tensor(images), gens[0], tile=windows.tile, overlap=windows.overlap
+def _check_one(images, generator) -> None:
+    """Tiled image-to-image runs one image (the windows are its batch), with one generator."""
+    count = len(images) if isinstance(images, (list, tuple)) else 1
+    gens = len(generator) if isinstance(generator, list) else 1
+    if count != 1 or gens != 1:
+        raise UsageError(
+            f"tiled image-to-image runs one image at a time, got {count} ({gens} seeds)"
         )
-    noise = randn_tensor(z0.shape, generator=gens, device=z0.device, dtype=z0.dtype)
-    z = add_noise(z0, noise, ts[0], sampler.ac)
-    hook = None
-    if guidance is not None:
-        hook = guidance(
-            ts, z0=z0, noise=noise, windows=windows.views, view_batch=windows.view_batch
-        )
-    first = windows.views[0]
-    unet_eps = noise_predictor(model, cond, 8 * first.height, 8 * first.width)
-    eps = window_averaged(
-        unet_eps, windows.views, view_batch=windows.view_batch, callback=callback, steps=len(ts)
-    )
-    z = sample(eps, z, ts, sampler, generator=gens, after_step=hook)
-    if whole:
-        return decode(model, z)
-    return decode_tiled(model, z, tile=windows.tile, overlap=windows.overlap)

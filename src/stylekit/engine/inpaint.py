@@ -24,13 +24,13 @@ from PIL import Image, ImageFilter
 from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.latents import decode, encode_pixels, to_tensor, upcast_needed
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import Progress, noise_predictor, window_averaged
+from stylekit.engine.predict import noise_predictor
 from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, sample
-from stylekit.engine.tiling import crop, decode_tiled, encode_tiled, map_windows
+from stylekit.engine.tiling import encode_tiled
 from stylekit.errors import UsageError
 
 if TYPE_CHECKING:
-    from stylekit.engine.img2img import Windows
+    from stylekit.engine.windows import Windows
 
 
 def binarize(mask: Image.Image) -> torch.Tensor:
@@ -63,42 +63,22 @@ def prepare_latents(
     t0: int | None,
     sampler: Sampler,
     generator: torch.Generator,
+    *,
+    windows: Windows | None = None,
 ) -> InpaintLatents:
-    """Encode, noise and mask as diffusers' inpaint pipelines do, drawing in their order.
+    """Encode, noise and mask as diffusers' inpaint pipelines do, drawing in their order
+    (image posterior, start noise, masked-image posterior); with `windows` the VAE is tiled.
 
     At strength 1 (`t0` is None) the start latent is pure noise and a 9-channel UNet skips encoding
-    the image; a 4-channel UNet still encodes it because blending needs it.
+    the image; a 4-channel UNet still encodes it because blending needs it. Only a 9-channel UNet
+    reads the masked image: for a 4-channel one its encode is skipped, but a KL VAE's posterior
+    draw is still taken, so the sampler's later draws stay diffusers'.
     """
     x = to_tensor(image).to(model.device)  # (1, 3, H, W) in [−1, 1]
-    full = t0 is None
-    z0 = None if full and model.inpainting_unet else encode_pixels(model, x, generator)
-    f = model.pipe.vae_scale_factor
-    shape = (1, model.vae.config.latent_channels, image.height // f, image.width // f)
-    noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
-    z = noise if full else add_noise(z0, noise, t0, sampler.ac)
-    pixels = mask.to(model.device)
-    masked = encode_pixels(model, x * (pixels < 0.5), generator)
-    small = latent_mask(pixels, shape[-2:]).to(model.dtype)
-    return InpaintLatents(z, z0, noise, small, masked)
-
-
-def prepare_latents_tiled(
-    model: LoadedModel,
-    image: Image.Image,
-    mask: torch.Tensor,
-    t0: int | None,
-    sampler: Sampler,
-    generator: torch.Generator,
-    windows: Windows,
-) -> InpaintLatents:
-    """`prepare_latents` with the tiled VAE (`tiling.encode_tiled`), in the same draw order.
-
-    A 4-channel UNet does not use the masked image: it is not encoded, but its posterior draw is
-    still taken from the generator (a KL VAE), so the sampler's later draws are the untiled run's.
-    """
-    x = to_tensor(image)  # (1, 3, H, W) in [−1, 1]
 
     def enc(pixels: torch.Tensor) -> torch.Tensor:
+        if windows is None:
+            return encode_pixels(model, pixels, generator)
         return encode_tiled(model, pixels, generator, tile=windows.tile, overlap=windows.overlap)
 
     full = t0 is None
@@ -107,14 +87,14 @@ def prepare_latents_tiled(
     shape = (1, model.vae.config.latent_channels, image.height // f, image.width // f)
     noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     z = noise if full else add_noise(z0, noise, t0, sampler.ac)
+    pixels = mask.to(model.device)
+    masked = None
     if model.inpainting_unet:
-        masked = enc(x * (mask < 0.5))
-    else:
-        masked = None
-        if hasattr(model.vae, "quant_conv"):  # a KL VAE samples its posterior: one draw
-            dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
-            randn_tensor(shape, generator=generator, device=model.device, dtype=dtype)
-    small = latent_mask(mask.to(model.device), shape[-2:]).to(model.dtype)
+        masked = enc(x * (pixels < 0.5))
+    elif hasattr(model.vae, "quant_conv"):  # a KL VAE samples its posterior: one draw
+        dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
+        randn_tensor(shape, generator=generator, device=model.device, dtype=dtype)
+    small = latent_mask(pixels, shape[-2:]).to(model.dtype)
     return InpaintLatents(z, z0, noise, small, masked)
 
 
@@ -133,47 +113,6 @@ def keep_known(
 def chain(first: Callable, second: Callable) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """Run two after-step hooks in turn."""
     return lambda i, z: second(i, first(i, z))
-
-
-def masked_predictor(
-    model: LoadedModel, cond: Conditioning, lat: InpaintLatents, height: int, width: int
-) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """eps(z, t) for a 9-channel UNet: input rows [z, mask, masked latent], doubled under CFG."""
-    extra = torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
-    return noise_predictor(model, cond, height, width, extra=extra)
-
-
-def windowed_masked_predictor(
-    model: LoadedModel,
-    cond: Conditioning,
-    lat: InpaintLatents,
-    windows: Windows,
-    *,
-    callback: Callable[[int, int], None] | None = None,
-    steps: int = 1,
-) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """`masked_predictor` over MultiDiffusion windows: each window's UNet input gets the same
-    window of the mask and the masked-image latent; ε averaged like `predict.window_averaged`."""
-    extra = torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
-    first = windows.views[0]
-    height, width = 8 * first.height, 8 * first.width
-    progress = Progress(callback, steps * len(windows.views))
-
-    def eps(z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        def one_batch(crops: torch.Tensor, batch) -> torch.Tensor:
-            rows = torch.cat([crop(extra, v) for v in batch])  # (len(batch), 5, hw, ww)
-            return noise_predictor(model, cond, height, width, extra=rows)(crops, t)
-
-        return map_windows(
-            one_batch,
-            z,
-            windows.views,
-            view_batch=windows.view_batch,
-            on_batch=progress,
-            pass_views=True,
-        )
-
-    return eps
 
 
 @torch.no_grad()
@@ -203,72 +142,22 @@ def inpaint(
     """
     if guidance is not None and model.inpainting_unet:
         raise UsageError("AD style guidance needs a plain 4-channel UNet, not an inpainting UNet")
-    if windows is not None:
-        return _tiled(
-            model,
-            cond,
-            sampler,
-            image,
-            mask,
-            steps,
-            strength,
-            generator,
-            guidance,
-            callback,
-            windows,
-        )
-    _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
-    lat = prepare_latents(
-        model, image, mask, None if strength >= 1.0 else ts[0], sampler, generator
-    )
-    if model.inpainting_unet:
-        eps, after = masked_predictor(model, cond, lat, image.height, image.width), None
-    else:
-        eps = noise_predictor(model, cond, image.height, image.width)
-        after = keep_known(lat, ts, sampler.ac)
-        if guidance is not None:
-            after = chain(guidance(ts, z0=lat.z0, noise=lat.noise), after)
-    z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after, callback=callback)
-    return decode(model, z)[0]
-
-
-def _tiled(
-    model: LoadedModel,
-    cond: Conditioning,
-    sampler: Sampler,
-    image: Image.Image,
-    mask: torch.Tensor,
-    steps: int,
-    strength: float,
-    generator: torch.Generator,
-    guidance: Guidance | None,
-    callback: Callable[[int, int], None] | None,
-    windows: Windows,
-) -> np.ndarray:
-    """`inpaint` over MultiDiffusion windows: the same schedule, draws and loop, other hooks."""
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
     t0 = None if strength >= 1.0 else ts[0]
-    lat = prepare_latents_tiled(model, image, mask, t0, sampler, generator, windows)
-    if model.inpainting_unet:
-        eps = windowed_masked_predictor(model, cond, lat, windows, callback=callback, steps=len(ts))
-        after = None
-    else:
-        first = windows.views[0]
-        unet_eps = noise_predictor(model, cond, 8 * first.height, 8 * first.width)
-        eps = window_averaged(
-            unet_eps, windows.views, view_batch=windows.view_batch, callback=callback, steps=len(ts)
-        )
+    lat = prepare_latents(model, image, mask, t0, sampler, generator, windows=windows)
+    extra = None if lat.masked is None else torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
+    if windows is None:
+        eps, tiles = noise_predictor(model, cond, image.height, image.width, extra=extra), {}
+    else:  # progress counts windows, from the predictor
+        eps = windows.predictor(model, cond, extra=extra, callback=callback, steps=len(ts))
+        tiles, callback = windows.guidance_args, None
+    after = None
+    if not model.inpainting_unet:  # a 9-channel UNet is told the mask instead
         after = keep_known(lat, ts, sampler.ac)
         if guidance is not None:
-            refine = guidance(
-                ts, z0=lat.z0, noise=lat.noise, windows=windows.views, view_batch=windows.view_batch
-            )
-            after = chain(refine, after)
-    z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after)
-    h, w = z.shape[-2:]
-    if windows.fits_one_tile(h, w):
-        return decode(model, z)[0]
-    return decode_tiled(model, z, tile=windows.tile, overlap=windows.overlap)[0]
+            after = chain(guidance(ts, z0=lat.z0, noise=lat.noise, **tiles), after)
+    z = sample(eps, lat.z, ts, sampler, generator=generator, after_step=after, callback=callback)
+    return (decode(model, z) if windows is None else windows.decode(model, z))[0]
 
 
 def grow(region: np.ndarray, radius: int) -> np.ndarray:

@@ -59,15 +59,14 @@ from stylekit.engine.attention import (
     select_layers,
 )
 from stylekit.engine.conditioning import Conditioning
-from stylekit.engine.latents import decode, encode, to_tensor
+from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import noise_predictor, window_averaged
+from stylekit.engine.predict import noise_predictor
 from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, trajectory
-from stylekit.engine.tiling import decode_tiled, encode_tiled
 from stylekit.errors import UsageError
 
 if TYPE_CHECKING:
-    from stylekit.engine.img2img import Windows
+    from stylekit.engine.windows import Windows
 
 CONSISTENCY = ("none", "noise", "anchor")
 MULTIPLE = 8  # the VAE's downsampling factor: latent sizes need pixel sizes divisible by it
@@ -285,8 +284,7 @@ class FrameStream:
         z0, noises = self._encode(image)
         after = None
         if self.guidance is not None:
-            w = self.windows
-            tiles = {} if w is None else {"windows": w.views, "view_batch": w.view_batch}
+            tiles = {} if self.windows is None else self.windows.guidance_args
             after = self.guidance(self.ts, z0=z0, noise=noises[0], **tiles)
         run = trajectory(
             add_noise(z0, noises[0], self.ts[0], self.sampler.ac),
@@ -311,24 +309,18 @@ class FrameStream:
 
     def _predictor(self, image: Image.Image):
         """The ε prediction of every frame: the UNet on the whole frame, or window-averaged."""
-        w = self.windows
-        if w is None:
+        if self.windows is None:
             return noise_predictor(self.model, self.cond, image.height, image.width)
-        first = w.views[0]
-        unet = noise_predictor(self.model, self.cond, 8 * first.height, 8 * first.width)
+        return self.windows.predictor(self.model, self.cond, callback=self._count_window_batch)
 
-        def counted(z: torch.Tensor, t) -> torch.Tensor:  # one UNet call per window batch
-            self.stats.unet_calls += 1
-            return unet(z, t)
-
-        return window_averaged(counted, w.views, view_batch=w.view_batch)
+    def _count_window_batch(self, done: int, total: int) -> None:
+        self.stats.unet_calls += 1  # one UNet call per window batch
 
     def _latent(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         """Encode one frame (tiled when the stream has windows), drawing from `generator`."""
-        w = self.windows
-        if w is None:
+        if self.windows is None:
             return encode(self.model, image, generator)
-        return encode_tiled(self.model, to_tensor(image), generator, tile=w.tile, overlap=w.overlap)
+        return self.windows.encode(self.model, image, generator)
 
     def _encode(self, image: Image.Image) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Encode and return the stage noises, drawn in img2img's order (posterior, start, steps)."""
@@ -436,11 +428,8 @@ class FrameStream:
         """Decode and crop a finished frame; a skipped one repeats the last output."""
         if not item.skip:
             h, w = self._size
-            tiles = self.windows
-            if tiles is None or tiles.fits_one_tile(*item.z.shape[-2:]):
-                arr = decode(self.model, item.z)[0]
-            else:
-                arr = decode_tiled(self.model, item.z, tile=tiles.tile, overlap=tiles.overlap)[0]
+            decoded = decode if self.windows is None else self.windows.decode
+            arr = decoded(self.model, item.z)[0]
             self._last = to_uint8(arr)[:h, :w]
             item.z = None
         return self._last

@@ -23,6 +23,7 @@ from torch import nn
 
 from stylekit.engine import memory
 from stylekit.engine.latents import (
+    decode,
     decode_raw,
     degenerate,
     unit_pixels,
@@ -456,6 +457,8 @@ def decode_tiled(
         raise UsageError(f"tile {tile} and overlap {overlap}: need 0 <= 2 * overlap < tile")
     rows = _spans(z.shape[-2], tile=tile, overlap=overlap, wrap=wrap_y)
     cols = _spans(z.shape[-1], tile=tile, overlap=overlap, wrap=wrap_x)
+    if len(rows) * len(cols) == 1:  # one tile is the whole latent: decode it as such
+        return decode(model, z)
     dtype = torch.float32 if upcast_needed(model) else model.vae.dtype
 
     shared = lockstep_fits(model, *z.shape[-2:]) if lockstep is None else lockstep

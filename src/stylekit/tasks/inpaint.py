@@ -257,11 +257,11 @@ def repaint(
     crop = image.crop(box)
     windows, extra = None, {}
     if tiled is not None:
-        from stylekit.engine.img2img import Windows
+        from stylekit.engine.windows import Windows
 
         working = tiled.working(crop.size)
         plan = tiled.plan(working, session.native)
-        windows = Windows(plan.windows(), view_batch=plan.view_batch)
+        windows = Windows.of(plan)
         extra = tiled.settings(plan)
         del extra["upscale"]
     else:

@@ -249,11 +249,11 @@ def stylize_one(
     working = info.size if tiled is not None else clip.working(info.size, session.native_px)
     windows, extra = None, {}
     if tiled is not None:  # the windows of the frame padded to multiples of 8 by the stream
-        from stylekit.engine.img2img import Windows
+        from stylekit.engine.windows import Windows
 
         padded = tuple(-(-side // 8) * 8 for side in working)
         plan = tiled.plan(padded, session.native)
-        windows = Windows(plan.windows(), view_batch=plan.view_batch)
+        windows = Windows.of(plan)
         extra = {k: v for k, v in tiled.settings(plan).items() if k != "upscale"}
     stream = FrameStream(
         session.model,
