@@ -623,3 +623,26 @@ def test_optimize_mode_from_noise(tmp_path, sd15_path, app):
 
     with pytest.raises(UsageError, match="texture --mode optimize"):
         texture_expand([str(ex)], size=(32, 32), settings=tiny_settings(sd15_path), mode="optimize")
+
+
+def test_the_empty_prompt_is_encoded_once_per_run(tmp_path, sd15_path, monkeypatch):
+    """Each exemplar gets its own references, but the feature passes' conditioning (the empty
+    prompt) is the run's: encoded once for a batch of exemplars, not once per texture."""
+    from stylekit.api import Runtime
+    from stylekit.runner import Output
+    from stylekit.tasks.textures import texture
+
+    calls = []
+    original = ad.feature_conditioning
+    monkeypatch.setattr(
+        ad, "feature_conditioning", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    inputs = [str(write_image(tmp_path / f"ex{i}.png", i, (32, 32))) for i in range(3)]
+    report = texture(
+        inputs,
+        settings=tiny_settings(sd15_path, steps=1, ad_iters=1),
+        output=Output(out=tmp_path / "out", seed=0),
+        runtime=Runtime(**CPU),
+    )
+    assert report.exit_code() == 0, report.failed
+    assert len(report.done) == 3 and len(calls) == 1

@@ -316,11 +316,13 @@ class Session:
         *,
         style_names: Sequence[str] = (),
         references: ad.References | None = None,
+        feature_cond: conditioning.Conditioning | None = None,
     ):
         self.settings, self.model, self.sampler, self.cond = settings, model, sampler, cond
         self.style_names = list(style_names)
         self.references = references
         self.features = ad.FeatureCache()  # the references' features per timestep, this run's
+        self.feature_cond = feature_cond  # AD's empty-prompt conditioning, encoded once per run
 
     @property
     def native(self) -> int:
@@ -335,14 +337,17 @@ class Session:
     def with_references(
         self, images: Sequence[Image.Image], *, seed: int, masks: LabelMaps | None = None
     ) -> Session:
-        """The same loaded model with these AD references (and a fresh feature cache)."""
+        """The same loaded model with these AD references (and a fresh feature cache); the
+        feature passes' conditioning is encoded once and shared (textures: one per exemplar)."""
+        if self.feature_cond is None:
+            self.feature_cond = ad.feature_conditioning(self.model, self.cond.image_embeds)
         refs = ad.make_references(
             self.model,
             images,
             noise=reference_generator(seed),
             options=ad_options(self.settings),
-            image_embeds=self.cond.image_embeds,
             masks=masks,
+            cond=self.feature_cond,
         )
         return Session(
             self.settings,
@@ -351,6 +356,7 @@ class Session:
             self.cond,
             style_names=self.style_names,
             references=refs,
+            feature_cond=self.feature_cond,
         )
 
     # --- hooks of the sampling loop ------------------------------------------------------------

@@ -432,23 +432,35 @@ def make_references(
     options: ADOptions = ADOptions(),
     image_embeds: list[torch.Tensor] | None = None,
     masks: LabelMaps | None = None,
+    cond: conditioning.Conditioning | None = None,
 ) -> References:
     """Encode the references once and draw their fixed noise from the `noise` generator.
 
     The caller owns that generator: it must not be an image's own (with equal shapes the image
-    would be noised like the reference and pulled towards a copy of its layout).
+    would be noised like the reference and pulled towards a copy of its layout). `cond` is the
+    feature passes' conditioning (`feature_conditioning`), made here when not given.
     """
-    cond = conditioning.encode_text(model, "", None, cfg=1.0)
-    if image_embeds is not None:  # IP-Adapter layers need image embeds in every UNet call
-        cond = conditioning.Conditioning(
-            cond.prompt_embeds, 1.0, cond.pooled, [e[-1:] for e in image_embeds], cond.timestep_cond
-        )
+    cond = cond if cond is not None else feature_conditioning(model, image_embeds)
     latents = [clean_latent(model, r) for r in images]
     drawn = [
         randn_tensor(z.shape, generator=noise, device=z.device, dtype=z.dtype) for z in latents
     ]
     layers = select_layers(model.unet, options.layers)
     return References(latents, drawn, layers, cond, options, masks)
+
+
+def feature_conditioning(
+    model: LoadedModel, image_embeds: list[torch.Tensor] | None = None
+) -> conditioning.Conditioning:
+    """The feature passes' conditioning: the empty prompt, one row, no CFG; IP-Adapter layers
+    need image embeds in every UNet call, so they get the conditional row's."""
+    cond = conditioning.encode_text(model, "", None, cfg=1.0)
+    if image_embeds is None:
+        return cond
+    embeds = [e[-1:] for e in image_embeds]
+    return conditioning.Conditioning(
+        cond.prompt_embeds, 1.0, cond.pooled, embeds, cond.timestep_cond
+    )
 
 
 def unet_inputs(model: LoadedModel, refs: References, z: torch.Tensor) -> dict:
