@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_texture import SD15, TAESD, ensure_models, fmt, memory_mb, reset_peak  # noqa: E402
+from bench_texture import SD15, TAESD, drive, fmt, memory_mb, reset_peak  # noqa: E402
 
 
 def load(args):
@@ -56,6 +56,7 @@ def child(args) -> dict:
     from PIL import Image
 
     from stylekit.engine import img2img as engine
+    from stylekit.engine import windows as tiled_vae  # `Windows.encode` calls its encode_tiled
     from stylekit.tasks.stylize import Tiled
 
     torch.set_num_threads(args.threads)
@@ -70,7 +71,7 @@ def child(args) -> dict:
     plan = tiled.plan(photo.size, session.native)
 
     phases, marks = {}, {}
-    real = {name: getattr(engine, name) for name in ("encode_tiled", "encode", "sample")}
+    real = {"encode_tiled": tiled_vae.encode_tiled, "sample": engine.sample}
 
     def timed(name, fn):
         def run(*a, **k):
@@ -84,8 +85,7 @@ def child(args) -> dict:
 
         return run
 
-    engine.encode_tiled = timed("encode", real["encode_tiled"])
-    engine.encode = timed("encode", real["encode"])
+    tiled_vae.encode_tiled = timed("encode", real["encode_tiled"])  # one tile: encoded whole
     sample = real["sample"]
     if args.skip_sample:  # the latent passes through: encode and decode measured alone
         sample = lambda eps, z, *a, **k: z  # noqa: E731
@@ -160,20 +160,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
-    if args.child is not None:
-        print(json.dumps(child(args)), flush=True)
-        return
-    ensure_models(args.model, args.vae)
-    passed = list(argv if argv is not None else sys.argv[1:])
-    rows, start = [], time.perf_counter()
-    for size in args.sizes:
-        rows.append(run_size(size, passed))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(table(rows))
-    print(f"\ntotal {time.perf_counter() - start:.0f} s (model loads included)")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    drive(parse(argv), argv, child=child, run_size=run_size, table=table)
 
 
 if __name__ == "__main__":

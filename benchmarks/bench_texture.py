@@ -210,8 +210,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+def drive(args, argv: list[str] | None, *, child, run_size, table) -> None:
+    """The protocol of the per-size benchmarks: as `--child`, measure one size and print its row;
+    else run every size in a fresh interpreter and print the table (and `--json`)."""
     if args.child is not None:
         print(json.dumps(child(args)), flush=True)
         return
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntotal {time.perf_counter() - start:.0f} s (model loads included)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    drive(parse(argv), argv, child=child, run_size=run_size, table=table)
 
 
 if __name__ == "__main__":
