@@ -1142,6 +1142,130 @@ def presets() -> None:
             print(f"{name:<12} {description}")
 
 
+# --- models, doctor ------------------------------------------------------------------------------
+models_app = typer.Typer(
+    help="Fetch what a preset needs ahead of time (for offline machines) and see what is cached.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE / HF_HOME)."
+    ),
+]
+PullCommand = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--command",
+        help="Pull for these commands only (repeatable; default all): stylize, inpaint, video, t2i-styled, texture, texture-expand.",
+    ),
+]
+PullStrength = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--strength",
+        help="Pull the STD LoRA for these strengths only (repeatable; default: every released η).",
+    ),
+]
+Variant = Annotated[
+    str | None,
+    typer.Option(
+        "--variant", help="Hub weight variant to prefer, e.g. fp16.", rich_help_panel=MODEL
+    ),
+]
+
+
+@models_app.command("pull")
+def models_pull(
+    preset: Annotated[
+        str | None, typer.Argument(help="Built-in preset or .toml file (default std-sdxl).")
+    ] = None,
+    model: Model = None,
+    variant: Variant = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    turbo: Turbo = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    style_mode: StyleMode = None,
+    strength: PullStrength = None,
+    command: PullCommand = None,
+    cache_dir: CacheDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List files and sizes only.")] = False,
+) -> None:
+    """Download every file a preset (or flags) will load, so HF_HUB_OFFLINE=1 runs can find them.
+
+    Offline (HF_HUB_OFFLINE=1) it checks the cache instead: exit 0 when complete, 2 if not.
+    Example: stylekit models pull lcm-sd15 --command stylize
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("preset", "strength", "command")}
+    with cli_errors():
+        from stylekit import hubfiles
+
+        settings = hubfiles.settings_for(
+            preset,
+            **given_settings(
+                **{
+                    SETTINGS_FIELD.get(k, k): v
+                    for k, v in flags.items()
+                    if k not in ("cache_dir", "dry_run")
+                }
+            ),
+        )
+        hubfiles.pull(
+            settings,
+            commands=tuple(command or hubfiles.COMMANDS),
+            strengths=strength,
+            cache=cache_dir,
+            dry_run=dry_run,
+        )
+
+
+@models_app.command("list")
+def models_list(
+    cache_dir: CacheDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per preset.")] = False,
+) -> None:
+    """Show, per built-in preset, whether the cache holds every file it needs, and the disk used."""
+    with cli_errors():
+        import json
+
+        from stylekit import hubfiles
+        from stylekit.engine import hub
+        from stylekit.presets import builtin_names
+
+        for name in builtin_names():
+            st = hubfiles.preset_status(name, cache_dir)
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "preset": name,
+                            "model": st.model,
+                            "complete": st.complete,
+                            "missing": list(st.missing),
+                            "bytes": st.bytes,
+                        }
+                    )
+                )
+                continue
+            state = "complete" if st.complete else f"missing {len(st.missing)} file(s)"
+            state = state if st.model_cached else "model not cached"
+            print(f"{name:<12} {state:<20} {hubfiles.human(st.bytes):>9}  {st.model}")
+            for path in st.missing[:5]:
+                print(f"{'':<12}   missing {path}")
+            if len(st.missing) > 5:
+                print(f"{'':<12}   … and {len(st.missing) - 5} more")
+        if not as_json:
+            offline = "on" if hub.offline() else "off"
+            print(f"cache: {hub.cache_dir(cache_dir)} (offline mode {offline})")
+
+
 # --- plumbing ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CommonOptions:

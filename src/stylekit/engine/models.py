@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import torch
 
+from stylekit.engine import hub
 from stylekit.errors import ModelError, UsageError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -518,6 +519,8 @@ def load_lora(
             pipe.load_lora_weights(str(path), adapter_name=name)
         else:
             repo, weight = split_hub_file(source)
+            if weight is None and hub.offline():  # diffusers cannot list the repo to guess it
+                weight = hub.cached_lora_weight(repo)
             kwargs = {"weight_name": weight} if weight else {}
             pipe.load_lora_weights(repo, adapter_name=name, **kwargs)
 

@@ -1,0 +1,317 @@
+"""`stylekit models pull|list` against a Hugging Face cache built by hand (no download).
+
+The cache layout is huggingface_hub's: `models--owner--name/refs/main` holds a commit, the files
+live under `snapshots/<commit>/`. The tests run offline (conftest sets HF_HUB_OFFLINE=1), where
+`pull` checks the cache instead of fetching; which files it asks for is checked against
+diffusers' own choice for `from_pretrained(variant=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from stylekit import hubfiles
+from stylekit.cli import app
+from stylekit.engine import hub
+from stylekit.presets import load_preset
+
+RUNNER = CliRunner()
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def put(cache: Path, repo: str, files: dict[str, str | bytes]) -> Path:
+    """Write `files` into the cache as the `main` snapshot of `repo`; return the snapshot."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    snap = folder / "snapshots" / COMMIT
+    for path, data in files.items():
+        target = snap / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return snap
+
+
+def sd15_repo(*, fp16: bool = True) -> dict[str, str | bytes]:
+    """An SD1.5 pipeline repo as released: every component, fp16 and full weights."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None],
+    }
+    files: dict[str, str | bytes] = {
+        "model_index.json": json.dumps(index),
+        "v1-5-pruned-emaonly.safetensors": b"w" * 50,
+        "README.md": "x",
+        "feature_extractor/preprocessor_config.json": "{}",
+        "scheduler/scheduler_config.json": "{}",
+        "tokenizer/merges.txt": "",
+        "tokenizer/vocab.json": "{}",
+        "tokenizer/special_tokens_map.json": "{}",
+        "tokenizer/tokenizer_config.json": "{}",
+        "unet/config.json": json.dumps({"cross_attention_dim": 768}),
+        "vae/config.json": "{}",
+        "text_encoder/config.json": "{}",
+        "safety_checker/config.json": "{}",
+        "safety_checker/model.safetensors": b"s" * 7,
+    }
+    for folder, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")):
+        files[f"{folder}/{stem}.safetensors"] = b"f" * 40
+        files[f"{folder}/{stem}.bin"] = b"b" * 40
+        if fp16:
+            files[f"{folder}/{stem}.fp16.safetensors"] = b"h" * 20
+    files["text_encoder/model.safetensors"] = b"f" * 30
+    files["text_encoder/pytorch_model.bin"] = b"b" * 30
+    if fp16:
+        files["text_encoder/model.fp16.safetensors"] = b"h" * 15
+    return files
+
+
+def fill_lcm_sd15(cache: Path) -> None:
+    """Everything preset lcm-sd15 needs: SD1.5 (fp16), LCM-LoRA, IP-Adapter SD1.5 + ViT-H."""
+    put(cache, SD15, sd15_repo())
+    put(cache, "latent-consistency/lcm-lora-sdv1-5", {"pytorch_lora_weights.safetensors": b"l"})
+    put(
+        cache,
+        "h94/IP-Adapter",
+        {
+            "models/ip-adapter_sd15.safetensors": b"a" * 3,
+            "models/image_encoder/config.json": "{}",
+            "models/image_encoder/model.safetensors": b"e" * 5,
+            "sdxl_models/ip-adapter_sdxl.safetensors": b"unused",
+        },
+    )
+
+
+def models(*args: str):
+    return RUNNER.invoke(app, ["models", *args])
+
+
+def test_pull_offline_complete_lists_every_file_and_exits_0(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    result = models("pull", "lcm-sd15", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    for path in (
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "pytorch_lora_weights.safetensors",
+        "models/ip-adapter_sd15.safetensors",
+        "models/image_encoder/model.safetensors",
+    ):
+        assert path in out
+    # the full weights, the safety checker and the single-file checkpoint are never loaded
+    for path in ("unet/diffusion_pytorch_model.safetensors", "safety_checker", "v1-5-pruned"):
+        assert path not in out
+    assert "complete" in out
+
+
+def test_pull_offline_missing_is_one_line_and_exit_2(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    snap = hub.snapshot(SD15, tmp_path)
+    (snap / "unet/diffusion_pytorch_model.fp16.safetensors").unlink()
+    (snap / "unet/diffusion_pytorch_model.safetensors").unlink()
+    result = models("pull", "lcm-sd15", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{SD15}/unet/diffusion_pytorch_model.fp16.safetensors" in lines[0]
+    assert "stylekit models pull" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_full_weights_stand_in_for_a_missing_variant(tmp_path):
+    """diffusers loads a component's full weights where it has no fp16 file."""
+    fill_lcm_sd15(tmp_path)
+    snap = hub.snapshot(SD15, tmp_path)
+    (snap / "vae/diffusion_pytorch_model.fp16.safetensors").unlink()
+    result = models("pull", "lcm-sd15", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 0, result.stderr
+    assert "vae/diffusion_pytorch_model.safetensors" in result.stdout
+
+
+def test_pull_offline_without_the_adapter_when_the_command_does_not_use_it(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    (hub.snapshot("h94/IP-Adapter", tmp_path) / "models/ip-adapter_sd15.safetensors").unlink()
+    assert models("pull", "lcm-sd15", "--cache-dir", str(tmp_path)).exit_code == 2
+    textures = models("pull", "lcm-sd15", "--command", "texture", "--cache-dir", str(tmp_path))
+    assert textures.exit_code == 0, textures.stderr
+    assert "IP-Adapter" not in textures.stdout
+
+
+def test_list_shows_complete_and_missing_presets_and_disk_used(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    result = models("list", "--cache-dir", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["preset"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(rows) == {"lcm-sd15", "sd-turbo", "std-sdxl"}
+    assert rows["lcm-sd15"]["complete"] and rows["lcm-sd15"]["missing"] == []
+    # fp16 unet 20 + vae 20 + text encoder 15 + LoRA 1 + adapter 3 + encoder 5, and the configs
+    configs = sum(
+        len(v if isinstance(v, bytes) else v.encode())
+        for k, v in sd15_repo().items()
+        if k.endswith((".json", ".txt")) and not k.startswith("safety_checker")
+    )
+    assert (
+        rows["lcm-sd15"]["bytes"] == 20 + 20 + 15 + 1 + 3 + 5 + configs + 2
+    )  # + 2: image encoder config
+    assert not rows["std-sdxl"]["complete"]
+    assert rows["std-sdxl"]["missing"] == [
+        "stabilityai/stable-diffusion-xl-base-1.0/model_index.json"
+    ]
+    text = models("list", "--cache-dir", str(tmp_path))
+    assert text.exit_code == 0
+    assert "lcm-sd15     complete" in text.stdout
+    assert "std-sdxl     model not cached" in text.stdout
+
+
+def sdxl_index() -> str:
+    return json.dumps(
+        {
+            "_class_name": "StableDiffusionXLPipeline",
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+    )
+
+
+def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
+    """std-sdxl's image commands may pick any released η; from noise TCD-LoRA (its sampler)."""
+    put(tmp_path, "stabilityai/stable-diffusion-xl-base-1.0", {"model_index.json": sdxl_index()})
+    plan = hubfiles.resolve_all(
+        load_preset("std-sdxl"), listing=lambda r: hubfiles.cached_listing(r, tmp_path)
+    )
+    assert plan.family == "sdxl"
+    missing = set(plan.missing)
+    for eta in ("0.65", "0.75", "0.85", "0.95"):
+        assert (
+            f"SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta{eta}.safetensors"
+            in missing
+        )
+    assert "h1t/TCD-SDXL-LoRA/a top-level .safetensors LoRA file" in missing
+    assert "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl_vit-h.safetensors" in missing
+    assert "h94/IP-Adapter/models/image_encoder/config.json" in missing
+    one = hubfiles.resolve_all(
+        load_preset("std-sdxl"),
+        commands=["stylize"],
+        strengths=[0.6],
+        listing=lambda r: hubfiles.cached_listing(r, tmp_path),
+    )
+    stds = [m for m in one.missing if "std_sdxl" in m]
+    assert stds == ["SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.65.safetensors"]
+    assert not any("TCD" in m for m in one.missing)
+
+
+def test_turbo_preset_needs_no_accelerator_or_adapter(tmp_path):
+    plan = hubfiles.resolve_all(
+        load_preset("sd-turbo"), listing=lambda r: hubfiles.cached_listing(r, tmp_path)
+    )
+    assert [r.need.what for r in plan.resolved] == ["model"]
+
+
+def test_tiny_vae_and_lora_flags_add_their_repos(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    result = models(
+        "pull",
+        "lcm-sd15",
+        "--tiny-vae",
+        "--lora",
+        "someone/style-lora/style.safetensors:0.8",
+        "--cache-dir",
+        str(tmp_path),
+    )
+    assert result.exit_code == 2
+    assert "someone/style-lora/style.safetensors" in result.stderr
+    assert "tiny VAE: madebyollin/taesd" in result.stdout
+    assert "missing   diffusion_pytorch_model.safetensors" in result.stdout
+    put(
+        tmp_path,
+        "madebyollin/taesd",
+        {"config.json": "{}", "diffusion_pytorch_model.safetensors": b"t"},
+    )
+    put(tmp_path, "someone/style-lora", {"style.safetensors": b"s"})
+    again = models(
+        "pull",
+        "lcm-sd15",
+        "--tiny-vae",
+        "--lora",
+        "someone/style-lora/style.safetensors:0.8",
+        "--cache-dir",
+        str(tmp_path),
+    )
+    assert again.exit_code == 0, again.stderr
+
+
+def test_lora_without_a_file_name_loads_offline_from_the_cache(tmp_path, monkeypatch):
+    """Offline, diffusers cannot list a repo to guess its LoRA file: the loader names it."""
+    put(
+        tmp_path,
+        "latent-consistency/lcm-lora-sdv1-5",
+        {"README.md": "", "pytorch_lora_weights.safetensors": b"l"},
+    )
+    assert hub.cached_lora_weight("latent-consistency/lcm-lora-sdv1-5", tmp_path) == (
+        "pytorch_lora_weights.safetensors"
+    )
+    assert (
+        hub.lora_weight(["b.safetensors", "a.safetensors", "sub/x.safetensors"]) == "a.safetensors"
+    )
+    assert hub.lora_weight(["README.md"]) is None
+
+
+@pytest.mark.parametrize("variant", ["fp16", None])
+def test_pipeline_files_match_what_diffusers_downloads(tmp_path, monkeypatch, variant):
+    """Parity: the files `pull` fetches for a pipeline are the ones diffusers' own
+    `download(variant=..., use_safetensors=True, safety_checker=None)` asks the hub for."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines import pipeline_utils
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = sd15_repo()
+    index = tmp_path / "model_index.json"
+    index.write_text(repo["model_index.json"])
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def snapshot_download(name, **kwargs):
+        asked.update(kwargs)
+        raise Asked
+
+    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in repo])
+    monkeypatch.setattr(pipeline_utils, "model_info", lambda *a, **k: info)
+    monkeypatch.setattr(pipeline_utils, "hf_hub_download", lambda *a, **k: str(index))
+    monkeypatch.setattr(pipeline_utils, "snapshot_download", snapshot_download)
+    with pytest.raises(Asked):
+        StableDiffusionImg2ImgPipeline.download(
+            SD15, variant=variant, use_safetensors=True, safety_checker=None
+        )
+    theirs = set(
+        filter_repo_objects(
+            list(repo),
+            allow_patterns=asked["allow_patterns"],
+            ignore_patterns=asked["ignore_patterns"],
+        )
+    )
+    listing = hubfiles.Listing(SD15, {k: len(v) for k, v in repo.items()}, lambda p: repo[p])
+    ours = hubfiles.resolve(hubfiles.Need(SD15, "model", "pipeline", variant=variant), listing)
+    assert ours.missing == []
+    assert set(ours.files) == theirs
