@@ -315,3 +315,32 @@ def test_pipeline_files_match_what_diffusers_downloads(tmp_path, monkeypatch, va
     ours = hubfiles.resolve(hubfiles.Need(SD15, "model", "pipeline", variant=variant), listing)
     assert ours.missing == []
     assert set(ours.files) == theirs
+
+
+def test_an_accelerator_repo_without_a_file_name_loads_offline(
+    tmp_path, monkeypatch, sd15_path, sd15_lora
+):
+    """The run after `pull`: HF_HUB_OFFLINE=1, a LoRA repo named without its file (as
+    LCM-LoRA and TCD-LoRA are), found in the cache and fused."""
+    import torch
+    from huggingface_hub import constants
+
+    from stylekit.engine import models
+
+    put(tmp_path, "someone/fast-lora", {"pytorch_lora_weights.safetensors": sd15_lora.read_bytes()})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    spec = models.ModelSpec(str(sd15_path), accelerator="none", device="cpu", dtype="fp32")
+    plain = models.load(spec)
+    fused = models.load(
+        models.ModelSpec(
+            str(sd15_path), accelerator="someone/fast-lora", device="cpu", dtype="fp32"
+        )
+    )
+    assert fused.accelerator == "someone/fast-lora"
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(
+            plain.unet.state_dict().values(), fused.unet.state_dict().values(), strict=True
+        )
+    ]
+    assert any(changed)
