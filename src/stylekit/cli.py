@@ -1266,6 +1266,34 @@ def models_list(
             print(f"cache: {hub.cache_dir(cache_dir)} (offline mode {offline})")
 
 
+@app.command()
+def doctor(
+    preset: Preset = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder to check (default ./stylized)."),
+    ] = None,
+    cache_dir: CacheDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+) -> None:
+    """Check this machine: versions, devices and dtype, memory, ffmpeg, the model cache, the output folder.
+
+    Exit 0 when the preset (default std-sdxl) can run, 1 otherwise, saying what is missing.
+    """
+    with cli_errors():
+        import json
+
+        from stylekit import doctor as doc
+
+        report = doc.diagnose(preset=preset, out=out, cache_dir=cache_dir)
+        if as_json:
+            print(json.dumps(report.as_dict(), default=str))
+        else:
+            for line in doc.lines(report):
+                print(line)
+        raise typer.Exit(0 if report.ok else 1)
+
+
 # --- plumbing ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CommonOptions:

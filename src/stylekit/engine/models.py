@@ -175,6 +175,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def auto_dtype_reason(device: torch.device) -> str:
+    """Why `resolve_dtype("auto", device)` picks what it picks, in a few words."""
+    if device.type in ("cuda", "mps"):
+        return f"half precision on {device.type}"
+    if cpu_has_bf16():
+        return "this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)"
+    return "this CPU has no native bf16 matrix instructions (AVX512-BF16 or AMX)"
+
+
 def is_local(source: str) -> bool:
     """Whether `source` names something on disk rather than a hub id or hub file `owner/repo/file`."""
     path = Path(source)
