@@ -1294,6 +1294,133 @@ def doctor(
         raise typer.Exit(0 if report.ok else 1)
 
 
+# --- sweep ---------------------------------------------------------------------------------------
+SweepSource = Annotated[
+    str,
+    typer.Argument(
+        metavar="INPUT",
+        help="The image (the exemplar for texture-expand; the prompt for t2i-styled).",
+        show_default=False,
+    ),
+]
+Vary = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--vary",
+        help="KEY=V1,V2,... (any setting, or seed; V1|V2 when values hold commas); 1st: columns, 2nd: rows, 3rd: one sheet per value.",
+        show_default=False,
+    ),
+]
+SweepCommand = Annotated[
+    str, typer.Option("--command", help="stylize, t2i-styled or texture-expand.")
+]
+SheetOut = Annotated[
+    Path,
+    typer.Option("--out", "-o", help="The contact sheet; its cells go to a folder beside it."),
+]
+SweepSize = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        help="WxH: stylize's working size, t2i-styled's image, texture-expand's texture (required there).",
+        rich_help_panel=FILES,
+    ),
+]
+SweepMaxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size",
+        help="Longer side at most N (stylize: the input; texture-expand: the exemplar).",
+        rich_help_panel=FILES,
+    ),
+]
+
+
+@app.command()
+def sweep(
+    source: SweepSource,
+    vary: Vary = None,
+    command: SweepCommand = "stylize",
+    out: SheetOut = Path("sweep.png"),
+    style: Style = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    turbo: Turbo = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    strength: Strength = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: StyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: SweepSize = None,
+    max_size: SweepMaxSize = None,
+    max_pixels: MaxPixels = None,
+    seamless: Seamless = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
+) -> None:
+    """Run one input over a grid of settings with one model load; write a labelled contact sheet.
+
+    Example: stylekit sweep photo.jpg --vary strength=0.4,0.6,0.8 --vary style_scale=0.5,1.0 --style ref.jpg -o sheet.png
+    Cells (with their metadata) and cells.json go to sheet/; a rerun skips the cells already there.
+    """
+    params = locals()
+    with cli_errors():
+        from stylekit import sweep as sw
+        from stylekit.presets import Settings
+        from stylekit.progress import ConsoleEvents
+        from stylekit.session import Runtime
+
+        known = {f.name for f in fields(Settings)}
+        flags = {SETTINGS_FIELD.get(k, k): v for k, v in params.items()}
+        overrides = given_settings(**{k: v for k, v in flags.items() if k in known})
+        runtime = Runtime(device, dtype, allow_pickle, model_config, size_check=not no_size_check)
+        options = sw.Options(parse_size_flag(size), check_max_size(max_size), max_pixels, seamless)
+        events = ConsoleEvents(err, as_json=as_json, quiet=quiet, unit="cells", debug=debug_mode())
+        with events:
+            report = sw.sweep(
+                source,
+                axes=[sw.parse_axis(text) for text in vary or ()],
+                command=command,
+                sheet=out,
+                style=style_paths(style),
+                preset=preset,
+                seed=seed,
+                overwrite=overwrite,
+                runtime=runtime,
+                options=options,
+                events=events,
+                **overrides,
+            )
+        colour = "red" if report.exit_code() else "green"
+        err.print(f"[{colour}]{escape(report.summary())}[/{colour}]")
+        for path in report.sheets:
+            err.print(f"sheet: {escape(str(path))}  (cells in {escape(str(sw.cells_folder(out)))})")
+        raise typer.Exit(report.exit_code())
+
+
 # --- plumbing ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CommonOptions:

@@ -48,6 +48,58 @@ class Runtime:
     allow_pickle: bool = False
     model_config: str | None = None  # diffusers config for a single-file checkpoint
     size_check: bool = True  # refuse sizes that `engine.memory` says will not fit
+    models: ModelPool | None = None  # hands a loaded model on to the next run (`stylekit sweep`)
+
+
+class ModelPool:
+    """The last model loaded, handed to the next run that would load the very same one.
+
+    Runs differ in their sampling settings (steps, CFG, prompt, style scale, AD knobs, seed)
+    without a new load. What `models.load` builds from the spec (model, variant, LoRAs, VAEs,
+    IP-Adapter on or off, the accelerator) must match; the strength and the task only count
+    through the accelerator `choose_accelerator` picks for them. One model is held at a time:
+    the previous one is let go before the next loads.
+    """
+
+    def __init__(self) -> None:
+        self.spec: models.ModelSpec | None = None
+        self.model: models.LoadedModel | None = None
+        self.loads = 0
+
+    def load(self, spec: models.ModelSpec) -> models.LoadedModel:
+        held, model = self.spec, self.model
+        if model is not None and self.same_weights(held, spec, model):
+            before = models.choose_accelerator(held, model.family, model.turbo)
+            after = models.choose_accelerator(spec, model.family, model.turbo)
+            swap = {before.notice: after.notice, before.warning: after.warning}
+            return replace(
+                model,
+                notices=tuple(n for n in (swap.get(n, n) for n in model.notices) if n),
+                warnings=tuple(w for w in (swap.get(w, w) for w in model.warnings) if w),
+            )
+        self.spec = self.model = model = None
+        memory_release()
+        self.model, self.spec = models.load(spec), spec
+        self.loads += 1
+        return self.model
+
+    @staticmethod
+    def same_weights(held: models.ModelSpec, spec: models.ModelSpec, model) -> bool:
+        """Whether `spec` loads what `held` loaded: equal but for strength and task, and the
+        same accelerator for them."""
+        if replace(spec, strength=held.strength, task=held.task) != held:
+            return False
+        chosen = models.choose_accelerator(spec, model.family, model.turbo).source
+        return chosen == model.accelerator
+
+
+def memory_release() -> None:
+    """Give a dropped model's memory back before the next one loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def default_batch(runtime: Runtime) -> int:
@@ -287,7 +339,8 @@ def open_session(
     own 224 px anyway, so this only bounds the memory a 12-megapixel reference takes.
     """
     use_ad, use_ip = uses_ad(settings, style), wants_ip_adapter(settings, style)
-    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip, task=task))
+    spec = model_spec(settings, runtime, ip_adapter=use_ip, task=task)
+    model = runtime.models.load(spec) if runtime.models is not None else models.load(spec)
     config = dict(model.pipe.scheduler.config)
     sampler = sampling.make_sampler(settings.scheduler, config, gamma=settings.gamma)
     cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
