@@ -16,7 +16,7 @@ from stylekit.cli import app
 from stylekit.engine import models
 from stylekit.errors import UsageError
 from stylekit.media.metadata import read_metadata
-from stylekit.media.sheet import contact_sheet, font_size, label
+from stylekit.media.sheet import contact_sheet, font_size, label, layout, text_size
 from stylekit.sweep import Axis, parse_axis
 
 RUNNER = CliRunner()
@@ -81,9 +81,10 @@ def test_sheet_grid_size_and_labels_3x2():
     assert (plan.cols, plan.rows) == (3, 2)
     assert sheet.size == plan.size
     w, h = plan.cell
-    assert (
-        sheet.width == plan.label_w + 3 * (w + 4) + 4 and sheet.height == plan.top + 2 * (h + 4) + 4
-    )
+    widest = max(text_size(t, font_size(plan.cell))[0] for t in cols)
+    assert plan.pitch == max(w, widest + 8)  # a label wider than its cell widens the column
+    assert sheet.width == plan.label_w + 3 * (plan.pitch + 4) + 4
+    assert sheet.height == plan.top + 2 * (h + 4) + 4
     for r in range(2):
         for c in range(3):
             box = plan.box(r, c)
@@ -95,6 +96,7 @@ def test_sheet_grid_size_and_labels_3x2():
         assert (drawn == np.asarray(label(text, (box[2] - box[0], box[3] - box[1]), size))).all()
         assert (drawn < 128).any()  # ink, not a blank band
         assert box[3] <= plan.box(0, c)[1]  # above its column
+        assert box[0] <= plan.box(0, c)[0] and plan.box(0, c)[2] <= box[2]
     for r, text in enumerate(rows):
         box = plan.row_label(r)
         drawn = crop(sheet, box)
@@ -181,8 +183,7 @@ def test_sweep_3x2_cells_are_the_single_stylize_runs(tmp_path, sd15_path, sd15_i
         assert record["settings"]["strength"] == place["values"]["strength"]
         assert record["settings"]["style_scale"] == place["values"]["style_scale"]
     assert sorted(cells) == [(r, c) for r in range(2) for c in range(3)]
-    _, plan = contact_sheet([[None] * 3] * 2, meta["columns"], meta["rows"])
-    plan = type(plan)((64, 64), 3, 2, plan.label_w, plan.label_h)
+    plan = layout((64, 64), meta["columns"], meta["rows"])
     assert drawn.size == plan.size
     for (row, col), (path, values) in cells.items():
         with Image.open(path) as im:

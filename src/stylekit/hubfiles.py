@@ -374,7 +374,9 @@ def resolve_all(
 
     unknown = sorted(set(commands) - set(COMMANDS))
     if unknown:
-        raise UsageError(f"unknown command(s) {', '.join(unknown)}; choose from {', '.join(COMMANDS)}")
+        raise UsageError(
+            f"unknown command(s) {', '.join(unknown)}; choose from {', '.join(COMMANDS)}"
+        )
     check_source(settings.model, what="model", allow_pickle=False)
     listings: dict[str, Listing] = {}
 
@@ -546,4 +548,3 @@ def pull(
     check_complete(after, f"model {settings.model} after pulling")
     echo(f"complete: {human(after.size())} in the cache at {hub.cache_dir(cache)}")
     return after
-

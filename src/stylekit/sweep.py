@@ -328,10 +328,7 @@ def sweep(
     events.planned(len(cells), 0)
     for n, cell in enumerate(sorted(cells, key=lambda c: load_order(c, axes))):
         seed_n = cell.values.get("seed", seed0)
-        job = Job(
-            Path(source) if command != "t2i-styled" else None, cell.path, Path(cell.path.name), n
-        )
-        events.started(job)
+        events.started(Job(None, cell.path, Path(cell.path.name), n))  # shown by its file name
         inner = CellEvents(events, seen)
         start = time.perf_counter()
         output = Output(cell.path, overwrite=overwrite, seed=seed_n)

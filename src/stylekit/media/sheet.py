@@ -52,6 +52,11 @@ class Layout:
     label_w: int  # width of the row-label column (0: no row labels)
     label_h: int  # height of the column-label band and of the title band
     titled: bool = False
+    col_w: int = 0  # a column's width: the cell's, or its label's where that is wider
+
+    @property
+    def pitch(self) -> int:
+        return max(self.col_w, self.cell[0])
 
     @property
     def top(self) -> int:
@@ -61,19 +66,20 @@ class Layout:
     def size(self) -> tuple[int, int]:
         w, h = self.cell
         return (
-            self.label_w + self.cols * (w + PAD) + PAD,
+            self.label_w + self.cols * (self.pitch + PAD) + PAD,
             self.top + self.rows * (h + PAD) + PAD,
         )
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """The cell's (left, top, right, bottom)."""
         w, h = self.cell
-        x, y = self.label_w + PAD + col * (w + PAD), self.top + PAD + row * (h + PAD)
+        x = self.label_w + PAD + col * (self.pitch + PAD) + (self.pitch - w) // 2
+        y = self.top + PAD + row * (h + PAD)
         return x, y, x + w, y + h
 
     def col_label(self, col: int) -> tuple[int, int, int, int]:
-        x0, _, x1, _ = self.box(0, col)
-        return x0, self.top - self.label_h, x1, self.top
+        x0 = self.label_w + PAD + col * (self.pitch + PAD)
+        return x0, self.top - self.label_h, x0 + self.pitch, self.top
 
     def row_label(self, row: int) -> tuple[int, int, int, int]:
         _, y0, _, y1 = self.box(row, 0)
@@ -91,7 +97,9 @@ def layout(
     label_h = size + 2 * PAD + size // 2
     widest = max((text_size(t, size)[0] for t in rows), default=0)
     label_w = widest + 4 * PAD if rows else 0
-    return Layout(cell, len(cols), max(len(rows), 1), label_w, label_h, titled=title is not None)
+    col_w = max((text_size(t, size)[0] for t in cols), default=0) + 2 * PAD
+    titled = title is not None
+    return Layout(cell, len(cols), max(len(rows), 1), label_w, label_h, titled, col_w)
 
 
 def contact_sheet(
