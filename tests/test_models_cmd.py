@@ -344,3 +344,100 @@ def test_an_accelerator_repo_without_a_file_name_loads_offline(
         )
     ]
     assert any(changed)
+
+
+class FakeHub:
+    """The hub's side of `pull`, in memory: repo listings, single-file and snapshot downloads
+    (written into the cache the way huggingface_hub lays it out)."""
+
+    def __init__(self, repos: dict[str, dict[str, str | bytes]]):
+        self.repos, self.snapshots = repos, []
+
+    def api(self):
+        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.hf_api import RepoFile
+
+        hub_ = self
+
+        class Api:
+            def list_repo_tree(self, repo, recursive=False, **kw):
+                if repo not in hub_.repos:
+                    raise RepositoryNotFoundError(f"404: {repo}")
+                for path, data in hub_.repos[repo].items():
+                    yield RepoFile(path=path, size=len(data), oid="0")
+
+        return Api
+
+    def hf_hub_download(self, repo, path, cache_dir=None, **kw):
+        return str(put(Path(cache_dir), repo, {path: self.repos[repo][path]}) / path)
+
+    def snapshot_download(self, repo, allow_patterns=None, cache_dir=None, **kw):
+        self.snapshots.append((repo, sorted(allow_patterns)))
+        put(Path(cache_dir), repo, {p: self.repos[repo][p] for p in allow_patterns})
+        return str(hub.snapshot(repo, cache_dir))
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub answering from a FakeHub holding what lcm-sd15 needs, not offline."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    repos = {
+        SD15: sd15_repo(),
+        "latent-consistency/lcm-lora-sdv1-5": {
+            "README.md": "",
+            "pytorch_lora_weights.safetensors": b"l" * 9,
+        },
+        "h94/IP-Adapter": {
+            "models/ip-adapter_sd15.safetensors": b"a" * 3,
+            "models/image_encoder/config.json": "{}",
+            "models/image_encoder/model.safetensors": b"e" * 5,
+            "models/image_encoder/pytorch_model.bin": b"e" * 5,
+            "sdxl_models/ip-adapter_sdxl.safetensors": b"unused",
+        },
+    }
+    fake = FakeHub(repos)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake.api())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    return fake
+
+
+def test_pull_fetches_exactly_the_needed_files_per_repo(tmp_path, online):
+    result = models("pull", "lcm-sd15", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    fetched = dict(online.snapshots)
+    assert fetched["h94/IP-Adapter"] == [
+        "models/image_encoder/config.json",
+        "models/image_encoder/model.safetensors",
+        "models/ip-adapter_sd15.safetensors",
+    ]
+    assert fetched["latent-consistency/lcm-lora-sdv1-5"] == ["pytorch_lora_weights.safetensors"]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fetched[SD15]
+    assert not any(
+        "safety_checker" in p or p.endswith((".bin", "model.safetensors")) and "fp16" not in p
+        for p in fetched[SD15]
+    )
+    assert "9 B  to fetch  pytorch_lora_weights.safetensors" in result.stdout
+    assert "complete:" in result.stdout
+    assert hubfiles.preset_status("lcm-sd15", tmp_path).complete  # what an offline run finds
+
+
+def test_dry_run_lists_sizes_and_fetches_no_weights(tmp_path, online):
+    result = models("pull", "lcm-sd15", "--dry-run", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert online.snapshots == []
+    assert "20 B  to fetch  unet/diffusion_pytorch_model.fp16.safetensors" in result.stdout
+    assert "total " in result.stdout
+    assert not hub.cached_files("h94/IP-Adapter", tmp_path)
+
+
+def test_a_file_the_hub_lacks_is_one_line_and_exit_2(tmp_path, online):
+    del online.repos["h94/IP-Adapter"]["models/ip-adapter_sd15.safetensors"]
+    result = models("pull", "lcm-sd15", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "not on the hub: h94/IP-Adapter/models/ip-adapter_sd15.safetensors" in result.stderr
+    assert online.snapshots == []
