@@ -272,3 +272,21 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, says):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_cells_are_grouped_so_each_model_loads_once(tmp_path, sd15_path, sd2_path):
+    """`model` across the columns alternates between the models in sheet order; the cells run
+    grouped by model, so two models are two loads, not four."""
+    photo = write_image(tmp_path / "photo.png", 3)
+    flags = ["--accelerator", "none", "--dtype", "fp32", "--device", "cpu", "-q"]
+    result = RUNNER.invoke(
+        app,
+        [
+            "sweep", str(photo), "--vary", f"model={sd15_path},{sd2_path}", "--vary", "steps=1,2",
+            *flags, "--style-mode", "none", "--seed", "1", "-o", str(tmp_path / "s.png"), "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "4 done, 0 skipped, 0 failed (cells); 2 model load(s)" in result.stderr
+    ran = [json.loads(line)["settings"]["model"] for line in result.stdout.splitlines()]
+    assert ran == [str(sd15_path)] * 2 + [str(sd2_path)] * 2

@@ -73,7 +73,9 @@ def show(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     text = str(value)
-    return text if len(text) <= 40 else text[:39] + "…"
+    if len(text) <= 40:
+        return text
+    return "…" + text[-39:] if "/" in text else text[:39] + "…"  # a path's end names it
 
 
 def kinds() -> dict[str, str]:
@@ -208,7 +210,7 @@ def check_axes(axes: Sequence[Axis], given: dict, preset: str | None, sheet: Pat
 
 def load_order(cell: Cell, axes: Sequence[Axis]) -> tuple:
     """Cells that load the same model run together: sorted by the varied LOAD_KEYS."""
-    return tuple(show(cell.values[a.key]) for a in axes if a.key in LOAD_KEYS)
+    return tuple(repr(cell.values[a.key]) for a in axes if a.key in LOAD_KEYS)
 
 
 class CellEvents(Events):
