@@ -257,6 +257,7 @@ def test_t2i_sweep_with_a_third_axis_makes_one_sheet_per_value(tmp_path, sd15_pa
             "at most 3",
         ),
         (["--vary", "strength=0.5", "--strength", "0.4"], "strength: given twice"),
+        (["--vary", "seed=1,2", "--seed", "3"], "seed: given twice"),
         (["--vary", "strength=0.5,1.5"], "strength = 1.5 is outside"),
         (["--vary", "steps=1", "-o", "sheet.gif"], "gif"),
         (["--vary", "steps=1", "--command", "texture-expand"], "needs --size"),

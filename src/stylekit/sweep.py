@@ -201,11 +201,12 @@ def check_axes(axes: Sequence[Axis], given: dict, preset: str | None, sheet: Pat
         )
     output_format(sheet.suffix)
     base = load_preset(preset)
+    settings = {k: v for k, v in given.items() if k != "seed"}
     for values in itertools.product(*(a.values for a in axes)):
         cell = dict(zip(keys, values, strict=True))
         if "seed" in cell:
             base_seed(cell.pop("seed"))
-        base.with_overrides(**given, **cell)
+        base.with_overrides(**settings, **cell)
 
 
 def load_order(cell: Cell, axes: Sequence[Axis]) -> tuple:
@@ -317,7 +318,7 @@ def sweep(
         raise UsageError("sweep --command t2i-styled: the prompt is the argument, not --prompt")
     options.check(command)
     sheet = Path(sheet)
-    check_axes(axes, overrides, preset, sheet)
+    check_axes(axes, overrides | ({"seed": seed} if seed is not None else {}), preset, sheet)
     if command != "t2i-styled" and not Path(source).is_file():
         raise UsageError(f"{source}: no such image file")
     seed0 = base_seed(seed)
