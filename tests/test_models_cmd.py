@@ -441,3 +441,12 @@ def test_a_file_the_hub_lacks_is_one_line_and_exit_2(tmp_path, online):
     assert result.stderr.count("\n") == 1
     assert "not on the hub: h94/IP-Adapter/models/ip-adapter_sd15.safetensors" in result.stderr
     assert online.snapshots == []
+
+
+def test_a_corrupt_cached_config_is_named(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    (hub.snapshot(SD15, tmp_path) / "model_index.json").write_text("{not json")
+    result = models("pull", "lcm-sd15", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert f"{SD15}/model_index.json: not readable JSON" in result.stderr

@@ -69,7 +69,10 @@ class Listing:
     read: Callable[[str], str]
 
     def json(self, path: str) -> dict:
-        return json.loads(self.read(path))
+        try:
+            return json.loads(self.read(path))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{self.repo}/{path}: not readable JSON ({exc})") from exc
 
 
 @dataclass
