@@ -270,25 +270,33 @@ class Options:
             raise UsageError(f"sweep --command {command} takes no {flags}")
 
 
-def run_cell(command: str, source: str, cell: Cell, **kw) -> BatchReport:
-    """The cell's run: the task function the command's CLI calls, with the cell's values."""
+def run_cell(
+    command: str,
+    source: str,
+    cell: Cell,
+    *,
+    style: list[str],
+    options: Options,
+    overrides: dict,
+    **run,
+) -> BatchReport:
+    """The cell's run: the task function the command's CLI calls, with the cell's values as
+    flags; `run` is what every task takes alike (preset, output, runtime, events)."""
     from stylekit import api
 
-    opts: Options = kw.pop("options")
-    values = {k: v for k, v in cell.values.items() if k != "seed"}
-    overrides = kw.pop("overrides") | values
+    flags = overrides | {k: v for k, v in cell.values.items() if k != "seed"}
     if command == "stylize":
-        return api.stylize(
-            [source], size=opts.size, max_size=opts.max_size, max_pixels=opts.max_pixels,
-            **kw, **overrides,
-        )  # fmt: skip
+        sizes = {
+            "size": options.size,
+            "max_size": options.max_size,
+            "max_pixels": options.max_pixels,
+        }
+        return api.stylize([source], style=style, **sizes, **run, **flags)
     if command == "t2i-styled":
-        prompt = overrides.pop("prompt", source)
-        return api.t2i_styled(prompt, count=1, size=opts.size, **kw, **overrides)
-    kw.pop("style")
-    return api.texture_expand(
-        [source], size=opts.size, max_size=opts.max_size, seamless=opts.seamless, **kw, **overrides
-    )
+        prompt = flags.pop("prompt", source)
+        return api.t2i_styled(prompt, style=style, count=1, size=options.size, **run, **flags)
+    sizes = {"size": options.size, "max_size": options.max_size, "seamless": options.seamless}
+    return api.texture_expand([source], **sizes, **run, **flags)
 
 
 def sweep(
