@@ -15,6 +15,15 @@ from stylekit.errors import PresetError
 
 DEFAULT_PRESET = "std-sdxl"
 STYLE_MODES = ("ipadapter", "ad", "both", "none")
+# Settings a command fixes over any preset, unless a flag gives them: t2i-styled guides by AD;
+# the texture commands use the AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN;
+# see tasks/textures.py). `--help` shows these as the defaults of those commands.
+_EXPAND = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
+COMMAND_DEFAULTS = {
+    "t2i-styled": {"style_mode": "ad"},
+    "texture-expand": _EXPAND,
+    "texture": {**_EXPAND, "ad_iters": 3, "opt_steps": 300},
+}
 
 
 @dataclass(frozen=True)
