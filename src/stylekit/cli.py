@@ -1166,13 +1166,35 @@ def texture(
 
 
 @app.command()
-def presets() -> None:
-    """List the built-in presets, one line each."""
-    from stylekit.presets import list_presets
+def presets(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON record per preset on stdout.")
+    ] = False,
+) -> None:
+    """List the built-in presets: model, steps, strength and what each is for; * marks the default.
+
+    Example: stylekit stylize photo.jpg --style ref.jpg --preset lcm-sd15
+    """
+    import json
+    import textwrap
+
+    from stylekit.presets import builtin_names, preset_summary
 
     with cli_errors():
-        for name, description in list_presets():
-            print(f"{name:<12} {description}")
+        rows = [preset_summary(name) for name in builtin_names()]
+        if as_json:
+            for row in rows:
+                print(json.dumps(row))
+            return
+        print(f"  {'NAME':<10} {'MODEL':<44} {'STEPS':>5} {'STRENGTH':>8}")
+        for row in rows:
+            mark = "*" if row["default"] else " "
+            print(
+                f"{mark} {row['name']:<10} {row['model']:<44} {row['steps']:>5} {row['strength']:>8}"
+            )
+            for line in textwrap.wrap(row["purpose"] or row["description"], 66):
+                print(f"{'':13}{line}")
+        print("* the default, used without --preset")
 
 
 # --- plumbing ----------------------------------------------------------------------------------
