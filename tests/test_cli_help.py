@@ -16,6 +16,25 @@ from stylekit.presets import COMMAND_DEFAULTS, DEFAULT_PRESET, load_preset
 RUNNER = CliRunner()
 GROUP = typer.main.get_command(app)
 COMMANDS = sorted(GROUP.commands)
+
+
+def command_paths(group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and sub-app, as the words that name it (`("models", "pull")`)."""
+    paths = []
+    for name, command in sorted(group.commands.items()):
+        paths.append((*prefix, name))
+        if hasattr(command, "commands"):
+            paths += command_paths(command, (*prefix, name))
+    return paths
+
+
+def command_at(path: tuple[str, ...]):
+    command = GROUP
+    for word in path:
+        command = command.commands[word]
+    return command
+
+
 TUNED = ("steps", "strength", "cfg", "scheduler", "gamma", "style_scale", "ad_iters", "ad_lr")
 HELP_COLUMN = 32  # a wrapped help line starts at most here: the help keeps >= 46 of 80 columns
 
@@ -36,13 +55,13 @@ def options(name: str):
     return [p for p in GROUP.commands[name].params if p.param_type_name == "option"]
 
 
-@pytest.mark.parametrize("name", [None, *COMMANDS])
-def test_help_fits_80_columns_with_whole_names_and_no_type_labels(name):
-    text = help_text(*([name] if name else []))
+@pytest.mark.parametrize("path", [(), *command_paths(GROUP)], ids=" ".join)
+def test_help_fits_80_columns_with_whole_names_and_no_type_labels(path):
+    text, name = help_text(*path), path
     assert all(len(line) <= 80 for line in text.splitlines()), text
     assert "…" not in text
     assert not re.search(r"(?<!\S)<\w+(\[[^\]]*\])?>(?!\S)", text), text  # <bool>, <list[str]>
-    params = GROUP.params if name is None else GROUP.commands[name].params
+    params = command_at(path).params
     flattened = flat(text)
     for param in params:
         if param.param_type_name != "option":
@@ -112,3 +131,25 @@ def test_help_that_used_to_be_wrong_for_its_command():
         assert "reference" not in by_name[name]["style_mode"]
     assert "single input" not in by_name["t2i-styled"]["out"]
     assert "image" not in by_name["video"]["seed"] and "video" in by_name["video"]["seed"]
+
+
+def test_commands_of_a_plain_sub_app_render_the_same():
+    """`stylekit models pull`-style sub-apps are plain `typer.Typer`s: their help is ours too."""
+    from stylekit.clihelp import App
+
+    top, sub = App(name="top"), typer.Typer()
+
+    @sub.command()
+    def pull(force: bool = typer.Option(False, "--force", help="Fetch again.")) -> None:
+        """Fetch."""
+
+    @top.command()
+    def other() -> None:
+        """Other."""
+
+    top.add_typer(sub, name="models")
+    for argv in (["models", "--help"], ["models", "pull", "--help"]):
+        result = RUNNER.invoke(top, argv, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.stdout and "Usage:" in result.stdout
+    assert "--force Fetch again." in " ".join(result.stdout.replace("│", " ").split())

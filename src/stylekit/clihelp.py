@@ -60,20 +60,32 @@ class HelpCommand(typer.core.TyperCommand):
 
 
 class HelpGroup(typer.core.TyperGroup):
-    """The Typer group (`stylekit --help`) rendered like the commands."""
+    """The Typer group (`stylekit --help`, `stylekit SUBAPP --help`) rendered like the commands.
+
+    A sub-app added with `add_typer` is usually a plain `typer.Typer`, whose commands Typer builds
+    as plain `TyperCommand`s: those are given this module's help here, as the group is built."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            if type(command) is typer.core.TyperCommand:
+                command.__class__ = HelpCommand  # adds format_help only: no state to set up
 
     def format_help(self, ctx, formatter) -> None:
         help_console().print(render_group(self, ctx))
 
 
 class App(typer.Typer):
-    """`typer.Typer` whose commands (and group) render their help with this module by default."""
+    """`typer.Typer` whose commands, group and sub-apps render their help with this module."""
 
     def __init__(self, **kwargs):
         super().__init__(cls=kwargs.pop("cls", HelpGroup), **kwargs)
 
     def command(self, *args, cls=None, **kwargs):
         return super().command(*args, cls=cls or HelpCommand, **kwargs)
+
+    def add_typer(self, typer_instance, *args, cls=None, **kwargs):
+        return super().add_typer(typer_instance, *args, cls=cls or HelpGroup, **kwargs)
 
 
 def help_console() -> Console:
