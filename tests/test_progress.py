@@ -67,7 +67,7 @@ def test_outputs_refused_before_the_first_start_do_not_count_as_speed():
 
 def test_log_lines_every_n_items_or_every_few_seconds():
     clock, out = FakeClock(), io.StringIO()
-    log = LogLines(Console(file=out, width=200), every_s=10, max_lines=5, clock=clock)
+    log = LogLines(Console(file=out, width=40), every_s=10, max_lines=5, clock=clock)  # no wrap
     t = Tracker(20, clock=clock)
     for i in range(20):
         t.start(f"o{i}", f"{i}.png")

@@ -296,7 +296,9 @@ class LogLines:
         if finished:
             due = due or t.done - self.last_done >= every_n or t.done == t.total
         if due:
-            self.console.print(line(t, unit, step_unit), markup=False, highlight=False)
+            self.console.print(
+                line(t, unit, step_unit), markup=False, highlight=False, soft_wrap=True
+            )
             self.last_at, self.last_done = now, t.done
 
 
