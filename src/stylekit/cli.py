@@ -1233,8 +1233,9 @@ Variant = Annotated[
 
 @models_app.command("pull")
 def models_pull(
-    preset: Annotated[
-        str | None, typer.Argument(help="Built-in preset or .toml file (default std-sdxl).")
+    preset_name: Annotated[
+        str | None,
+        typer.Argument(metavar="PRESET", help="Built-in preset or .toml file (default std-sdxl)."),
     ] = None,
     model: Model = None,
     variant: Variant = None,
@@ -1258,12 +1259,12 @@ def models_pull(
     Offline (HF_HUB_OFFLINE=1) it checks the cache instead: exit 0 when complete, 2 if not.
     Example: stylekit models pull lcm-sd15 --command stylize
     """
-    flags = {k: v for k, v in locals().items() if k not in ("preset", "strength", "command")}
+    flags = {k: v for k, v in locals().items() if k not in ("preset_name", "strength", "command")}
     with cli_errors():
         from stylekit import hubfiles
 
         settings = hubfiles.settings_for(
-            preset,
+            preset_name,
             **given_settings(
                 **{
                     SETTINGS_FIELD.get(k, k): v
@@ -1397,6 +1398,8 @@ def sweep(
     vary: Vary = None,
     command: SweepCommand = "stylize",
     out: SheetOut = Path("sweep.png"),
+    mode: Mode = None,
+    opt_steps: OptSteps = None,
     style: Style = None,
     preset: Preset = None,
     model: Model = None,
