@@ -664,7 +664,7 @@ def test_style_reference_through_ip_adapter(tmp_path, sd15_path, sd15_ip_adapter
     # scale 0 is the base model: float noise may flip one 8-bit rounding at most (0 measured)
     assert np.abs(zero - plain).max() <= 1 / 255
     meta = read_metadata(tmp_path / "styled.png")
-    assert meta["style"] == ["ref.png"] and meta["style_mode"] == "ipadapter"
+    assert meta["style"] == [str(ref)] and meta["style_mode"] == "ipadapter"
     assert meta["style_scale"] == 1.0
 
 

@@ -15,6 +15,7 @@ frames or windows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -88,6 +89,16 @@ def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
         except InputError as exc:
             raise UsageError(f"--style {exc}") from exc
     return images
+
+
+def content_hash(path: str | Path) -> str:
+    """A short content hash of a file (the first 12 hex digits of its SHA-256), recorded next to
+    a reference's path so that a changed or moved file can be told from the one that was used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) -> None:
@@ -248,6 +259,13 @@ def tiny_vae(settings: Settings) -> str | bool | None:
     return True if settings.tiny_vae else None
 
 
+def tiny_vae_source(settings: Settings, family: str) -> str | None:
+    """The tiny VAE a run of `family` decodes with (the family's default for a bare
+    `--tiny-vae`), or None: what its outputs record."""
+    source = tiny_vae(settings)
+    return models.TINY_VAE[family] if source is True else source
+
+
 def ad_options(settings: Settings) -> ad.ADOptions:
     """AD knobs from the settings (the content weight defaults by mode)."""
     s = settings
@@ -272,6 +290,7 @@ def open_session(
     *,
     style: Sequence[Image.Image] = (),
     style_names: Sequence[str] = (),
+    style_hashes: Sequence[str] = (),
     seed: int = 0,
     task: str = "img2img",
 ) -> Session:
@@ -296,7 +315,15 @@ def open_session(
         native = native_px(model)
         capped = [resized(im, Sizing().working(im.size, native)) for im in style]
         cond = conditioning.with_style_images(model, cond, capped)
-    session = Session(settings, model, sampler, cond, style_names=list(style_names))
+    session = Session(
+        settings,
+        model,
+        sampler,
+        cond,
+        style_names=list(style_names),
+        style_hashes=list(style_hashes),
+        task=task,
+    )
     if not use_ad:
         return session
     side = session.native_px
@@ -315,11 +342,15 @@ class Session:
         cond: conditioning.Conditioning,
         *,
         style_names: Sequence[str] = (),
+        style_hashes: Sequence[str] = (),
         references: ad.References | None = None,
         feature_cond: conditioning.Conditioning | None = None,
+        task: str = "img2img",
     ):
         self.settings, self.model, self.sampler, self.cond = settings, model, sampler, cond
-        self.style_names = list(style_names)
+        self.style_names = list(style_names)  # the references' paths as given
+        self.style_hashes = list(style_hashes)  # and their `content_hash`es
+        self.task = task  # where sampling starts: img2img, noise or video (see `open_session`)
         self.references = references
         self.features = ad.FeatureCache()  # the references' features per timestep, this run's
         self.feature_cond = feature_cond  # AD's empty-prompt conditioning, encoded once per run
@@ -355,8 +386,10 @@ class Session:
             self.sampler,
             self.cond,
             style_names=self.style_names,
+            style_hashes=self.style_hashes,
             references=refs,
             feature_cond=self.feature_cond,
+            task=self.task,
         )
 
     # --- hooks of the sampling loop ------------------------------------------------------------
@@ -493,31 +526,38 @@ class Session:
     # --- what every output records ---------------------------------------------------------------
 
     def metadata(self, *, seed: int, size: tuple[int, int], source: str | None = None) -> dict:
-        """Everything needed to reproduce an output, for the PNG/EXIF settings chunk."""
+        """Everything needed to reproduce an output, for the PNG/EXIF settings chunk.
+
+        Only what the run used is recorded: no prompt, negative prompt or CFG for optimisation
+        (it reads none of them), no negative prompt where CFG does not run, no strength from pure noise; the
+        tiny VAE by the model it loaded; style references by their path as given and a short
+        content hash."""
         s, m = self.settings, self.model
         sample = s.mode == "sample"
         ad_on = self.references is not None
         return {
-            "prompt": s.prompt,
-            "negative_prompt": s.negative,
+            "prompt": s.prompt if sample else None,
+            "negative_prompt": s.negative if sample and conditioning.uses_cfg(m, s.cfg) else None,
             "steps": s.steps if sample else s.opt_steps,
             "sampler": s.scheduler.upper() if sample else "AD-optimize",
-            "cfg_scale": s.cfg,
+            "cfg_scale": s.cfg if sample else None,
             "seed": seed,
             "size": f"{size[0]}x{size[1]}",
             "model": s.model,
-            "strength": s.strength if sample else None,
+            "strength": s.strength if sample and self.task != "noise" else None,
             "gamma": s.gamma if s.scheduler == "tcd" and sample else None,
             "accelerator": m.accelerator or "none",
             "loras": list(s.loras) or None,
             "style": self.style_names or None,
+            "style_sha256": self.style_hashes or None,
             "style_mode": ("ad" if not sample else s.style_mode) if self.style_names else None,
             "style_scale": s.style_scale if self.cond.image_embeds is not None else None,
             "ad_iters": s.ad_iters if ad_on and sample else None,
             "ad_lr": (s.ad_lr if sample else s.opt_lr) if ad_on else None,
             "ad_adain": s.ad_adain if ad_on and sample else None,
             "content_weight": self.references.options.content_weight if ad_on else None,
-            "tiny_vae": tiny_vae(s),
+            "tiny_vae": True if tiny_vae(s) else None,
+            "tiny_vae_model": tiny_vae_source(s, m.family),
             "vae": s.vae,
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
@@ -578,8 +618,9 @@ class LazySession:
         self.settings, self.runtime = settings, runtime or Runtime()
         self.seed, self.events, self.check, self.task = seed, events, check, task
         self.announce, self.before = announce, before
-        self.style_names = [Path(p).name for p in style]
+        self.style_names = [str(p) for p in style]  # recorded as given, with a content hash
         self.style_images = load_style_images(style)
+        self.style_hashes = [content_hash(p) for p in style]
         check_references(settings, self.style_images)
         check_sources(settings, self.runtime, self.style_images)
         self.session: Session | None = None
@@ -593,6 +634,7 @@ class LazySession:
             self.runtime,
             style=self.style_images,
             style_names=self.style_names,
+            style_hashes=self.style_hashes,
             seed=self.seed,
             task=self.task,
         )
