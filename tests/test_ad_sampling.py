@@ -188,7 +188,7 @@ def test_t2i_styled_cli_writes_each_image(sd15_path, tmp_path):
     meta = [read_metadata(out / f) for f in files]
     assert [m["seed"] for m in meta] == [7, 8]
     assert meta[0]["style_mode"] == "ad" and meta[0]["style"] == [str(tmp_path / "ref.png")]
-    assert "strength" not in meta[0]  # from pure noise: no denoising strength
+    assert meta[0]["strength"] is None  # from pure noise: no denoising strength
     with Image.open(out / files[0]) as im:
         assert im.size == (64, 64)
 

@@ -721,7 +721,8 @@ def test_tiny_vae_model_path_is_the_vae_used(tmp_path, sd15_path, tiny_vae_path,
         assert torch.equal(loaded[1].vae.state_dict()[name], weight), name
     assert tiny.shape == full.shape == (64, 64, 3)
     assert np.abs(tiny - full).mean() > 1e-2  # a random tiny VAE gives another image
-    assert read_metadata(tmp_path / "tiny.png")["tiny_vae"] == str(tiny_vae_path)
+    meta = read_metadata(tmp_path / "tiny.png")
+    assert meta["tiny_vae"] is True and meta["tiny_vae_model"] == str(tiny_vae_path)
     assert read_metadata(tmp_path / "full.png").get("tiny_vae") is None
 
 

@@ -64,6 +64,19 @@ class Events:
         """The exception behind a failure (the CLI prints its traceback with --debug)."""
 
 
+class SayOnce:
+    """Pass a run's first notice of each kind to `events` and drop the later ones: a notice that
+    names its case (75x53 → 72x48) would otherwise be said once per input."""
+
+    def __init__(self, events: Events):
+        self.events, self.said = events, set()
+
+    def __call__(self, kind: str, message: str | None) -> None:
+        if message and kind not in self.said:
+            self.said.add(kind)
+            self.events.notice(message)
+
+
 @dataclass(frozen=True)
 class Output:
     """Where and how a batch writes: folder or file, format, suffix, overwrite policy, seed."""

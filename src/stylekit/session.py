@@ -199,9 +199,17 @@ def wants_ip_adapter(settings: Settings, style: Sequence) -> bool:
 
 
 def check_references(settings: Settings, style: Sequence) -> None:
-    """Refuse optimize mode without a reference: there is nothing to optimise towards."""
+    """Refuse optimize mode without a reference (there is nothing to optimise towards), and
+    references with style mode none, which would ignore them: asking for a style and getting
+    none is not a choice to make silently (the sd-turbo preset's style mode is none)."""
     if settings.mode == "optimize" and not style:
         raise UsageError("--mode optimize needs at least one --style reference")
+    if style and settings.mode == "sample" and settings.style_mode == "none":
+        raise UsageError(
+            "--style is given but the style mode is none (the preset's, or --style-mode), so "
+            "the references would be ignored; add --style-mode ad, ipadapter or both, "
+            "or drop --style"
+        )
 
 
 def uses_ad(settings: Settings, style: Sequence) -> bool:

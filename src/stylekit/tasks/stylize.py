@@ -15,7 +15,7 @@ from stylekit.errors import UsageError
 from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
 from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized, with_alpha
 from stylekit.presets import Settings
-from stylekit.runner import Events, Output, plan_files, run_batched
+from stylekit.runner import Events, Output, SayOnce, plan_files, run_batched
 from stylekit.session import (
     LazySession,
     Runtime,
@@ -138,6 +138,7 @@ def stylize(
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
+    say_once = SayOnce(events)
     batch = batch_size or default_batch(runtime)
     rows = min(batch, len(jobs)) or 1  # same-size images per UNet call, at most
 
@@ -158,6 +159,7 @@ def stylize(
         if tiled is not None:
             return Loaded(source, resized(source.rgb, tiled.working(source.size)))
         working = sizing.working(source.size, run().native_px)
+        say_once("rounded", sizing.rounded(source.size, run().native_px))
         what = f"{job.input}: {working[0]}x{working[1]}"
         work = image_work(settings, working, style, batch=rows)
         run.check_input(work, what=what, hint="lower --max-pixels or --max-size")

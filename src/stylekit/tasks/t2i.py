@@ -16,6 +16,7 @@ from stylekit.media.batch import (
     IMAGE_EXTS,
     BatchReport,
     Job,
+    check_file_format,
     output_format,
     refuse_overwriting_files,
 )
@@ -44,7 +45,7 @@ def plan_generated(count: int, prompt: str, output: Output) -> list[Job]:
     if out.suffix.lower() in IMAGE_EXTS and not out.is_dir():
         if count != 1:
             raise UsageError(f"-o {out} names one file but -n is {count}")
-        output_format(out.suffix)
+        check_file_format(out, output.fmt)
         return [Job(None, out, Path(out.name), 0)]
     ext = FORMAT_EXTS[output_format(output.fmt)]
     stem = prompt_stem(prompt) + output.suffix

@@ -146,6 +146,11 @@ def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None =
         if root.suffix.lower() in VIDEO_SUFFIXES and not root.is_dir():
             if len(items) != 1:
                 raise UsageError(f"-o {root} names one file but there are {len(items)} inputs")
+            if output.fmt is not None and video_extension(output.fmt) != root.suffix.lower():
+                raise UsageError(
+                    f"-o {root} is a {root.suffix.lower()[1:]} file but --format is "
+                    f"{output.fmt}; drop --format or give -o the extension you want"
+                )
             jobs = [Job(items[0].path, root, items[0].rel, 0)]
             refuse_overwriting_inputs(jobs)
             return jobs
