@@ -6,6 +6,7 @@ Tiny random models on the CPU; videos are a few frames of 40x32.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -111,3 +112,172 @@ def test_ffmetadata_escapes():
     text += "[STREAM]\ncomment=not global\n"
     tags = ffmetadata_tags(text)
     assert tags == {"major_brand": "isom", "comment": '{"a":"b=c;d#e\\f","n":"x\ny"}'}
+
+
+# --- conflicts are refused ---------------------------------------------------------------------
+
+
+def no_load(monkeypatch):
+    """Make any model load fail the test: these refusals come before it."""
+    from stylekit.engine import models
+
+    def load(spec):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(models, "load", load)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stylize", "{img}", "--style", "{ref}", "--style-mode", "none"],
+        ["stylize", "{img}", "--style", "{ref}", "--preset", "sd-turbo"],
+        ["t2i-styled", "a cat", "--style", "{ref}", "--style-mode", "none"],
+        ["inpaint", "{img}", "--mask", "{ref}", "--style", "{ref}", "--style-mode", "none"],
+    ],
+)
+def test_style_with_style_mode_none_is_refused(tmp_path, sd15_path, monkeypatch, args):
+    img, ref = write_image(tmp_path / "a.png"), write_image(tmp_path / "ref.png", seed=1)
+    no_load(monkeypatch)
+    result = cli(
+        *[a.format(img=img, ref=ref) for a in args], "-o", tmp_path / "out", model=sd15_path
+    )
+    assert result.exit_code == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "style mode is none" in line and "--style-mode ad" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "out", "fmt"),
+    [
+        (["stylize", "{img}"], "out.jpg", "png"),
+        (["stylize", "{img}"], "out.png", "webp"),
+        (["t2i-styled", "a cat", "--style-mode", "none"], "cat.png", "jpg"),
+        (["video", "{clip}", *VIDEO_FLAGS], "styled.mp4", "webm"),
+    ],
+)
+def test_output_file_with_another_format_is_refused(
+    tmp_path, clip, sd15_path, monkeypatch, args, out, fmt
+):
+    img = write_image(tmp_path / "a.png")
+    no_load(monkeypatch)
+    args = [a.format(img=img, clip=clip) for a in args]
+    result = cli(*args, "-o", tmp_path / out, "-f", fmt, model=sd15_path)
+    assert result.exit_code == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert f"--format is {fmt}" in line and str(tmp_path / out) in line
+
+
+def test_output_file_with_its_own_format_is_fine(tmp_path, sd15_path):
+    img = write_image(tmp_path / "a.png")
+    result = cli("stylize", img, "-o", tmp_path / "out.jpg", "-f", "jpeg", model=sd15_path)
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"
+
+
+# --- sizes rounded: said once, recorded --------------------------------------------------------
+
+ROUNDED = "rounded down to multiples of 8"
+
+
+def test_rounded_sizes_are_said_once_and_recorded(tmp_path, sd15_path):
+    for name, size in [("a", (75, 53)), ("b", (77, 61)), ("c", (75, 53))]:
+        write_image(tmp_path / "in" / f"{name}.png", size)
+    out = tmp_path / "out"
+    args = ["stylize", tmp_path / "in", "-o", out, "--batch-size", "1", *tiny(sd15_path)]
+    result = RUNNER.invoke(app, [*map(str, args), "--seed", "1"])
+    assert result.exit_code == 0, result.stderr
+    notices = [line for line in result.stderr.splitlines() if ROUNDED in line]
+    assert len(notices) == 1 and "75x53 → 72x48" in notices[0]
+    for name, size, rounded in [("a", "75x53", (72, 48)), ("b", "77x61", (72, 56))]:
+        assert Image.open(out / f"{name}.png").size == rounded
+        meta = read_metadata(out / f"{name}.png")
+        assert meta["input_size"] == size and meta["size"] == "{}x{}".format(*rounded)
+
+
+def test_no_rounding_notice_when_nothing_is_rounded(tmp_path, sd15_path):
+    img = write_image(tmp_path / "a.png", (75, 53))
+    for flags in (["--keep-size"], ["--size", "64x64"]):
+        args = ["stylize", img, "-o", tmp_path / "out", "--overwrite", *flags, *tiny(sd15_path)]
+        result = RUNNER.invoke(app, [*map(str, args), "--seed", "1"])
+        assert result.exit_code == 0, result.stderr
+        assert ROUNDED not in result.stderr
+
+
+def test_texture_at_a_rounded_exemplar_size_says_so_once(tmp_path, sd15_path):
+    for name in ("a", "b"):
+        write_image(tmp_path / "in" / f"{name}.png", (75, 53), seed=2)
+    out = tmp_path / "out"
+    args = ["texture", tmp_path / "in", "-o", out, "--ad-iters", "0", *tiny(sd15_path)]
+    result = RUNNER.invoke(app, [*map(str, args), "--seed", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert len([line for line in result.stderr.splitlines() if ROUNDED in line]) == 1
+    meta = read_metadata(out / "a.png")
+    assert meta["size"] == "72x48" and meta["input_size"] == "75x53"
+
+
+# --- outputs record what the run used, and only that -------------------------------------------
+
+
+def test_generated_images_record_no_denoising_strength(tmp_path, sd15_path):
+    ref = write_image(tmp_path / "ref.png", seed=1)
+    t2i = cli(
+        "t2i-styled",
+        "a cat",
+        "--style",
+        ref,
+        "--ad-iters",
+        "1",
+        "--size",
+        "64x64",
+        "-o",
+        tmp_path / "t2i.png",
+        model=sd15_path,
+    )
+    texture = cli(
+        "texture-expand",
+        ref,
+        "--size",
+        "64x64",
+        "-o",
+        tmp_path / "tex.png",
+        "--ad-iters",
+        "0",
+        model=sd15_path,
+    )
+    for result, name in [(t2i, "t2i.png"), (texture, "tex.png")]:
+        assert result.exit_code == 0, result.stderr
+        assert read_metadata(tmp_path / name)["strength"] is None
+        assert "Denoising strength" not in read_parameters(tmp_path / name)
+
+
+def test_optimize_mode_records_no_cfg_or_prompt(tmp_path, sd15_path):
+    img, ref = write_image(tmp_path / "a.png"), write_image(tmp_path / "ref.png", seed=1)
+    out = tmp_path / "out.png"
+    args = ["stylize", img, "--mode", "optimize", "--opt-steps", "2", "--style", ref]
+    result = cli(*args, "--prompt", "unused", "--cfg", "7", "-o", out, model=sd15_path)
+    assert result.exit_code == 0, result.stderr
+    meta, params = read_metadata(out), read_parameters(out)
+    assert meta["cfg_scale"] is None and meta["prompt"] is None and meta["negative_prompt"] is None
+    assert meta["sampler"] == "AD-optimize" and meta["steps"] == 2
+    assert "CFG scale" not in params and "unused" not in params
+
+
+def test_negative_prompt_recorded_only_where_cfg_runs(tmp_path, sd15_path):
+    img = write_image(tmp_path / "a.png")
+    for cfg, name in [("1", "plain.png"), ("4", "cfg.png")]:
+        args = ["stylize", img, "--negative", "blurry", "--cfg", cfg, "-o", tmp_path / name]
+        assert cli(*args, model=sd15_path).exit_code == 0
+    assert read_metadata(tmp_path / "plain.png")["negative_prompt"] is None
+    assert read_metadata(tmp_path / "cfg.png")["negative_prompt"] == "blurry"
+
+
+def test_style_references_recorded_by_path_and_content_hash(tmp_path, sd15_path):
+    img, ref = write_image(tmp_path / "a.png"), write_image(tmp_path / "refs" / "r.png", seed=1)
+    out = tmp_path / "out.png"
+    args = ["stylize", img, "--style", ref, "--style-mode", "ad", "--ad-iters", "1", "-o", out]
+    assert cli(*args, model=sd15_path).exit_code == 0
+    meta = read_metadata(out)
+    assert meta["style"] == [str(ref)]
+    assert meta["style_sha256"] == [hashlib.sha256(ref.read_bytes()).hexdigest()[:12]]
