@@ -281,3 +281,93 @@ def test_style_references_recorded_by_path_and_content_hash(tmp_path, sd15_path)
     meta = read_metadata(out)
     assert meta["style"] == [str(ref)]
     assert meta["style_sha256"] == [hashlib.sha256(ref.read_bytes()).hexdigest()[:12]]
+
+
+# --- an output's settings are enough to make it again ------------------------------------------
+
+FLAGS = {  # recorded key -> the flag that sets it
+    "prompt": "--prompt",
+    "negative_prompt": "--negative",
+    "cfg_scale": "--cfg",
+    "seed": "--seed",
+    "model": "--model",
+    "strength": "--strength",
+    "gamma": "--gamma",
+    "accelerator": "--accelerator",
+    "style_mode": "--style-mode",
+    "style_scale": "--style-scale",
+    "ad_iters": "--ad-iters",
+    "ad_lr": "--ad-lr",
+    "content_weight": "--content-weight",
+    "tiny_vae_model": "--tiny-vae-model",
+    "vae": "--vae",
+    "consistency": "--consistency",
+    "max_frames": "--max-frames",
+}
+DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def flags_from(meta: dict) -> list[str]:
+    """The command-line flags that give a run these recorded settings (the input aside)."""
+    flags = [
+        f
+        for key, flag in FLAGS.items()
+        if meta.get(key) is not None
+        for f in (flag, str(meta[key]))
+    ]
+    if meta["sampler"] == "AD-optimize":
+        flags += ["--mode", "optimize", "--opt-steps", str(meta["steps"])]
+    else:
+        flags += ["--scheduler", meta["sampler"].lower(), "--steps", str(meta["steps"])]
+    flags += ["--size", meta.get("working_size") or meta["size"], "--dtype", DTYPES[meta["dtype"]]]
+    flags += [f for ref in meta.get("style") or () for f in ("--style", ref)]
+    flags += [f for lora in meta.get("loras") or () for f in ("--lora", lora)]
+    if meta.get("ad_adain") is not None:
+        flags.append("--adain" if meta["ad_adain"] else "--no-adain")
+    if meta.get("stream_batch") is not None:
+        flags.append("--stream-batch" if meta["stream_batch"] else "--no-stream-batch")
+    return flags
+
+
+def rerun(*args) -> None:
+    result = RUNNER.invoke(app, [*map(str, args), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_stylized_image_is_made_again_from_its_settings(tmp_path, sd15_path, tiny_vae_path):
+    img, ref = write_image(tmp_path / "a.png", (75, 53)), write_image(tmp_path / "r.png", seed=1)
+    first = tmp_path / "first" / "a.png"
+    args = ["--style", ref, "--style-mode", "ad", "--ad-iters", "1", "--tiny-vae"]
+    args += ["--tiny-vae-model", tiny_vae_path, "--prompt", "ink, wash", "--negative", "dull"]
+    args += ["--cfg", "3", "--gamma", "0.3", "--strength", "0.6", "--scheduler", "tcd"]
+    assert cli("stylize", img, "-o", first, *args, model=sd15_path, seed=None).exit_code == 0
+    meta = read_metadata(first)
+    again = tmp_path / "again" / "a.png"
+    rerun("stylize", img, "-o", again, *flags_from(meta))
+    assert again.read_bytes() == first.read_bytes()
+
+
+def test_generated_image_is_made_again_from_its_settings(tmp_path, sd15_path):
+    ref = write_image(tmp_path / "r.png", seed=1)
+    first = tmp_path / "first.png"
+    args = ["--style", ref, "--ad-iters", "1", "--size", "64x48", "--no-adain", "--cfg", "2"]
+    assert cli("t2i-styled", "a cat", "-o", first, *args, model=sd15_path, seed=None).exit_code == 0
+    meta = read_metadata(first)
+    again = tmp_path / "again.png"
+    flags = flags_from(meta)
+    prompt = flags.index("--prompt")
+    rerun("t2i-styled", flags.pop(prompt + 1), *flags[:prompt], *flags[prompt + 1 :], "-o", again)
+    assert again.read_bytes() == first.read_bytes()
+
+
+def test_video_frames_are_made_again_from_their_settings(clip, tmp_path, sd15_path):
+    first = tmp_path / "first"
+    args = ["--frames-out", first, *VIDEO_FLAGS, "--max-frames", "3", "--consistency", "none"]
+    assert cli("video", clip, *args, model=sd15_path, seed=None).exit_code == 0
+    frames = sorted((first / "clip").glob("*.png"))
+    meta = read_metadata(frames[0])
+    assert meta["max_frames"] == 3 and meta["consistency"] == "none"
+    again = tmp_path / "again"
+    rerun("video", clip, "--frames-out", again, *flags_from(meta))
+    redone = sorted((again / "clip").glob("*.png"))
+    assert [p.read_bytes() for p in redone] == [p.read_bytes() for p in frames]

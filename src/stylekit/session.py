@@ -537,9 +537,9 @@ class Session:
         """Everything needed to reproduce an output, for the PNG/EXIF settings chunk.
 
         Only what the run used is recorded: no prompt, negative prompt or CFG for optimisation
-        (it reads none of them), no negative prompt where CFG does not run, no strength from pure noise; the
-        tiny VAE by the model it loaded; style references by their path as given and a short
-        content hash."""
+        (it reads none of them), no negative prompt where CFG does not run, no strength or
+        content weight from pure noise; the tiny VAE by the model it loaded; style references
+        by their path as given and a short content hash."""
         s, m = self.settings, self.model
         sample = s.mode == "sample"
         ad_on = self.references is not None
@@ -563,7 +563,11 @@ class Session:
             "ad_iters": s.ad_iters if ad_on and sample else None,
             "ad_lr": (s.ad_lr if sample else s.opt_lr) if ad_on else None,
             "ad_adain": s.ad_adain if ad_on and sample else None,
-            "content_weight": self.references.options.content_weight if ad_on else None,
+            "content_weight": (
+                self.references.options.content_weight
+                if ad_on and self.task != "noise"  # from noise there is no content to keep
+                else None
+            ),
             "tiny_vae": True if tiny_vae(s) else None,
             "tiny_vae_model": tiny_vae_source(s, m.family),
             "vae": s.vae,
