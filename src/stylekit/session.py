@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,29 @@ def resolve_settings(settings: Settings | None, preset: str | None, overrides: d
 
 def with_seed(output: Output) -> Output:
     """Fix the batch's base seed up front (random if not given) so every part of the run shares it."""
-    return replace(output, seed=base_seed(output.seed))
+    if output.seed is not None:
+        return replace(output, seed=base_seed(output.seed))
+    return replace(output, seed=base_seed(None), seed_drawn=True)
+
+
+def check_schedule(settings: Settings, task: str) -> None:
+    """Refuse steps the strength's schedule cannot run (`--steps 8 --strength 0.1` needs a grid
+    of 80 of the 50 timesteps) before the model loads: a dry run refuses it as the run would."""
+    if task in ("img2img", "video") and settings.mode == "sample":
+        turbo, _ = models.detect_turbo(settings.model, settings.turbo)
+        sampling.img2img_schedule(settings.steps, settings.strength, turbo=turbo)
+
+
+@lru_cache(maxsize=4)
+def planned_native_px(settings: Settings) -> int | None:
+    """The model's native side in px (`native_px`) read off its configs before it loads, for a
+    dry run's sizes; None where only the load can tell (a single-file checkpoint, a hub id not
+    in the cache offline)."""
+    try:
+        unet, vae = models.read_configs(settings.model)
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (StylekitError, OSError, ValueError, KeyError, TypeError):  # TypeError: no config
+        return None
 
 
 def size_notice(sizing: Sizing, what: str = "outputs") -> Callable[[Session], str]:
@@ -607,11 +630,12 @@ def announce(model: models.LoadedModel, events: Events) -> None:
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
-    Style references are loaded and local model paths checked by the constructor, so a bad one
-    stops the run before any model loads; `before()` runs first in `prepare` (a size check that
-    needs the model's family); `check(session)` may refuse a combination only the loaded model
-    reveals, and `announce(session)` returns a line for `events.notice` once the model is known
-    (the working size, which depends on the model).
+    Style references are loaded, local model paths and the schedule checked by the constructor,
+    so a bad one stops the run before any model loads; `before()` is the runner's `check` (a
+    size check that needs the model's family, not the model: it runs on --dry-run too);
+    `check(session)` may refuse a combination only the loaded model reveals, and
+    `announce(session)` returns a line for `events.notice` once the model is known (the working
+    size, which depends on the model).
     """
 
     def __init__(
@@ -635,11 +659,10 @@ class LazySession:
         self.style_hashes = [content_hash(p) for p in style]
         check_references(settings, self.style_images)
         check_sources(settings, self.runtime, self.style_images)
+        check_schedule(settings, task)
         self.session: Session | None = None
 
     def prepare(self) -> None:
-        if self.before is not None:
-            self.before()
         self.events.loading(self.settings.model)
         session = open_session(
             self.settings,

@@ -287,6 +287,11 @@ class Sizing:
         return f"{verb} {' and '.join(bounds)}, aspect ratio kept"
 
 
+def fitted_size(path: Path, *, max_size: int | None, multiple: int = 8) -> tuple[int, int]:
+    """The size `load_image(path, max_size=...)` gives, read from the file's header only."""
+    return _fit(image_size(path), max_size=max_size, multiple=multiple, name=str(path))
+
+
 def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
     """Map 16-bit grey (0..65535) to 8-bit grey (0..255), rounding, then to RGB."""
     values = np.asarray(img).astype(np.float64)

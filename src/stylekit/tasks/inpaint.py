@@ -35,7 +35,7 @@ from stylekit.engine import inpaint as engine
 from stylekit.engine.latents import to_pil
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwriting_files
-from stylekit.media.images import Sizing, open_rgb, read_image, resized, with_alpha
+from stylekit.media.images import Sizing, image_size, open_rgb, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
 from stylekit.session import (
@@ -222,7 +222,20 @@ def inpaint(
         }
         return with_alpha(out, source.alpha), meta
 
-    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
+    def plan_size(job: Job) -> tuple[int, int]:
+        """The output's size on --dry-run: the input's; an input without its mask fails."""
+        find_mask(job)
+        return image_size(job.input)
+
+    return run_jobs(
+        jobs,
+        output,
+        process,
+        prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
+        events=events,
+    )
 
 
 def repaint(

@@ -13,7 +13,15 @@ from PIL import Image
 
 from stylekit.errors import UsageError
 from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
-from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized, with_alpha
+from stylekit.media.images import (
+    Sizing,
+    SourceImage,
+    finish,
+    image_size,
+    read_image,
+    resized,
+    with_alpha,
+)
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, SayOnce, plan_files, run_batched
 from stylekit.session import (
@@ -21,6 +29,7 @@ from stylekit.session import (
     Runtime,
     default_batch,
     image_work,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     size_notice,
@@ -165,6 +174,19 @@ def stylize(
         run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         return Loaded(source, resized(source.rgb, working))
 
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The output's size on --dry-run, from the input's header and the model's config."""
+        own = image_size(job.input)
+        if tiled is not None:
+            return tiled.target(own)
+        if sizing.keep_size or sizing.size is not None:
+            return own if sizing.keep_size else sizing.size
+        native = planned_native_px(settings)
+        if native is None:
+            return None
+        say_once("rounded", sizing.rounded(own, native))
+        return sizing.working(own, native)
+
     def process_tiled(batch: list[tuple[Job, int, Loaded]]):
         session = run()
         results = []
@@ -195,6 +217,8 @@ def stylize(
         batch_size=1 if tiled is not None else batch,
         key=lambda item: item.image.size,
         prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
         events=events,
     )
 

@@ -25,6 +25,7 @@ from stylekit.runner import Events, Output, run_jobs
 from stylekit.session import (
     LazySession,
     Runtime,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     with_seed,
@@ -94,4 +95,17 @@ def t2i_styled(
         image = session.generate(width, height, seed=seed, callback=events.step)
         return image, session.metadata(seed=seed, size=(width, height))
 
-    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The image's size on --dry-run: `size`, or the native size from the model's config."""
+        native = planned_native_px(settings) if size is None else None
+        return size or (native and (native, native))
+
+    return run_jobs(
+        jobs,
+        output,
+        process,
+        prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
+        events=events,
+    )

@@ -65,7 +65,7 @@ from stylekit.engine.tiling import circular_padding, decode_tiled, views
 from stylekit.engine.txt2img import schedule
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job
-from stylekit.media.images import image_size, load_image, open_rgb
+from stylekit.media.images import fitted_size, image_size, load_image, open_rgb
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, SayOnce, plan_files, run_jobs
 from stylekit.session import (
@@ -76,6 +76,7 @@ from stylekit.session import (
     check_fits,
     check_sources,
     open_session,
+    planned_native_px,
     resolve_settings,
     with_seed,
 )
@@ -469,8 +470,9 @@ def run_textures(
     runtime = runtime or Runtime()
     check_sources(settings, runtime)
 
-    def prepare() -> None:
-        if size is not None:  # the canvas, before the model loads (its window: the family's)
+    def check() -> None:
+        """The canvas, before the model loads (its window: the family's); on --dry-run too."""
+        if size is not None:
 
             def work(family: str) -> memory.Work:
                 native = memory.NATIVE_LATENT.get(family, 128)
@@ -478,6 +480,18 @@ def run_textures(
 
             what, hint = f"texture {size[0]}x{size[1]}", "choose a smaller --size"
             check_fits(settings, runtime, work, what=what, hint=hint)
+
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The texture's size on --dry-run, from the exemplar's header and the model's config."""
+        native = planned_native_px(settings)
+        if native is None:
+            return size
+        own = fitted_size(job.input, max_size=max_size or native)
+        if size is None:
+            say_once("rounded", rounded_notice(image_size(job.input), own))
+        return canvas.plan(size or own, native // 8).size
+
+    def prepare() -> None:
         events.loading(settings.model)
         session = open_session(settings, runtime, task="noise")
         announce(session.model, events)
@@ -514,7 +528,9 @@ def run_textures(
         meta["input_size"] = f"{own[0]}x{own[1]}" if own != exemplar.size else None
         return to_image(arr), meta
 
-    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+    return run_jobs(
+        jobs, output, process, prepare=prepare, check=check, plan_size=plan_size, events=events
+    )
 
 
 def texture_expand(

@@ -71,6 +71,7 @@ from stylekit.session import (
     Runtime,
     Session,
     image_work,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     size_notice,
@@ -425,6 +426,15 @@ def stylize_video(
         before=check_size,
     )
 
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The frames' output size on --dry-run; a video the run would fail fails here too."""
+        info = probe(job.input)
+        select_frames(info, **clip.selection_args())
+        if tiled is not None or clip.keep_size or clip.size is not None:
+            return info.size if tiled is not None or clip.keep_size else clip.size
+        native = planned_native_px(settings)
+        return None if native is None else clip.working(info.size, native)
+
     def process(job: Job, seed: int) -> dict:
         info = probe(job.input)
         if tiled is None:
@@ -450,6 +460,8 @@ def stylize_video(
         output,
         process,
         prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
         events=events,
         write=lambda job, settings, output: settings,  # the video is written while it streams
     )
