@@ -221,3 +221,10 @@ def test_given_seed_needs_no_hint(tmp_path, sd15_path, no_load):
     img = write_image(tmp_path / "a.png")
     result = run("stylize", img, "--seed", "9", "--dry-run", model=sd15_path)
     assert result.exit_code == 0 and "--seed" not in result.stderr
+
+
+def test_dry_run_refuses_ad_on_an_inpainting_unet(tmp_path, sd15_inpaint_path, no_load):
+    img, mask = write_image(tmp_path / "a.png"), write_image(tmp_path / "m.png")
+    args = ["inpaint", img, "--mask", mask, "-o", tmp_path / "out", "--style", mask]
+    result = run(*args, "--style-mode", "ad", "--dry-run", model=sd15_inpaint_path)
+    assert result.exit_code == 2 and "inpainting UNet" in error_lines(result.stderr)[0]
