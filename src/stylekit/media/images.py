@@ -34,6 +34,7 @@ from stylekit.media.metadata import save_options
 
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+ORIENTATION = 0x0112  # EXIF tag: its values 5 to 8 turn the image by 90 degrees
 _SIZE = re.compile(r"\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?")
 
 
@@ -99,9 +100,6 @@ def image_size(path: Path) -> tuple[int, int]:
             width, height = img.size
             orientation = img.getexif().get(ORIENTATION)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-ORIENTATION = 0x0112  # EXIF: 5 to 8 turn the image by 90 degrees
 
 
 @contextmanager

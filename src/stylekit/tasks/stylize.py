@@ -179,8 +179,10 @@ def stylize(
         own = image_size(job.input)
         if tiled is not None:
             return tiled.target(own)
-        if sizing.keep_size or sizing.size is not None:
-            return own if sizing.keep_size else sizing.size
+        if sizing.keep_size:
+            return own
+        if sizing.size is not None:
+            return sizing.size
         native = planned_native_px(settings)
         if native is None:
             return None

@@ -504,9 +504,8 @@ def run_textures(
         exemplar = load_image(job.input, max_size=max_size or 8 * session.native)
         plan = canvas.plan(size or exemplar.size, session.native)
         own = image_size(job.input)
-        if size is None:
-            say_once("rounded", rounded_notice(own, exemplar.size))
         if size is None:  # a canvas the exemplar's size (an explicit one was checked up front)
+            say_once("rounded", rounded_notice(own, exemplar.size))
             what = f"{job.input}: texture {plan.size[0]}x{plan.size[1]}"
             work = canvas_work(plan, settings)
             hint = "give a smaller --size or --max-size"

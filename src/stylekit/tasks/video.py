@@ -430,8 +430,10 @@ def stylize_video(
         """The frames' output size on --dry-run; a video the run would fail fails here too."""
         info = probe(job.input)
         select_frames(info, **clip.selection_args())
-        if tiled is not None or clip.keep_size or clip.size is not None:
-            return info.size if tiled is not None or clip.keep_size else clip.size
+        if tiled is not None or clip.keep_size:
+            return info.size
+        if clip.size is not None:
+            return clip.size
         native = planned_native_px(settings)
         return None if native is None else clip.working(info.size, native)
 
