@@ -17,9 +17,10 @@ import typer
 from rich.console import Console
 
 from stylekit import __version__
+from stylekit.clihelp import App
 from stylekit.errors import StylekitError, UsageError, one_line
 
-app = typer.Typer(
+app = App(  # typer.Typer with help laid out for 80 columns (stylekit.clihelp)
     name="stylekit",
     help="Batch image and video stylization and texture synthesis with few-step diffusion models.",
     no_args_is_help=True,
@@ -378,7 +379,7 @@ AdStyleMode = Annotated[
     str | None,
     typer.Option(
         "--style-mode",
-        help="ad (default here) or none; with references, ipadapter and both too.",
+        help="ad or none; with --style references, ipadapter and both too.",
         rich_help_panel=STYLE,
     ),
 ]
@@ -622,6 +623,38 @@ CanvasSize = Annotated[
         rich_help_panel=CANVAS,
     ),
 ]
+# Help that differs where a command lacks what the shared text mentions (--mode, --style, inputs)
+SampleContentWeight = Annotated[
+    float | None,
+    typer.Option(
+        "--content-weight",
+        help="AD content-loss weight (keeps the input's structure); default 0.",
+        rich_help_panel=STYLE,
+    ),
+]
+TextureStyleMode = Annotated[
+    str | None,
+    typer.Option(
+        "--style-mode", help="ad (AD guidance by the exemplar) or none.", rich_help_panel=STYLE
+    ),
+]
+GenerateOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output folder (default ./stylized), or a file name when --count is 1.",
+        rich_help_panel=FILES,
+    ),
+]
+VideoSeed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        help="Base seed; video i gets seed+i, which fixes its noise. Random (and recorded) if omitted.",
+        rich_help_panel=SAMPLING,
+    ),
+]
 TextureMode = Annotated[
     str | None,
     typer.Option(
@@ -731,7 +764,7 @@ def t2i_styled(
     prompt_text: PromptText,
     count: Count = 1,
     style: Style = None,
-    out: Out = None,
+    out: GenerateOut = None,
     preset: Preset = None,
     model: Model = None,
     lora: Lora = None,
@@ -822,7 +855,7 @@ def inpaint(
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
-    content_weight: ContentWeight = None,
+    content_weight: SampleContentWeight = None,
     ad_checkpointing: AdCheckpointing = None,
     seed: Seed = None,
     size: CropSize = None,
@@ -919,9 +952,9 @@ def video(
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
-    content_weight: ContentWeight = None,
+    content_weight: SampleContentWeight = None,
     ad_checkpointing: AdCheckpointing = None,
-    seed: Seed = None,
+    seed: VideoSeed = None,
     size: Size = None,
     max_size: FrameMaxSize = None,
     max_pixels: MaxPixels = None,
@@ -1011,7 +1044,7 @@ def texture_expand(
     gamma: Gamma = None,
     prompt: Prompt = None,
     negative: Negative = None,
-    style_mode: AdStyleMode = None,
+    style_mode: TextureStyleMode = None,
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
@@ -1084,7 +1117,7 @@ def texture(
     gamma: Gamma = None,
     prompt: Prompt = None,
     negative: Negative = None,
-    style_mode: AdStyleMode = None,
+    style_mode: TextureStyleMode = None,
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
@@ -1133,13 +1166,35 @@ def texture(
 
 
 @app.command()
-def presets() -> None:
-    """List the built-in presets, one line each."""
-    from stylekit.presets import list_presets
+def presets(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON record per preset on stdout.")
+    ] = False,
+) -> None:
+    """List the built-in presets: model, steps, strength and what each is for; * marks the default.
+
+    Example: stylekit stylize photo.jpg --style ref.jpg --preset lcm-sd15
+    """
+    import json
+    import textwrap
+
+    from stylekit.presets import builtin_names, preset_summary
 
     with cli_errors():
-        for name, description in list_presets():
-            print(f"{name:<12} {description}")
+        rows = [preset_summary(name) for name in builtin_names()]
+        if as_json:
+            for row in rows:
+                print(json.dumps(row))
+            return
+        print(f"  {'NAME':<10} {'MODEL':<44} {'STEPS':>5} {'STRENGTH':>8}")
+        for row in rows:
+            mark = "*" if row["default"] else " "
+            print(
+                f"{mark} {row['name']:<10} {row['model']:<44} {row['steps']:>5} {row['strength']:>8}"
+            )
+            for line in textwrap.wrap(row["purpose"] or row["description"], 66):
+                print(f"{'':13}{line}")
+        print("* the default, used without --preset")
 
 
 # --- plumbing ----------------------------------------------------------------------------------

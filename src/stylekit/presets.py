@@ -15,6 +15,15 @@ from stylekit.errors import PresetError
 
 DEFAULT_PRESET = "std-sdxl"
 STYLE_MODES = ("ipadapter", "ad", "both", "none")
+# Settings a command fixes over any preset, unless a flag gives them: t2i-styled guides by AD;
+# the texture commands use the AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN;
+# see tasks/textures.py). `--help` shows these as the defaults of those commands.
+_EXPAND = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
+COMMAND_DEFAULTS = {
+    "t2i-styled": {"style_mode": "ad"},
+    "texture-expand": _EXPAND,
+    "texture": {**_EXPAND, "ad_iters": 3, "opt_steps": 300},
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Settings:
     opt_steps: int = 200  # optimisation timesteps (AD release: 200 style transfer, 300 texture)
     opt_lr: float = 0.05  # the AD release's optimisation learning rate
     description: str = ""
+    purpose: str = ""  # what the preset is for, for `stylekit presets` (one sentence)
 
     def with_overrides(self, **values) -> Settings:
         """Return a copy with every non-None value replaced (command-line flags over the preset).
@@ -172,3 +182,20 @@ def load_preset(name_or_path: str | None = None) -> Settings:
 def list_presets() -> list[tuple[str, str]]:
     """(name, one-line description) of every built-in preset."""
     return [(name, load_preset(name).description) for name in builtin_names()]
+
+
+def preset_summary(name: str) -> dict:
+    """What `stylekit presets` shows of a built-in preset: whether it is the default, its model,
+    steps, strength and what it is for."""
+    s = load_preset(name)
+    keys = (
+        "model",
+        "steps",
+        "strength",
+        "cfg",
+        "scheduler",
+        "style_mode",
+        "purpose",
+        "description",
+    )
+    return {"name": name, "default": name == DEFAULT_PRESET} | {k: getattr(s, k) for k in keys}

@@ -20,7 +20,7 @@ from stylekit.media.batch import (
     output_format,
     refuse_overwriting_files,
 )
-from stylekit.presets import Settings
+from stylekit.presets import COMMAND_DEFAULTS, Settings
 from stylekit.runner import Events, Output, run_jobs
 from stylekit.session import (
     LazySession,
@@ -70,8 +70,9 @@ def t2i_styled(
     **overrides,
 ) -> BatchReport:
     """AD-guided few-step text-to-image from pure noise, `size` = (W, H) or the model's native."""
-    if overrides.get("style_mode") is None:
-        overrides["style_mode"] = "ad"  # the point of t2i-styled; --style-mode overrides it
+    for key, value in COMMAND_DEFAULTS["t2i-styled"].items():  # style_mode ad: the point of it
+        if overrides.get(key) is None:
+            overrides[key] = value
     settings = resolve_settings(settings, preset, {**overrides, "prompt": prompt})
     output = with_seed(output or Output())
     jobs = plan_generated(count, prompt, output)

@@ -66,7 +66,7 @@ from stylekit.engine.txt2img import schedule
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job
 from stylekit.media.images import fitted_size, image_size, load_image, open_rgb
-from stylekit.presets import Settings
+from stylekit.presets import COMMAND_DEFAULTS, Settings
 from stylekit.runner import Events, Output, SayOnce, plan_files, run_jobs
 from stylekit.session import (
     Runtime,
@@ -86,8 +86,8 @@ DEFAULT_VIEW_BATCH = 4  # windows per UNet call: small for CPUs, raise it on a G
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latents: 512 px tiles with 128 px of context
 STYLE_MODES = ("ad", "none")
 # The AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN); see the module docstring.
-EXPAND_DEFAULTS = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
-TEXTURE_DEFAULTS = {**EXPAND_DEFAULTS, "ad_iters": 3, "opt_steps": 300}
+EXPAND_DEFAULTS = COMMAND_DEFAULTS["texture-expand"]
+TEXTURE_DEFAULTS = COMMAND_DEFAULTS["texture"]
 
 
 # --- the canvas plan ---------------------------------------------------------------------------

@@ -481,17 +481,9 @@ def tiled_notice(session) -> str:
 
 
 class VideoConsoleEvents(ConsoleEvents):
-    """`ConsoleEvents` counting videos, with a per-video frames bar showing fps and an ETA."""
+    """`ConsoleEvents` counting videos, with a per-video frames bar showing frames/s and an ETA."""
 
     def __init__(self, console, *, as_json: bool = False, quiet: bool = False, debug: bool = False):
-        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos", debug=debug)
-
-    def started(self, job) -> None:
-        super().started(job)
-        self.progress.reset(self.steps, total=1, rate="")  # fresh speed estimate per video
-
-    def step(self, done: int, total: int) -> None:
-        super().step(done, total)
-        task = self.progress.tasks[self.steps]
-        if task.elapsed:
-            self.progress.update(self.steps, rate=f"{done / task.elapsed:.2f} fps")
+        super().__init__(
+            console, as_json=as_json, quiet=quiet, unit="videos", step_unit="frames", debug=debug
+        )
