@@ -1531,9 +1531,14 @@ class CommonOptions:
         )
 
     def events(self, kind=None):
-        """Progress on stderr, `--json` records on stdout (`ConsoleEvents` unless `kind`)."""
+        """Progress on stderr, `--json` records on stdout (`ConsoleEvents` unless `kind`); on
+        --dry-run the plan on stdout (`dryrun.PlanEvents`)."""
         from stylekit.progress import ConsoleEvents
 
+        if self.dry_run:
+            from stylekit.dryrun import PlanEvents
+
+            kind = PlanEvents
         kind = kind or ConsoleEvents
         return kind(err, as_json=self.as_json, quiet=self.quiet, debug=debug_mode())
 

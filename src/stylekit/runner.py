@@ -40,6 +40,7 @@ class Record:
     seed: int | None = None
     error: str | None = None
     settings: dict = field(default_factory=dict)
+    size: str | None = None  # WxH of the output: written, or planned (None: known once it loads)
 
 
 class Events:
@@ -64,6 +65,19 @@ class Events:
         """The exception behind a failure (the CLI prints its traceback with --debug)."""
 
 
+class SayOnce:
+    """Pass a run's first notice of each kind to `events` and drop the later ones: a notice that
+    names its case (75x53 → 72x48) would otherwise be said once per input."""
+
+    def __init__(self, events: Events):
+        self.events, self.said = events, set()
+
+    def __call__(self, kind: str, message: str | None) -> None:
+        if message and kind not in self.said:
+            self.said.add(kind)
+            self.events.notice(message)
+
+
 @dataclass(frozen=True)
 class Output:
     """Where and how a batch writes: folder or file, format, suffix, overwrite policy, seed."""
@@ -74,6 +88,7 @@ class Output:
     overwrite: bool = False
     seed: int | None = None
     dry_run: bool = False
+    seed_drawn: bool = False  # `seed` was drawn for this run (`session.with_seed`), not given
 
 
 def source(job: Job) -> str | None:
@@ -99,25 +114,54 @@ def plan_files(inputs: list[str], output: Output) -> list[Job]:
     return plan_outputs(items, out=output.out, fmt=output.fmt, suffix=output.suffix)
 
 
-def begin(jobs: list[Job], output: Output, events: Events) -> tuple[BatchReport, list[Job], int]:
+def begin(
+    jobs: list[Job],
+    output: Output,
+    events: Events,
+    *,
+    check: Callable[[], None] | None = None,
+    plan_size: Callable[[Job], tuple[int, int] | None] | None = None,
+) -> tuple[BatchReport, list[Job], int]:
     """Report skipped and blocked jobs, fix the base seed, check that the outputs can be written,
-    and return what is left to do (nothing on --dry-run)."""
+    and return what is left to do (nothing on --dry-run).
+
+    When there is work, `check` (what the run refuses before loading a model: a size that will
+    not fit) runs on a dry run too, so that a dry run stops (exit 2) where the real run would.
+    A dry run reports each job "planned" with its seed and `plan_size(job)`; a job whose size
+    cannot be read (an unreadable input) is reported failed, as the real run would fail it.
+    """
     report = BatchReport()
     to_do, skipped, blocked = split_existing(jobs, overwrite=output.overwrite)
     seed0 = base_seed(output.seed)
-    if to_do and not output.dry_run:
-        check_writable(job.output for job in to_do)
+    if to_do:
+        check_writable(job.output for job in to_do)  # writes nothing: a probe file, removed
+        if check is not None:
+            check()
     events.planned(len(to_do) + len(blocked), len(skipped))
     for job in skipped:
         report.add_skipped(job)
         events.finished(Record(source(job), str(job.output), "skipped"))
     for job, reason in blocked:
         fail(job, seed0 + job.index, reason, report, events)
-    if output.dry_run:
-        for job in to_do:
-            events.finished(Record(source(job), str(job.output), "planned", seed=seed0 + job.index))
-        return report, [], seed0
-    return report, to_do, seed0
+    if not output.dry_run:
+        return report, to_do, seed0
+    if to_do and output.seed_drawn:
+        events.notice(
+            f"seeds drawn for this plan (base {seed0}); a run without --seed draws new ones: "
+            f"add --seed {seed0} to get these"
+        )
+    for job in to_do:
+        seed = seed0 + job.index
+        try:
+            size = plan_size(job) if plan_size is not None else None
+        except UsageError:
+            raise
+        except Exception as exc:  # the real run would fail this input alone
+            fail(job, seed, exc, report, events)
+            continue
+        wh = f"{size[0]}x{size[1]}" if size is not None else None
+        events.finished(Record(source(job), str(job.output), "planned", seed=seed, size=wh))
+    return report, [], seed0
 
 
 def start_run(prepare: Callable[[], None] | None) -> None:
@@ -159,6 +203,8 @@ def run_jobs(
     process: Callable[[Job, int], object],
     *,
     prepare: Callable[[], None] | None = None,
+    check: Callable[[], None] | None = None,
+    plan_size: Callable[[Job], tuple[int, int] | None] | None = None,
     events: Events | None = None,
     write: Callable[[Job, object, Output], dict] = write_image,
 ) -> BatchReport:
@@ -166,12 +212,13 @@ def run_jobs(
 
     By default the result is (image, settings), saved as an image; a task that writes its own
     output (video) passes a `write` that only returns the settings. `prepare` (model load,
-    once-per-batch conditioning) runs only if there is work to do. Job i gets seed base + i, so a
-    resumed batch gives every job the seed it would have had. A UsageError stops the batch (it
-    would fail every job alike); any other error fails its job only.
+    once-per-batch conditioning) runs only if there is work to do; `check` and `plan_size` are
+    `begin`'s (the checks that need no model; each output's size on --dry-run). Job i gets seed
+    base + i, so a resumed batch gives every job the seed it would have had. A UsageError stops
+    the batch (it would fail every job alike); any other error fails its job only.
     """
     events = events or Events()
-    report, to_do, seed0 = begin(jobs, output, events)
+    report, to_do, seed0 = begin(jobs, output, events, check=check, plan_size=plan_size)
     if to_do:
         start_run(prepare)
     for job in to_do:
@@ -198,6 +245,8 @@ def run_batched(
     batch_size: int,
     key: Callable[[object], object] = lambda item: None,
     prepare: Callable[[], None] | None = None,
+    check: Callable[[], None] | None = None,
+    plan_size: Callable[[Job], tuple[int, int] | None] | None = None,
     events: Events | None = None,
 ) -> BatchReport:
     """Like `run_jobs`, but loaded inputs with equal `key` (e.g. size) go `batch_size` at a time.
@@ -206,7 +255,7 @@ def run_batched(
     (image, settings) per entry, in order; if it raises, every job of that batch fails.
     """
     events = events or Events()
-    report, to_do, seed0 = begin(jobs, output, events)
+    report, to_do, seed0 = begin(jobs, output, events, check=check, plan_size=plan_size)
     if to_do:
         start_run(prepare)
     pending: list[tuple[Job, int, object]] = []
@@ -273,4 +322,8 @@ def save(
     if settings.get("alpha") == "flattened":
         events.notice(FLATTENED)
     report.add_done(job)
-    events.finished(Record(source(job), str(job.output), "done", seconds, seed, settings=settings))
+    size = settings.get("size")
+    record = Record(
+        source(job), str(job.output), "done", seconds, seed, settings=settings, size=size
+    )
+    events.finished(record)

@@ -15,9 +15,11 @@ frames or windows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +119,29 @@ def resolve_settings(settings: Settings | None, preset: str | None, overrides: d
 
 def with_seed(output: Output) -> Output:
     """Fix the batch's base seed up front (random if not given) so every part of the run shares it."""
-    return replace(output, seed=base_seed(output.seed))
+    if output.seed is not None:
+        return replace(output, seed=base_seed(output.seed))
+    return replace(output, seed=base_seed(None), seed_drawn=True)
+
+
+def check_schedule(settings: Settings, task: str) -> None:
+    """Refuse steps the strength's schedule cannot run (`--steps 8 --strength 0.1` needs a grid
+    of 80 of the 50 timesteps) before the model loads: a dry run refuses it as the run would."""
+    if task in ("img2img", "video") and settings.mode == "sample":
+        turbo, _ = models.detect_turbo(settings.model, settings.turbo)
+        sampling.img2img_schedule(settings.steps, settings.strength, turbo=turbo)
+
+
+@lru_cache(maxsize=4)
+def planned_native_px(settings: Settings) -> int | None:
+    """The model's native side in px (`native_px`) read off its configs before it loads, for a
+    dry run's sizes; None where only the load can tell (a single-file checkpoint, a hub id not
+    in the cache offline)."""
+    try:
+        unet, vae = models.read_configs(settings.model)
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (StylekitError, OSError, ValueError, KeyError, TypeError):  # TypeError: no config
+        return None
 
 
 def size_notice(sizing: Sizing, what: str = "outputs") -> Callable[[Session], str]:
@@ -140,6 +164,16 @@ def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
         except InputError as exc:
             raise UsageError(f"--style {exc}") from exc
     return images
+
+
+def content_hash(path: str | Path) -> str:
+    """A short content hash of a file (the first 12 hex digits of its SHA-256), recorded next to
+    a reference's path so that a changed or moved file can be told from the one that was used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) -> None:
@@ -240,9 +274,17 @@ def wants_ip_adapter(settings: Settings, style: Sequence) -> bool:
 
 
 def check_references(settings: Settings, style: Sequence) -> None:
-    """Refuse optimize mode without a reference: there is nothing to optimise towards."""
+    """Refuse optimize mode without a reference (there is nothing to optimise towards), and
+    references with style mode none, which would ignore them: asking for a style and getting
+    none is not a choice to make silently (the sd-turbo preset's style mode is none)."""
     if settings.mode == "optimize" and not style:
         raise UsageError("--mode optimize needs at least one --style reference")
+    if style and settings.mode == "sample" and settings.style_mode == "none":
+        raise UsageError(
+            "--style is given but the style mode is none (the preset's, or --style-mode), so "
+            "the references would be ignored; add --style-mode ad, ipadapter or both, "
+            "or drop --style"
+        )
 
 
 def uses_ad(settings: Settings, style: Sequence) -> bool:
@@ -300,6 +342,13 @@ def tiny_vae(settings: Settings) -> str | bool | None:
     return True if settings.tiny_vae else None
 
 
+def tiny_vae_source(settings: Settings, family: str) -> str | None:
+    """The tiny VAE a run of `family` decodes with (the family's default for a bare
+    `--tiny-vae`), or None: what its outputs record."""
+    source = tiny_vae(settings)
+    return models.TINY_VAE[family] if source is True else source
+
+
 def ad_options(settings: Settings) -> ad.ADOptions:
     """AD knobs from the settings (the content weight defaults by mode)."""
     s = settings
@@ -324,6 +373,7 @@ def open_session(
     *,
     style: Sequence[Image.Image] = (),
     style_names: Sequence[str] = (),
+    style_hashes: Sequence[str] = (),
     seed: int = 0,
     task: str = "img2img",
 ) -> Session:
@@ -349,7 +399,15 @@ def open_session(
         native = native_px(model)
         capped = [resized(im, Sizing().working(im.size, native)) for im in style]
         cond = conditioning.with_style_images(model, cond, capped)
-    session = Session(settings, model, sampler, cond, style_names=list(style_names))
+    session = Session(
+        settings,
+        model,
+        sampler,
+        cond,
+        style_names=list(style_names),
+        style_hashes=list(style_hashes),
+        task=task,
+    )
     if not use_ad:
         return session
     side = session.native_px
@@ -368,11 +426,15 @@ class Session:
         cond: conditioning.Conditioning,
         *,
         style_names: Sequence[str] = (),
+        style_hashes: Sequence[str] = (),
         references: ad.References | None = None,
         feature_cond: conditioning.Conditioning | None = None,
+        task: str = "img2img",
     ):
         self.settings, self.model, self.sampler, self.cond = settings, model, sampler, cond
-        self.style_names = list(style_names)
+        self.style_names = list(style_names)  # the references' paths as given
+        self.style_hashes = list(style_hashes)  # and their `content_hash`es
+        self.task = task  # where sampling starts: img2img, noise or video (see `open_session`)
         self.references = references
         self.features = ad.FeatureCache()  # the references' features per timestep, this run's
         self.feature_cond = feature_cond  # AD's empty-prompt conditioning, encoded once per run
@@ -408,8 +470,10 @@ class Session:
             self.sampler,
             self.cond,
             style_names=self.style_names,
+            style_hashes=self.style_hashes,
             references=refs,
             feature_cond=self.feature_cond,
+            task=self.task,
         )
 
     # --- hooks of the sampling loop ------------------------------------------------------------
@@ -546,31 +610,42 @@ class Session:
     # --- what every output records ---------------------------------------------------------------
 
     def metadata(self, *, seed: int, size: tuple[int, int], source: str | None = None) -> dict:
-        """Everything needed to reproduce an output, for the PNG/EXIF settings chunk."""
+        """Everything needed to reproduce an output, for the PNG/EXIF settings chunk.
+
+        Only what the run used is recorded: no prompt, negative prompt or CFG for optimisation
+        (it reads none of them), no negative prompt where CFG does not run, no strength or
+        content weight from pure noise; the tiny VAE by the model it loaded; style references
+        by their path as given and a short content hash."""
         s, m = self.settings, self.model
         sample = s.mode == "sample"
         ad_on = self.references is not None
         return {
-            "prompt": s.prompt,
-            "negative_prompt": s.negative,
+            "prompt": s.prompt if sample else None,
+            "negative_prompt": s.negative if sample and conditioning.uses_cfg(m, s.cfg) else None,
             "steps": s.steps if sample else s.opt_steps,
             "sampler": s.scheduler.upper() if sample else "AD-optimize",
-            "cfg_scale": s.cfg,
+            "cfg_scale": s.cfg if sample else None,
             "seed": seed,
             "size": f"{size[0]}x{size[1]}",
             "model": s.model,
-            "strength": s.strength if sample else None,
+            "strength": s.strength if sample and self.task != "noise" else None,
             "gamma": s.gamma if s.scheduler == "tcd" and sample else None,
             "accelerator": m.accelerator or "none",
             "loras": list(s.loras) or None,
             "style": self.style_names or None,
+            "style_sha256": self.style_hashes or None,
             "style_mode": ("ad" if not sample else s.style_mode) if self.style_names else None,
             "style_scale": s.style_scale if self.cond.image_embeds is not None else None,
             "ad_iters": s.ad_iters if ad_on and sample else None,
             "ad_lr": (s.ad_lr if sample else s.opt_lr) if ad_on else None,
             "ad_adain": s.ad_adain if ad_on and sample else None,
-            "content_weight": self.references.options.content_weight if ad_on else None,
-            "tiny_vae": tiny_vae(s),
+            "content_weight": (
+                self.references.options.content_weight
+                if ad_on and self.task != "noise"  # from noise there is no content to keep
+                else None
+            ),
+            "tiny_vae": True if tiny_vae(s) else None,
+            "tiny_vae_model": tiny_vae_source(s, m.family),
             "vae": s.vae,
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
@@ -608,11 +683,12 @@ def announce(model: models.LoadedModel, events: Events) -> None:
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
-    Style references are loaded and local model paths checked by the constructor, so a bad one
-    stops the run before any model loads; `before()` runs first in `prepare` (a size check that
-    needs the model's family); `check(session)` may refuse a combination only the loaded model
-    reveals, and `announce(session)` returns a line for `events.notice` once the model is known
-    (the working size, which depends on the model).
+    Style references are loaded, local model paths and the schedule checked by the constructor,
+    so a bad one stops the run before any model loads; `before()` is the runner's `check` (a
+    size check that needs the model's family, not the model: it runs on --dry-run too);
+    `check(session)` may refuse a combination only the loaded model reveals, and
+    `announce(session)` returns a line for `events.notice` once the model is known (the working
+    size, which depends on the model).
     """
 
     def __init__(
@@ -631,21 +707,22 @@ class LazySession:
         self.settings, self.runtime = settings, runtime or Runtime()
         self.seed, self.events, self.check, self.task = seed, events, check, task
         self.announce, self.before = announce, before
-        self.style_names = [Path(p).name for p in style]
+        self.style_names = [str(p) for p in style]  # recorded as given, with a content hash
         self.style_images = load_style_images(style)
+        self.style_hashes = [content_hash(p) for p in style]
         check_references(settings, self.style_images)
         check_sources(settings, self.runtime, self.style_images)
+        check_schedule(settings, task)
         self.session: Session | None = None
 
     def prepare(self) -> None:
-        if self.before is not None:
-            self.before()
         self.events.loading(self.settings.model)
         session = open_session(
             self.settings,
             self.runtime,
             style=self.style_images,
             style_names=self.style_names,
+            style_hashes=self.style_hashes,
             seed=self.seed,
             task=self.task,
         )

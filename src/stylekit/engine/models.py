@@ -330,6 +330,25 @@ def detect_family(source: str, *, allow_pickle: bool = False) -> str:
         return family_of_config(index, UNet2DConditionModel.load_config(source, subfolder="unet"))
 
 
+def read_configs(source: str) -> tuple[dict | None, dict | None]:
+    """The UNet's and VAE's configs of a diffusers folder or hub id, read without loading any
+    weights (a hub id from the cache, or fetched like the load would); (None, None) for a
+    single-file checkpoint, whose configs come with the load."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return None, None
+    if path.is_dir():
+        parts = [path / part / "config.json" for part in ("unet", "vae")]
+        unet, vae = (json.loads(p.read_text()) if p.is_file() else None for p in parts)
+        return unet, vae
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with hub_errors("model", source):
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+    return dict(unet), dict(vae)
+
+
 def is_turbo(source: str) -> bool:
     """Whether `source` is a released turbo (ADD) model: the SD-Turbo or SDXL-Turbo hub repo or a
     file in it, a local copy of the repo (its Hugging Face cache folder `models--stabilityai--…`,

@@ -32,10 +32,11 @@ import torch
 from PIL import Image, ImageOps
 
 from stylekit.engine import inpaint as engine
+from stylekit.engine import models
 from stylekit.engine.latents import to_pil
-from stylekit.errors import InputError, UsageError
+from stylekit.errors import InputError, StylekitError, UsageError
 from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwriting_files
-from stylekit.media.images import Sizing, open_rgb, read_image, resized, with_alpha
+from stylekit.media.images import Sizing, image_size, open_rgb, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
 from stylekit.session import (
@@ -45,6 +46,7 @@ from stylekit.session import (
     image_work,
     resolve_settings,
     size_flag_check,
+    uses_ad,
     with_seed,
 )
 from stylekit.tasks.stylize import Tiled
@@ -109,12 +111,26 @@ def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image
     return (ImageOps.invert(grey) if invert else grey), resized
 
 
+AD_ON_9CH = "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
+
+
 def refuse_ad_on_9ch(session: Session) -> None:
     """AD guidance needs a plain UNet: an inpainting UNet's inputs are not what AD records."""
     if session.references is not None and session.model.inpainting_unet:
-        raise UsageError(
-            "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
-        )
+        raise UsageError(AD_ON_9CH)
+
+
+def refuse_ad_on_9ch_config(settings: Settings, style: Sequence[str]) -> None:
+    """`refuse_ad_on_9ch` before the model loads (on --dry-run too), where its UNet config can
+    be read (a diffusers folder, or a hub id in the cache); the loaded model is checked anyway."""
+    if not uses_ad(settings, style):
+        return
+    try:
+        unet, _ = models.read_configs(settings.model)
+    except StylekitError:
+        return
+    if unet is not None and unet.get("in_channels") == 9:
+        raise UsageError(AD_ON_9CH)
 
 
 def inpaint(
@@ -222,7 +238,25 @@ def inpaint(
         }
         return with_alpha(out, source.alpha), meta
 
-    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
+    def check() -> None:
+        """What the run refuses before the model loads (on --dry-run too)."""
+        check_size()
+        refuse_ad_on_9ch_config(settings, style)
+
+    def plan_size(job: Job) -> tuple[int, int]:
+        """The output's size on --dry-run: the input's; an input without its mask fails."""
+        find_mask(job)
+        return image_size(job.input)
+
+    return run_jobs(
+        jobs,
+        output,
+        process,
+        prepare=run.prepare,
+        check=check,
+        plan_size=plan_size,
+        events=events,
+    )
 
 
 def repaint(

@@ -13,14 +13,23 @@ from PIL import Image
 
 from stylekit.errors import UsageError
 from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
-from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized, with_alpha
+from stylekit.media.images import (
+    Sizing,
+    SourceImage,
+    finish,
+    image_size,
+    read_image,
+    resized,
+    with_alpha,
+)
 from stylekit.presets import Settings
-from stylekit.runner import Events, Output, plan_files, run_batched
+from stylekit.runner import Events, Output, SayOnce, plan_files, run_batched
 from stylekit.session import (
     LazySession,
     Runtime,
     default_batch,
     image_work,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     size_notice,
@@ -138,6 +147,7 @@ def stylize(
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
+    say_once = SayOnce(events)
     batch = batch_size or default_batch(runtime)
     rows = min(batch, len(jobs)) or 1  # same-size images per UNet call, at most
 
@@ -158,10 +168,26 @@ def stylize(
         if tiled is not None:
             return Loaded(source, resized(source.rgb, tiled.working(source.size)))
         working = sizing.working(source.size, run().native_px)
+        say_once("rounded", sizing.rounded(source.size, run().native_px))
         what = f"{job.input}: {working[0]}x{working[1]}"
         work = image_work(settings, working, style, batch=rows)
         run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         return Loaded(source, resized(source.rgb, working))
+
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The output's size on --dry-run, from the input's header and the model's config."""
+        own = image_size(job.input)
+        if tiled is not None:
+            return tiled.target(own)
+        if sizing.keep_size:
+            return own
+        if sizing.size is not None:
+            return sizing.size
+        native = planned_native_px(settings)
+        if native is None:
+            return None
+        say_once("rounded", sizing.rounded(own, native))
+        return sizing.working(own, native)
 
     def process_tiled(batch: list[tuple[Job, int, Loaded]]):
         session = run()
@@ -193,6 +219,8 @@ def stylize(
         batch_size=1 if tiled is not None else batch,
         key=lambda item: item.image.size,
         prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
         events=events,
     )
 

@@ -16,6 +16,7 @@ from stylekit.media.batch import (
     IMAGE_EXTS,
     BatchReport,
     Job,
+    check_file_format,
     output_format,
     refuse_overwriting_files,
 )
@@ -24,6 +25,7 @@ from stylekit.runner import Events, Output, run_jobs
 from stylekit.session import (
     LazySession,
     Runtime,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     with_seed,
@@ -44,7 +46,7 @@ def plan_generated(count: int, prompt: str, output: Output) -> list[Job]:
     if out.suffix.lower() in IMAGE_EXTS and not out.is_dir():
         if count != 1:
             raise UsageError(f"-o {out} names one file but -n is {count}")
-        output_format(out.suffix)
+        check_file_format(out, output.fmt)
         return [Job(None, out, Path(out.name), 0)]
     ext = FORMAT_EXTS[output_format(output.fmt)]
     stem = prompt_stem(prompt) + output.suffix
@@ -94,4 +96,17 @@ def t2i_styled(
         image = session.generate(width, height, seed=seed, callback=events.step)
         return image, session.metadata(seed=seed, size=(width, height))
 
-    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The image's size on --dry-run: `size`, or the native size from the model's config."""
+        native = planned_native_px(settings) if size is None else None
+        return size or (native and (native, native))
+
+    return run_jobs(
+        jobs,
+        output,
+        process,
+        prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
+        events=events,
+    )

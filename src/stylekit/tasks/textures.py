@@ -65,9 +65,9 @@ from stylekit.engine.tiling import circular_padding, decode_tiled, views
 from stylekit.engine.txt2img import schedule
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import BatchReport, Job
-from stylekit.media.images import load_image, open_rgb
+from stylekit.media.images import fitted_size, image_size, load_image, open_rgb
 from stylekit.presets import COMMAND_DEFAULTS, Settings
-from stylekit.runner import Events, Output, plan_files, run_jobs
+from stylekit.runner import Events, Output, SayOnce, plan_files, run_jobs
 from stylekit.session import (
     Runtime,
     Session,
@@ -76,6 +76,7 @@ from stylekit.session import (
     check_fits,
     check_sources,
     open_session,
+    planned_native_px,
     resolve_settings,
     with_seed,
 )
@@ -356,6 +357,18 @@ def read_label_map(path: str | Path, flag: str) -> Image.Image:
 # --- the batch tasks ---------------------------------------------------------------------------
 
 
+def rounded_notice(own: tuple[int, int], exemplar: tuple[int, int]) -> str | None:
+    """The notice for a texture at its exemplar's size that is smaller only by the rounding of
+    its sides to multiples of 8 (an exemplar scaled down by --max-size is not this case)."""
+    if own == exemplar or (own[0] // 8 * 8, own[1] // 8 * 8) != exemplar:
+        return None
+    return (
+        f"sizes are rounded down to multiples of 8 ({own[0]}x{own[1]} → "
+        f"{exemplar[0]}x{exemplar[1]}); outputs record their exemplar's size, and --size sets "
+        "the texture's"
+    )
+
+
 def texture_settings(
     settings: Settings | None, preset: str | None, overrides: dict, defaults: dict
 ) -> Settings:
@@ -453,11 +466,13 @@ def run_textures(
     size = canvas.size or (multiple_of_8(maps[1].size, "--target-mask") if maps else None)
     state: dict[str, Session] = {}
     events = events or Events()
+    say_once = SayOnce(events)
     runtime = runtime or Runtime()
     check_sources(settings, runtime)
 
-    def prepare() -> None:
-        if size is not None:  # the canvas, before the model loads (its window: the family's)
+    def check() -> None:
+        """The canvas, before the model loads (its window: the family's); on --dry-run too."""
+        if size is not None:
 
             def work(family: str) -> memory.Work:
                 native = memory.NATIVE_LATENT.get(family, 128)
@@ -465,6 +480,18 @@ def run_textures(
 
             what, hint = f"texture {size[0]}x{size[1]}", "choose a smaller --size"
             check_fits(settings, runtime, work, what=what, hint=hint)
+
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The texture's size on --dry-run, from the exemplar's header and the model's config."""
+        native = planned_native_px(settings)
+        if native is None:
+            return size
+        own = fitted_size(job.input, max_size=max_size or native)
+        if size is None:
+            say_once("rounded", rounded_notice(image_size(job.input), own))
+        return canvas.plan(size or own, native // 8).size
+
+    def prepare() -> None:
         events.loading(settings.model)
         session = open_session(settings, runtime, task="noise")
         announce(session.model, events)
@@ -476,7 +503,9 @@ def run_textures(
         session = state["session"]
         exemplar = load_image(job.input, max_size=max_size or 8 * session.native)
         plan = canvas.plan(size or exemplar.size, session.native)
+        own = image_size(job.input)
         if size is None:  # a canvas the exemplar's size (an explicit one was checked up front)
+            say_once("rounded", rounded_notice(own, exemplar.size))
             what = f"{job.input}: texture {plan.size[0]}x{plan.size[1]}"
             work = canvas_work(plan, settings)
             hint = "give a smaller --size or --max-size"
@@ -495,9 +524,12 @@ def run_textures(
             exemplar_size=exemplar.size,
             masks=names,
         )
+        meta["input_size"] = f"{own[0]}x{own[1]}" if own != exemplar.size else None
         return to_image(arr), meta
 
-    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+    return run_jobs(
+        jobs, output, process, prepare=prepare, check=check, plan_size=plan_size, events=events
+    )
 
 
 def texture_expand(

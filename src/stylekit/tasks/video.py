@@ -71,6 +71,7 @@ from stylekit.session import (
     Runtime,
     Session,
     image_work,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     size_notice,
@@ -146,6 +147,11 @@ def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None =
         if root.suffix.lower() in VIDEO_SUFFIXES and not root.is_dir():
             if len(items) != 1:
                 raise UsageError(f"-o {root} names one file but there are {len(items)} inputs")
+            if output.fmt is not None and video_extension(output.fmt) != root.suffix.lower():
+                raise UsageError(
+                    f"-o {root} is a {root.suffix.lower()[1:]} file but --format is "
+                    f"{output.fmt}; drop --format or give -o the extension you want"
+                )
             jobs = [Job(items[0].path, root, items[0].rel, 0)]
             refuse_overwriting_inputs(jobs)
             return jobs
@@ -176,17 +182,28 @@ def check_encoding(jobs: Sequence[Job], clip: Clip, frames_out: Path | None) -> 
 
 
 @contextlib.contextmanager
-def video_sink(job: Job, selection, clip: Clip) -> Iterator[Callable[[np.ndarray], None]]:
-    """Yield `write(frame)` into a video that appears at `job.output` only when complete."""
+def video_sink(
+    job: Job, selection, clip: Clip, settings: dict | None = None
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `write(frame)` into a video that appears at `job.output` only when complete, with
+    `settings` in its container's `comment` tag."""
     with VideoWriter(
-        job.output, fps=selection.fps, codec=clip.codec, crf=clip.crf, audio=selection.audio
+        job.output,
+        fps=selection.fps,
+        codec=clip.codec,
+        crf=clip.crf,
+        audio=selection.audio,
+        metadata=settings,
     ) as writer:
         yield writer.write
 
 
 @contextlib.contextmanager
-def frames_sink(target: Path) -> Iterator[Callable[[np.ndarray], None]]:
-    """Yield `write(frame)` into a hidden part folder renamed to `target` when complete."""
+def frames_sink(
+    target: Path, settings: dict | None = None
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `write(frame)` into a hidden part folder renamed to `target` when complete; every
+    frame carries `settings` (and its `frame` number) as an image output does."""
     part = target.with_name(f".{target.name}.part")
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
@@ -194,7 +211,7 @@ def frames_sink(target: Path) -> Iterator[Callable[[np.ndarray], None]]:
 
     def write(frame: np.ndarray) -> None:
         nonlocal count
-        write_frame_png(frame, part, target.name, count)
+        write_frame_png(frame, part, target.name, count, metadata=settings)
         count += 1
 
     try:
@@ -263,10 +280,16 @@ def stylize_one(
         guidance=session.guided,
         windows=windows,
     )
-    done, size = 0, None
+    size = info.size if clip.keep_size else working
+    settings = session.metadata(seed=seed, size=size, source=job.input.name)
+    settings |= {"working_size": "{}x{}".format(*working), "input_size": "{}x{}".format(*info.size)}
+    settings |= video_settings(options, stream, selection, clip) | extra  # in the file too
+    done = 0
     with contextlib.ExitStack() as stack:
         sink = (
-            frames_sink(job.output) if frames_out is not None else video_sink(job, selection, clip)
+            frames_sink(job.output, settings)
+            if frames_out is not None
+            else video_sink(job, selection, clip, settings)
         )
         write = stack.enter_context(sink)
         source = stack.enter_context(
@@ -278,26 +301,33 @@ def stylize_one(
         for frame in outputs:
             write(frame)
             done += 1
-            size = size or (frame.shape[1], frame.shape[0])
             events.step(done, selection.count)
         if done != selection.count:
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
-    settings = session.metadata(seed=seed, size=size, source=job.input.name)
-    settings["working_size"] = "{}x{}".format(*working)
-    return settings | video_settings(options, stream, selection, info.warnings) | extra
+    return settings | stream_stats(stream, info.warnings)
 
 
-def video_settings(options: StreamOptions, stream, selection, warnings) -> dict:
-    """The video knobs and what the stream did, for the record (`--json`)."""
-    stats = stream.stats
+def video_settings(options: StreamOptions, stream, selection, clip: Clip) -> dict:
+    """The video knobs: what a rerun needs besides the session's settings (the file has them)."""
     return {
         "frames": selection.count,
         "fps": str(selection.fps),
+        "start": clip.start,
+        "end": clip.end,
+        "every": clip.every if clip.every != 1 else None,
+        "max_frames": clip.max_frames,
         "consistency": options.consistency,
         "anchor_every": options.anchor_every if options.consistency == "anchor" else None,
         "skip_similar": options.skip_similar,
         "max_skip": options.max_skip if options.skip_similar is not None else None,
         "stream_batch": stream.batched,
+    }
+
+
+def stream_stats(stream, warnings) -> dict:
+    """What the stream did, for the record (`--json`), known once the video is written."""
+    stats = stream.stats
+    return {
         "frames_processed": stats.processed,
         "frames_skipped": stats.skipped,
         "unet_calls": stats.unet_calls,
@@ -396,6 +426,17 @@ def stylize_video(
         before=check_size,
     )
 
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The frames' output size on --dry-run; a video the run would fail fails here too."""
+        info = probe(job.input)
+        select_frames(info, **clip.selection_args())
+        if tiled is not None or clip.keep_size:
+            return info.size
+        if clip.size is not None:
+            return clip.size
+        native = planned_native_px(settings)
+        return None if native is None else clip.working(info.size, native)
+
     def process(job: Job, seed: int) -> dict:
         info = probe(job.input)
         if tiled is None:
@@ -421,6 +462,8 @@ def stylize_video(
         output,
         process,
         prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
         events=events,
         write=lambda job, settings, output: settings,  # the video is written while it streams
     )
