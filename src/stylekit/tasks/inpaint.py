@@ -70,17 +70,20 @@ def check_mask_padding(padding: int) -> int:
     return padding
 
 
-def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
-    """Return (job → its mask file, every mask file) for a mask file or a folder of masks."""
+def mask_finder(
+    mask: str | Path, *, flag: str = "--mask", what: str = "mask"
+) -> tuple[Callable[[Job], Path], set[Path]]:
+    """Return (job → its mask file, every mask file) for a mask file or a folder of masks
+    (`flag` and `what` name them in errors: control images are matched the same way)."""
     path = Path(mask).expanduser()
     if path.is_file():
         return (lambda job: path), {Path(os.path.realpath(path))}
     if not path.is_dir():
-        raise UsageError(f"--mask {mask}: no such file or folder")
+        raise UsageError(f"{flag} {mask}: no such file or folder")
     try:
         items = collect_inputs([str(path)])
     except UsageError as exc:
-        raise UsageError(f"--mask {mask}: folder holds no mask images") from exc
+        raise UsageError(f"{flag} {mask}: folder holds no {what} images") from exc
     by_rel: dict[str, list[Path]] = {}
     by_stem: dict[str, list[Path]] = {}
     for item in items:
@@ -90,10 +93,10 @@ def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
     def find(job: Job) -> Path:
         found = by_rel.get(job.rel.with_suffix("").as_posix()) or by_stem.get(job.rel.stem, [])
         if not found:
-            raise InputError(f"{job.input}: no mask named {job.rel.stem}.* in {path}")
+            raise InputError(f"{job.input}: no {what} named {job.rel.stem}.* in {path}")
         if len(found) > 1:
             names = ", ".join(str(p) for p in found)
-            raise InputError(f"{job.input}: more than one mask matches ({names})")
+            raise InputError(f"{job.input}: more than one {what} matches ({names})")
         return found[0]
 
     return find, {Path(os.path.realpath(item.path)) for item in items}
