@@ -199,3 +199,201 @@ def test_keep_factors_follow_diffusers_rule():
     assert keep_factors(4, 0.0, 1.0) == [1, 1, 1, 1]
     assert keep_factors(4, 0.0, 0.5) == keep_factors(4, 0.0, 0.6) == [1, 1, 0, 0]
     assert keep_factors(4, 0.25, 0.75) == [0, 1, 1, 0]
+
+
+T2I_CASES = [
+    # family, scheduler, gamma, cfg, start, end
+    ("sd15", "tcd", 0.3, 1.0, 0.0, 1.0),
+    ("sd15", "lcm", 0.0, 2.0, 0.0, 0.5),
+    ("sdxl", "tcd", 0.0, 3.0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("family,scheduler,gamma,cfg,start,end", T2I_CASES)
+def test_t2i_matches_diffusers_controlnet(
+    request, control_map, family, scheduler, gamma, cfg, start, end
+):
+    """t2i-styled's generation with a control image and AD off = the text-to-image pipelines."""
+    path = request.getfixturevalue(f"{family}_path")
+    nets = [request.getfixturevalue(f"{family}_controlnet")]
+    settings = settings_for(
+        path, nets, (0.7,), scheduler=scheduler, cfg=cfg, gamma=gamma, start=start, end=end
+    )
+    session = open_session(settings, runtime=CPU32, task="noise")
+    ours = as_float(session.generate(72, 64, seed=5, given=control_map))
+    ref = diffusers_controlnet(
+        path,
+        family,
+        nets,
+        None,
+        [control_map],
+        (0.7,),
+        task="t2i",
+        scheduler=scheduler,
+        steps=4,
+        strength=1.0,
+        cfg=cfg,
+        gamma=gamma,
+        start=start,
+        end=end,
+        seed=5,
+        size=(72, 64),
+    )
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).mean() <= 1 / 255
+    assert np.abs(ours - ref).max() <= 1 / 255 + 1e-5
+
+
+# --- through the CLI ---------------------------------------------------------------------------
+
+
+def cli(command, *args, model, seed=1):
+    from typer.testing import CliRunner
+
+    from stylekit.cli import app
+
+    flags = ["--model", str(model), "--accelerator", "none", "--dtype", "fp32", "--device", "cpu"]
+    flags += ["--steps", "2", "--seed", str(seed), "-q"]
+    return CliRunner().invoke(app, [command, *map(str, args), *flags])
+
+
+def write_image(path, seed=0, size=(72, 64)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    # flat blocks with sharp borders: Canny finds edges with the default thresholds
+    img = np.asarray(Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST))
+    Image.fromarray(img).save(path)
+    return path
+
+
+def test_cli_canny_equals_the_documented_opencv_call(tmp_path, sd15_path, sd15_controlnet):
+    """`--control canny` gives the image that the documented map (cv2.Canny on the RGB array,
+    ×3) passed as `--control-image` gives; the metadata records the control."""
+    import cv2
+
+    from stylekit.media.metadata import read_metadata
+
+    photo = write_image(tmp_path / "in" / "photo.png")
+    edges = cv2.Canny(np.array(Image.open(photo).convert("RGB")), 100, 200)
+    assert edges.any()
+    Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2)).save(tmp_path / "edges.png")
+    net = ["--controlnet", str(sd15_controlnet)]
+    computed = cli(
+        "stylize", photo, "--control", "canny:0.9", *net, "-o", tmp_path / "a.png", model=sd15_path
+    )
+    assert computed.exit_code == 0, computed.output
+    given = cli(
+        "stylize",
+        photo,
+        "--control",
+        "canny:0.9",
+        *net,
+        "--control-image",
+        tmp_path / "edges.png",
+        "-o",
+        tmp_path / "b.png",
+        model=sd15_path,
+    )
+    assert given.exit_code == 0, given.output
+    plain = cli("stylize", photo, "-o", tmp_path / "c.png", model=sd15_path)
+    assert plain.exit_code == 0, plain.output
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float32) for n in "abc")
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 2  # the control acts (8-bit levels)
+    meta = read_metadata(tmp_path / "a.png")
+    (entry,) = meta["controls"]
+    assert entry == {
+        "type": "canny",
+        "scale": 0.9,
+        "controlnet": str(sd15_controlnet),
+        "start": 0.0,
+        "end": 1.0,
+        "canny": [100, 200],
+    }
+    assert read_metadata(tmp_path / "b.png")["control_image"] == "edges.png"
+
+
+def test_cli_control_image_folder_resize_and_missing(tmp_path, sd15_path, sd15_controlnet):
+    """A folder of maps is matched by stem; a map of another size is resized and recorded; an
+    input without a map fails alone (exit 1)."""
+    from stylekit.media.metadata import read_metadata
+
+    for name in ("a", "b"):
+        write_image(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "maps").mkdir()
+    write_image(tmp_path / "maps" / "a.png", seed=3, size=(36, 32))
+    result = cli(
+        "stylize",
+        tmp_path / "in",
+        "--control-image",
+        tmp_path / "maps",
+        "--control-type",
+        "canny",
+        "--controlnet",
+        str(sd15_controlnet),
+        "-o",
+        tmp_path / "out",
+        model=sd15_path,
+    )
+    assert result.exit_code == 1, result.output
+    assert "b.png: no control image named b.* in" in result.stderr
+    meta = read_metadata(tmp_path / "out" / "a.png")
+    assert meta["control_image_resized_from"] == "36x32"
+    assert meta["controls"][0]["map"] == "control image"
+    assert not (tmp_path / "out" / "b.png").exists()
+
+
+def test_wrong_family_controlnet_is_a_usage_error(tmp_path, sdxl_path, sd15_controlnet):
+    photo = write_image(tmp_path / "photo.png")
+    result = cli(
+        "stylize",
+        photo,
+        "--control",
+        "tile",
+        "--controlnet",
+        str(sd15_controlnet),
+        "-o",
+        tmp_path / "out.png",
+        model=sdxl_path,
+    )
+    assert result.exit_code == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert str(sd15_controlnet) in line and "sd15" in line and "sdxl" in line
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--control", "canny:x"], "not a number"),
+        (["--control", "lineart"], "another type needs its map"),
+        (["--control", "canny", "--canny", "200,100"], "LOW ≤ HIGH"),
+        (["--control-type", "canny"], "--control-type names the type"),
+        (["--control", "canny", "--control", "tile", "--controlnet", "x/y"], "one per --control"),
+        (["--control", "canny", "--control-start", "0.6", "--control-end", "0.5"], "below"),
+    ],
+)
+def test_bad_control_flags(tmp_path, sd15_path, flags, message):
+    photo = write_image(tmp_path / "photo.png")
+    result = cli("stylize", photo, *flags, "-o", tmp_path / "out.png", model=sd15_path)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_canny_without_opencv_names_the_extra(monkeypatch):
+    import builtins
+
+    from stylekit import control
+    from stylekit.errors import UsageError
+
+    real = builtins.__import__
+
+    def no_cv2(name, *args, **kwargs):
+        if name == "cv2":
+            raise ImportError("no cv2")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cv2)
+    with pytest.raises(UsageError, match=r"stylekit\[control\]"):
+        control.control_specs(Settings(controls=("canny",)))
