@@ -397,3 +397,73 @@ def test_canny_without_opencv_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_cv2)
     with pytest.raises(UsageError, match=r"stylekit\[control\]"):
         control.control_specs(Settings(controls=("canny",)))
+
+
+def test_cli_depth_uses_the_depth_pipeline(tmp_path, sd15_path, sd15_controlnet, depth_model_path):
+    """`--control depth --depth-model FOLDER` loads a (tiny, random) depth model through the
+    transformers pipeline a hub id takes; the map is that pipeline's "depth" image ×3, so the
+    output equals the run given that map."""
+    from transformers import pipeline
+
+    photo = write_image(tmp_path / "photo.png")
+    depth = pipeline("depth-estimation", model=str(depth_model_path))(Image.open(photo))["depth"]
+    assert depth.size == (72, 64) and np.ptp(np.asarray(depth)) > 0
+    depth.convert("RGB").save(tmp_path / "depth.png")
+    net = ["--controlnet", str(sd15_controlnet)]
+    computed = cli(
+        "stylize",
+        photo,
+        "--control",
+        "depth",
+        *net,
+        "--depth-model",
+        depth_model_path,
+        "-o",
+        tmp_path / "a.png",
+        model=sd15_path,
+    )
+    assert computed.exit_code == 0, computed.output
+    given = cli(
+        "stylize",
+        photo,
+        "--control",
+        "depth",
+        *net,
+        "--control-image",
+        tmp_path / "depth.png",
+        "-o",
+        tmp_path / "b.png",
+        model=sd15_path,
+    )
+    assert given.exit_code == 0, given.output
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert np.array_equal(a, b)
+
+
+def test_cli_t2i_styled_with_a_control_image(tmp_path, sd15_path, sd15_controlnet, control_map):
+    """t2i-styled generates at the map's size with the map; without a map it is a usage error."""
+    from stylekit.media.metadata import read_metadata
+
+    control_map.save(tmp_path / "map.png")
+    net = ["--controlnet", str(sd15_controlnet), "--style-mode", "none"]
+    result = cli(
+        "t2i-styled",
+        "a cat",
+        "--control",
+        "canny",
+        *net,
+        "--control-image",
+        tmp_path / "map.png",
+        "-o",
+        tmp_path / "out.png",
+        model=sd15_path,
+    )
+    assert result.exit_code == 0, result.output
+    out = Image.open(tmp_path / "out.png")
+    assert out.size == control_map.size
+    assert read_metadata(tmp_path / "out.png")["controls"][0]["map"] == "control image"
+    missing = cli(
+        "t2i-styled", "a cat", "--control", "canny", *net, "-o", tmp_path / "x.png", model=sd15_path
+    )
+    assert missing.exit_code == 2
+    assert "needs a control map file" in missing.stderr

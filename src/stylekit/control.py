@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stylekit.errors import InputError, UsageError
+from stylekit.errors import UsageError
 from stylekit.media.images import open_rgb, resized
 from stylekit.presets import Settings
 
@@ -171,14 +171,12 @@ def control_image_finder(settings: Settings):
     return mask_finder(settings.control_image, flag="--control-image", what="control image")
 
 
-def read_control_image(path: Path, size: tuple[int, int]) -> ControlImage:
-    """Read a map as RGB at `size` (W, H), Lanczos-resized when it differs; a file that cannot
-    be read fails its input (InputError)."""
-    try:
-        image = open_rgb(Path(path))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"control image {path}: cannot be read ({exc})") from exc
-    before = f"{image.size[0]}x{image.size[1]}" if image.size != tuple(size) else None
+def read_control_image(path: Path, size: tuple[int, int] | None) -> ControlImage:
+    """Read a map as RGB at `size` (W, H; None: its own), Lanczos-resized when it differs; a
+    file that cannot be read fails its input (InputError naming it)."""
+    image = open_rgb(Path(path))
+    size = image.size if size is None else tuple(size)
+    before = f"{image.size[0]}x{image.size[1]}" if image.size != size else None
     return ControlImage(resized(image, size), Path(path).name, before)
 
 

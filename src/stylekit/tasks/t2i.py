@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from stylekit.errors import UsageError
+from stylekit.control import ControlImage, control_specs, read_control_image
+from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import (
     DEFAULT_OUT_DIR,
     FORMAT_EXTS,
@@ -76,6 +77,11 @@ def t2i_styled(
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
 
+    given = generation_control(settings)
+    if given is not None and size is None:  # the map's own size, as diffusers' pipelines take it
+        size = (given.image.width // 8 * 8, given.image.height // 8 * 8)
+    if given is not None:
+        refuse_overwriting_files(jobs, [settings.control_image], "--control-image")
     check_size = size_flag_check(settings, runtime, size, style)
     run = LazySession(
         settings,
@@ -90,7 +96,37 @@ def t2i_styled(
     def process(job: Job, seed: int):
         session = run()
         width, height = size or (session.native * 8, session.native * 8)
-        image = session.generate(width, height, seed=seed, callback=events.step)
-        return image, session.metadata(seed=seed, size=(width, height))
+        control = (
+            read_control_image(Path(settings.control_image), (width, height)) if given else None
+        )
+        image = session.generate(
+            width, height, seed=seed, callback=events.step, given=control and control.image
+        )
+        meta = session.metadata(seed=seed, size=(width, height))
+        return image, meta | (control.settings() if control else {})
 
     return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
+
+
+def generation_control(settings: Settings) -> ControlImage | None:
+    """The control map of a generation from noise, at its own size: with controls a
+    `--control-image` file is required (there is no content image to compute a map from) and
+    every control must be its type. Read now: a missing map stops the run (exit 2)."""
+    specs = control_specs(settings)
+    if not specs:
+        return None
+    if settings.control_image is None or not Path(settings.control_image).is_file():
+        raise UsageError(
+            f"--control-image {settings.control_image or ''}: generating from a prompt needs a "
+            "control map file (there is no content image to compute one from)"
+        )
+    kinds = sorted({s.kind for s in specs})
+    if len(kinds) > 1:
+        raise UsageError(
+            f"--control {', '.join(kinds)}: generating from a prompt takes one control type, "
+            "the --control-image's"
+        )
+    try:
+        return read_control_image(Path(settings.control_image), None)
+    except InputError as exc:
+        raise UsageError(f"--control-image {exc}") from exc
