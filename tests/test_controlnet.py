@@ -534,3 +534,35 @@ def test_inpaint_matches_diffusers_controlnet_inpaint(
     # both decode floats without 8-bit rounding: only float error separates them
     assert diff.mean() <= 1e-5
     assert diff.max() <= 1e-4
+
+
+def test_video_stream_maps_per_frame(sd15_path, sd15_controlnet):
+    """The stream computes each frame's canny map as it arrives: the first frame equals the still
+    path with the same control (a batch of one both ways), stream batch (each call's rows at
+    different stages with their own maps and keep factors) stays within batch rounding of
+    sequential, and the control changes the frames."""
+    from stylekit.engine.stream import FrameStream, StreamOptions
+
+    settings = replace(
+        settings_for(sd15_path, [sd15_controlnet], (0.8,), steps=3, end=0.7),
+        control_image=None,
+        control_type=None,
+    )
+    session = open_session(settings, runtime=CPU32)
+    blocks = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(blocks).resize((96, 64), Image.Resampling.NEAREST))
+    frames = [base[:, k * 4 : k * 4 + 72].copy() for k in range(5)]  # panning, 72x64
+
+    def run(batched, control=True):
+        opts = StreamOptions(steps=3, strength=0.75, seed=3, stream_batch=batched)
+        ctl = session.frame_control() if control else None
+        fs = FrameStream(session.model, session.cond, session.sampler, opts, control=ctl)
+        return [out.copy() for out in fs.run(frames)]
+
+    sequential, batched, plain = run(False), run(True), run(False, control=False)
+    still = np.asarray(session.img2img([Image.fromarray(frames[0])], [3])[0])
+    assert np.array_equal(sequential[0], still)
+    for a, b in zip(sequential, batched, strict=True):
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.max() <= 2 and diff.mean() <= 0.05
+    assert np.abs(sequential[2].astype(int) - plain[2].astype(int)).mean() > 2

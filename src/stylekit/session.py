@@ -499,7 +499,18 @@ class Session:
         if not self.controls:
             return None
         given = given or [None] * len(images)
-        return self.control_for([self.control_maps(im, g) for im, g in zip(images, given, strict=True)])
+        return self.control_for(
+            [self.control_maps(im, g) for im, g in zip(images, given, strict=True)]
+        )
+
+    def frame_control(self, given: Image.Image | None = None):
+        """A video frame → its `Control` (maps computed per frame; `given` one precomputed map
+        for every frame, resized to the frame)."""
+
+        def of(frame: Image.Image):
+            return self.control_of([frame], [given and resized(given, frame.size)])
+
+        return of
 
     def img2img_tiled(
         self,

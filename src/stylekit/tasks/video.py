@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stylekit.control import ControlImage, control_image_finder, read_control_image
 from stylekit.engine.stream import FrameStream, StreamOptions
 from stylekit.errors import StylekitError, UsageError
 from stylekit.media.batch import (
@@ -240,8 +241,10 @@ def stylize_one(
     events: Events,
     info: VideoInfo | None = None,
     tiled: Tiled | None = None,
+    given: ControlImage | None = None,
 ) -> dict:
-    """Stylise one video into its output; returns the settings for its record."""
+    """Stylise one video into its output; returns the settings for its record. With controls
+    each frame's maps are computed as it streams in (`given`: one precomputed map for all)."""
     info = info or probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
@@ -262,6 +265,7 @@ def stylize_one(
         replace(options, seed=seed),
         guidance=session.guided,
         windows=windows,
+        control=session.frame_control(given and given.image) if session.controls else None,
     )
     done, size = 0, None
     with contextlib.ExitStack() as stack:
@@ -284,6 +288,7 @@ def stylize_one(
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
     settings["working_size"] = "{}x{}".format(*working)
+    settings |= given.settings() if given else {}
     return settings | video_settings(options, stream, selection, info.warnings) | extra
 
 
@@ -396,6 +401,8 @@ def stylize_video(
         before=check_size,
     )
 
+    find_control, _ = control_image_finder(settings)
+
     def process(job: Job, seed: int) -> dict:
         info = probe(job.input)
         if tiled is None:
@@ -404,6 +411,7 @@ def stylize_video(
             what = f"{job.input}: frames of {width}x{height}"
             run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         session = run()
+        given = read_control_image(find_control(job), None) if find_control else None
         return stylize_one(
             job,
             seed,
@@ -414,6 +422,7 @@ def stylize_video(
             events=events,
             info=info,
             tiled=tiled,
+            given=given,
         )
 
     return run_jobs(
