@@ -466,7 +466,7 @@ def test_cli_t2i_styled_with_a_control_image(tmp_path, sd15_path, sd15_controlne
         "t2i-styled", "a cat", "--control", "canny", *net, "-o", tmp_path / "x.png", model=sd15_path
     )
     assert missing.exit_code == 2
-    assert "needs a control map file" in missing.stderr
+    assert "t2i-styled --control needs --control-image" in missing.stderr
 
 
 @pytest.mark.parametrize(
@@ -566,3 +566,70 @@ def test_video_stream_maps_per_frame(sd15_path, sd15_controlnet):
         diff = np.abs(a.astype(int) - b.astype(int))
         assert diff.max() <= 2 and diff.mean() <= 0.05
     assert np.abs(sequential[2].astype(int) - plain[2].astype(int)).mean() > 2
+
+
+def test_windows_crop_the_control_maps(sd15_path, sd15_controlnet):
+    """MultiDiffusion windows each read their crop of the maps (latent view × 8 px): the
+    window-averaged ε equals averaging each window's own ε with its cropped map."""
+    from diffusers import ControlNetModel
+
+    from stylekit.engine import conditioning, models
+    from stylekit.engine.controlnet import Control
+    from stylekit.engine.predict import noise_predictor
+    from stylekit.engine.tiling import View
+    from stylekit.engine.windows import Windows
+
+    model = models.load(
+        models.ModelSpec(model=str(sd15_path), accelerator="none", device="cpu", dtype="fp32")
+    )
+    cond = conditioning.encode_text(model, "a cat", None, cfg=2.0)
+    net = ControlNetModel.from_pretrained(sd15_controlnet)
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    control = Control((net,), (image,), (0.8,))
+    z = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    views = [View(0, 0, 8, 8), View(0, 4, 8, 8)]
+    with torch.no_grad():
+        ours = Windows(views, view_batch=2).predictor(model, cond, control=control)(z, 500)
+        left, right = (
+            noise_predictor(
+                model, cond, 64, 64, control=replace(control, images=(image[..., a : a + 64],))
+            )(z[..., a // 8 : a // 8 + 8], 500)
+            for a in (0, 32)
+        )
+    expected = torch.zeros_like(z)
+    expected[..., :8] += left
+    expected[..., 4:] += right
+    expected[..., 4:8] /= 2
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    plain = Windows(views, view_batch=2).predictor(model, cond)(z, 500)
+    assert (ours - plain).abs().mean() > 1e-2
+
+
+def test_cli_texture_expand_with_a_control_image(tmp_path, sd15_path, sd15_controlnet, control_map):
+    from stylekit.media.metadata import read_metadata
+
+    exemplar = write_image(tmp_path / "ex.png", size=(64, 64))
+    control_map.resize((96, 64)).save(tmp_path / "map.png")
+    common = ["--size", "96x64", "--window", "8", "--stride", "4", "--style-mode", "none"]
+    net = ["--control", "canny", "--controlnet", str(sd15_controlnet)]
+    result = cli(
+        "texture-expand",
+        exemplar,
+        *common,
+        *net,
+        "--control-image",
+        tmp_path / "map.png",
+        "-o",
+        tmp_path / "a.png",
+        model=sd15_path,
+    )
+    assert result.exit_code == 0, result.output
+    plain = cli("texture-expand", exemplar, *common, "-o", tmp_path / "b.png", model=sd15_path)
+    assert plain.exit_code == 0, plain.output
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float32) for n in "ab")
+    assert a.shape == (64, 96, 3) and np.abs(a - b).mean() > 2
+    assert read_metadata(tmp_path / "a.png")["controls"][0]["type"] == "canny"
+    missing = cli(
+        "texture-expand", exemplar, *common, *net, "-o", tmp_path / "c.png", model=sd15_path
+    )
+    assert missing.exit_code == 2 and "needs --control-image" in missing.stderr

@@ -161,6 +161,25 @@ class ControlImage:
         return note
 
 
+def map_only_controls(settings: Settings, command: str) -> list[ControlSpec]:
+    """The controls of a command that makes images from noise (t2i-styled, texture-expand):
+    there is no content image to compute a map from, so a `--control-image` is required and
+    every control must be its type."""
+    specs = control_specs(settings)
+    if specs and settings.control_image is None:
+        raise UsageError(
+            f"{command} --control needs --control-image (a map to generate from: there is no "
+            "content image to compute one from)"
+        )
+    kinds = sorted({s.kind for s in specs})
+    if len(kinds) > 1:
+        raise UsageError(
+            f"{command} --control {', '.join(kinds)}: generating from noise takes one control "
+            "type, the --control-image's"
+        )
+    return specs
+
+
 def control_image_finder(settings: Settings):
     """(job → its map file) for `--control-image` (a file, or a folder matched by stem like
     inpaint masks), and every such file; (None, set()) without one."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from stylekit.control import ControlImage, control_specs, read_control_image
+from stylekit.control import ControlImage, map_only_controls, read_control_image
 from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import (
     DEFAULT_OUT_DIR,
@@ -109,24 +109,14 @@ def t2i_styled(
 
 
 def generation_control(settings: Settings) -> ControlImage | None:
-    """The control map of a generation from noise, at its own size: with controls a
-    `--control-image` file is required (there is no content image to compute a map from) and
-    every control must be its type. Read now: a missing map stops the run (exit 2)."""
-    specs = control_specs(settings)
-    if not specs:
+    """The control map of a generation from a prompt, at its own size (`map_only_controls`);
+    read now: a missing map stops the run (exit 2)."""
+    if not map_only_controls(settings, "t2i-styled"):
         return None
-    if settings.control_image is None or not Path(settings.control_image).is_file():
-        raise UsageError(
-            f"--control-image {settings.control_image or ''}: generating from a prompt needs a "
-            "control map file (there is no content image to compute one from)"
-        )
-    kinds = sorted({s.kind for s in specs})
-    if len(kinds) > 1:
-        raise UsageError(
-            f"--control {', '.join(kinds)}: generating from a prompt takes one control type, "
-            "the --control-image's"
-        )
+    path = Path(settings.control_image)
+    if not path.is_file():
+        raise UsageError(f"--control-image {path}: no such file (t2i-styled takes one map file)")
     try:
-        return read_control_image(Path(settings.control_image), None)
+        return read_control_image(path, None)
     except InputError as exc:
         raise UsageError(f"--control-image {exc}") from exc
