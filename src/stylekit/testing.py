@@ -815,7 +815,13 @@ CONTROLNET_ZERO_LAYERS = ("controlnet_down_blocks", "controlnet_mid_block", "con
 
 @torch.no_grad()
 def build_controlnet(
-    model_path: str | Path, out_dir: str | Path, *, seed: int = 0, std: float = 0.3
+    model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    std: float = 0.3,
+    embedding_channels: tuple[int, ...] = (8, 8, 8, 8),
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random `ControlNetModel` for the UNet at `model_path` into `out_dir`; return it.
 
@@ -823,16 +829,19 @@ def build_controlnet(
     (`controlnet_down_blocks`, `controlnet_mid_block` and the conditioning embedding's
     `conv_out`) start at exactly zero: such a net changes nothing and every test passes
     whatever the code does. They are filled with seeded noise of `std` here.
+    `embedding_channels` are the conditioning embedding's (SD1.5's nets: 16, 32, 96, 256).
     """
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet")
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", dtype=dtype)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
+    net.to(dtype)
+    del unet
     generator = torch.Generator().manual_seed(seed)
     for name, param in net.named_parameters():
         zero = name.startswith(CONTROLNET_ZERO_LAYERS[:2]) or ".conv_out." in name
         if zero:
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(torch.randn(param.shape, generator=generator) * std)  # cast to dtype
     net.save_pretrained(out_dir)
     return Path(out_dir)
 
