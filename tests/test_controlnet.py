@@ -633,3 +633,78 @@ def test_cli_texture_expand_with_a_control_image(tmp_path, sd15_path, sd15_contr
         "texture-expand", exemplar, *common, *net, "-o", tmp_path / "c.png", model=sd15_path
     )
     assert missing.exit_code == 2 and "needs --control-image" in missing.stderr
+
+
+def test_ad_refinement_passes_see_the_residuals(sd15_path, sd15_controlnet, content, control_map):
+    """With AD on, every sampling pass and every refinement pass of the image's latent gets the
+    ControlNet residuals; the references' feature passes (another image) get none."""
+    settings = replace(
+        settings_for(sd15_path, [sd15_controlnet], (0.8,), steps=2),
+        style_mode="ad",
+        ad_iters=1,
+        ad_adain=False,
+    )
+    style = Image.fromarray(np.asarray(content)[::-1].copy())
+    session = open_session(settings, runtime=CPU32, style=[style], style_names=["s.png"], seed=1)
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs.get("down_block_additional_residuals") is not None)
+
+    handle = session.model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = run_img2img(session, content, [control_map])
+    finally:
+        handle.remove()
+    # 2 sampling passes + 2 refinements × 1 iteration with residuals; reference passes without
+    assert sum(seen) == 4
+    assert len(seen) - sum(seen) == 2  # the reference's features at the 2 refinement timesteps
+    plain = replace(settings, controls=(), controlnets=(), control_image=None, control_type=None)
+    base = open_session(plain, runtime=CPU32, style=[style], style_names=["s.png"], seed=1)
+    other = as_float(base.img2img([content], [11])[0])
+    assert np.abs(as_float(out) - other).mean() > 2 / 255
+
+
+def test_a_preset_may_set_controls(tmp_path):
+    from stylekit.presets import load_preset
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'model = "m"\ncontrols = ["depth:0.5", "canny"]\ncontrol_end = 0.8\ncanny = "50,150"\n'
+    )
+    s = load_preset(str(path))
+    assert s.controls == ("depth:0.5", "canny") and s.control_end == 0.8 and s.canny == "50,150"
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--control", "canny"], "lllyasviel/control_v11p_sd15_canny"),  # the family's default
+        (["--control", "tile", "--controlnet", "nobody/no-such-net"], "nobody/no-such-net"),
+    ],
+)
+def test_a_controlnet_not_in_the_cache_offline_is_one_line(tmp_path, sd15_path, flags, named):
+    photo = write_image(tmp_path / "photo.png")
+    result = cli("stylize", photo, *flags, "-o", tmp_path / "out.png", model=sd15_path)
+    assert result.exit_code == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"ControlNet {named}" in line and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_optimize_mode_takes_no_control(tmp_path, sd15_path):
+    photo = write_image(tmp_path / "photo.png")
+    result = cli(
+        "stylize",
+        photo,
+        "--control",
+        "tile",
+        "--mode",
+        "optimize",
+        "--style",
+        photo,
+        "-o",
+        tmp_path / "out.png",
+        model=sd15_path,
+    )
+    assert result.exit_code == 2 and "--mode sample" in result.stderr

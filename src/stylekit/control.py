@@ -229,6 +229,8 @@ def check_control_sources(settings: Settings, *, allow_pickle: bool) -> None:
     from stylekit.engine import models
 
     specs = control_specs(settings)
+    if specs and settings.mode != "sample":
+        raise UsageError("--control needs sampling (--mode sample): optimisation has no steps")
     for spec in specs:
         if spec.controlnet is not None:
             models.check_source(spec.controlnet, what="ControlNet", allow_pickle=allow_pickle)

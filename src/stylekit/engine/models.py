@@ -880,38 +880,37 @@ def load_controlnet(
 
     check_source(source, what="ControlNet", allow_pickle=allow_pickle)
     path = Path(source).expanduser()
-    kwargs = dict(dtype=model.dtype, use_safetensors=not allow_pickle)
+    where = str(path) if path.is_dir() else source
+    kwargs = dict(dtype=model.dtype, use_safetensors=not allow_pickle, revision=revision)
     with hub_errors("ControlNet", source, family=model.family):
+        if not path.is_file():  # the config first: a wrong family stops before the weights
+            config = ControlNetModel.load_config(where, revision=revision)
+            check_controlnet_family(config, model, source)
         if path.is_file():
             net = ControlNetModel.from_single_file(str(path), dtype=model.dtype)
         elif path.is_dir() or not variant:
-            net = ControlNetModel.from_pretrained(
-                str(path) if path.is_dir() else source, revision=revision, **kwargs
-            )
+            net = ControlNetModel.from_pretrained(where, **kwargs)
         else:
             try:
-                net = ControlNetModel.from_pretrained(
-                    source, variant=variant, revision=revision, **kwargs
-                )
+                net = ControlNetModel.from_pretrained(source, variant=variant, **kwargs)
             except (ValueError, OSError):  # no such variant: the full weights
-                net = ControlNetModel.from_pretrained(source, revision=revision, **kwargs)
+                net = ControlNetModel.from_pretrained(source, **kwargs)
     check_controlnet_family(net.config, model, source)
     return net.to(model.device).eval().requires_grad_(False)
 
 
 def check_controlnet_family(config, model: LoadedModel, source: str) -> None:
-    """Refuse a ControlNet whose conditioning does not fit the UNet (SD1.5 net on SDXL...)."""
-    unet = model.unet.config
-    net_family = family_of_unet(dict(config))
-    same = config.cross_attention_dim == unet.cross_attention_dim and (
-        config.addition_embed_type == unet.addition_embed_type
+    """Refuse a ControlNet (its config, a mapping) whose conditioning does not fit the UNet: its
+    cross-attention width or SDXL's added conditioning differ (an SD1.5 net on SDXL)."""
+    config, unet = dict(config), dict(model.unet.config)
+    keys = ("cross_attention_dim", "addition_embed_type")
+    if all(config.get(k) == unet.get(k) for k in keys):
+        return
+    raise UsageError(
+        f"ControlNet {source} is for {family_of_unet(config)} models (cross-attention "
+        f"{config.get('cross_attention_dim')}), but the model is {model.family} (cross-attention "
+        f"{unet.get('cross_attention_dim')}); pass a {model.family} ControlNet with --controlnet"
     )
-    if not same:
-        raise UsageError(
-            f"ControlNet {source} is for {net_family} models (cross-attention "
-            f"{config.cross_attention_dim}), but the model is {model.family} (cross-attention "
-            f"{unet.cross_attention_dim}); pass a {model.family} ControlNet with --controlnet"
-        )
 
 
 def load_depth_estimator(source: str, device: torch.device):
