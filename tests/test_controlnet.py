@@ -708,3 +708,42 @@ def test_optimize_mode_takes_no_control(tmp_path, sd15_path):
         model=sd15_path,
     )
     assert result.exit_code == 2 and "--mode sample" in result.stderr
+
+
+def test_cli_tiled_stylize_and_inpaint_take_controls(tmp_path, sd15_path, sd15_controlnet):
+    """The wiring of the other commands: stylize --tiled (windows crop the tile map) and inpaint
+    (a precomputed map cropped with the mask's box) run with controls and record them."""
+    from stylekit.media.metadata import read_metadata
+
+    photo = write_image(tmp_path / "photo.png", size=(96, 64))
+    net = ["--controlnet", str(sd15_controlnet)]
+    tiled = ["--tiled", "--window", "8", "--stride", "4"]
+    for name, flags in (("a", ["--control", "tile", *net]), ("b", [])):
+        result = cli(
+            "stylize", photo, *tiled, *flags, "-o", tmp_path / f"{name}.png", model=sd15_path
+        )
+        assert result.exit_code == 0, result.output
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float32) for n in "ab")
+    assert np.abs(a - b).mean() > 2
+    assert read_metadata(tmp_path / "a.png")["controls"][0]["type"] == "tile"
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    write_image(tmp_path / "edges.png", seed=5, size=(96, 64))
+    result = cli(
+        "inpaint",
+        photo,
+        "--mask",
+        tmp_path / "mask.png",
+        "--control",
+        "canny",
+        *net,
+        "--control-image",
+        tmp_path / "edges.png",
+        "-o",
+        tmp_path / "c.png",
+        model=sd15_path,
+    )
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(tmp_path / "c.png")
+    assert meta["control_image"] == "edges.png" and meta["controls"][0]["map"] == "control image"
