@@ -665,6 +665,81 @@ TextureMode = Annotated[
 ]
 
 
+# --- structure control (ControlNet, docs/controlnet.md) ------------------------------------------
+CONTROL = "Structure control"
+Control = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--control",
+        help="ControlNet control TYPE[:SCALE]: canny, depth or tile; repeatable.",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlNet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--controlnet",
+        help="ControlNet hub id, folder or .safetensors replacing the family's default; one per --control, in order.",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlScale = Annotated[
+    float | None,
+    typer.Option(
+        "--control-scale",
+        help="Scale of controls given without :SCALE (default 0.8).",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlStart = Annotated[
+    float | None,
+    typer.Option(
+        "--control-start",
+        help="Fraction of the steps before the ControlNet residuals apply (default 0).",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlEnd = Annotated[
+    float | None,
+    typer.Option(
+        "--control-end",
+        help="Fraction of the steps after which the residuals stop (default 1).",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlImage = Annotated[
+    str | None,
+    typer.Option(
+        "--control-image",
+        help="Precomputed control map: a file, or a folder matched to the inputs by file stem.",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlType = Annotated[
+    str | None,
+    typer.Option(
+        "--control-type",
+        help="The control --control-image is for (default: the only --control).",
+        rich_help_panel=CONTROL,
+    ),
+]
+Canny = Annotated[
+    str | None,
+    typer.Option(
+        "--canny", help="Canny thresholds LOW,HIGH (default 100,200).", rich_help_panel=CONTROL
+    ),
+]
+DepthModel = Annotated[
+    str | None,
+    typer.Option(
+        "--depth-model",
+        help="Depth-estimation model for --control depth (default depth-anything/Depth-Anything-V2-Small-hf).",
+        rich_help_panel=CONTROL,
+    ),
+]
+CONTROL_FLAGS = {"control": "controls", "controlnet": "controlnets"}  # flag → Settings field
+
+
 # --- commands ----------------------------------------------------------------------------------
 # Each command lists all of its options, gathers the shared ones into CommonOptions and calls its
 # `stylekit.api` function. Settings flags go by their Settings field names (--lora is `loras`,
@@ -722,6 +797,15 @@ def stylize(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Stylise images with a few-step model, optionally after a style reference.
 
@@ -799,6 +883,15 @@ def t2i_styled(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Generate images from a prompt in the style of reference images (AD-guided, few steps).
 
@@ -876,6 +969,15 @@ def inpaint(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
 
@@ -974,6 +1076,15 @@ def video(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Stylise videos frame by frame; audio and the exact frame rate are kept.
 
@@ -1062,6 +1173,15 @@ def texture_expand(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Expand exemplars into textures of any size (MultiDiffusion + AD guidance, few steps).
 
@@ -1543,7 +1663,7 @@ class CommonOptions:
         return kind(err, as_json=self.as_json, quiet=self.quiet, debug=debug_mode())
 
 
-SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain"}  # flag parameter → Settings field
+SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain", **CONTROL_FLAGS}  # flag → Settings field
 
 
 def given_settings(**flags) -> dict[str, Any]:

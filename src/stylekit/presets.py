@@ -61,6 +61,17 @@ class Settings:
     mode: str = "sample"  # sample: few-step sampling; optimize: AD's optimisation-based transfer
     opt_steps: int = 200  # optimisation timesteps (AD release: 200 style transfer, 300 texture)
     opt_lr: float = 0.05  # the AD release's optimisation learning rate
+    # ControlNet (docs/controlnet.md): controls as TYPE[:SCALE] (canny, depth, tile), the nets
+    # overriding the family's defaults (one per control, in order), and when the residuals apply
+    controls: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    control_scale: float = 0.8  # diffusers' ControlNet img2img default and its LCM-LoRA recipe
+    control_start: float = 0.0  # fraction of the steps run before the residuals start
+    control_end: float = 1.0  # fraction of the steps run after which they stop
+    control_image: str | None = None  # a precomputed map (file, or folder matched by stem)
+    control_type: str | None = None  # the control the map is for (default: the only one)
+    canny: str = "100,200"  # Canny's low,high hysteresis thresholds (diffusers' docs)
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # Apache-2.0, 99 MB
     description: str = ""
     purpose: str = ""  # what the preset is for, for `stylekit presets` (one sentence)
 
@@ -90,6 +101,9 @@ RANGES = {
     "content_weight": (0.0, 100.0),
     "opt_steps": (1, 5000),
     "opt_lr": (0.0, 10.0),
+    "control_scale": (0.0, 5.0),
+    "control_start": (0.0, 1.0),
+    "control_end": (0.0, 1.0),
 }
 CHOICES = {"scheduler": ("tcd", "lcm"), "style_mode": STYLE_MODES, "mode": ("sample", "optimize")}
 
@@ -102,6 +116,11 @@ def check(settings: Settings, *, source: str) -> Settings:
             continue
         if not lo <= value <= hi or (key == "strength" and value == 0):
             raise PresetError(f"{source}: {key} = {value!r} is outside {lo}..{hi}")
+    if settings.control_start >= settings.control_end:
+        raise PresetError(
+            f"{source}: control_start = {settings.control_start!r} must be below "
+            f"control_end = {settings.control_end!r}"
+        )
     for key, allowed in CHOICES.items():
         if getattr(settings, key) not in allowed:
             raise PresetError(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stylekit import __version__
+from stylekit import __version__, control
 from stylekit.engine import ad, conditioning, memory, models, sampling
 from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
@@ -182,6 +182,7 @@ def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) ->
     only be checked when they load."""
     spec = model_spec(settings, runtime, ip_adapter=wants_ip_adapter(settings, style))
     models.check_local_sources(spec)
+    control.check_control_sources(settings, allow_pickle=runtime.allow_pickle)
 
 
 def cfg_rows(settings: Settings) -> int:
@@ -399,6 +400,7 @@ def open_session(
         native = native_px(model)
         capped = [resized(im, Sizing().working(im.size, native)) for im in style]
         cond = conditioning.with_style_images(model, cond, capped)
+    controls = control.load_controls(model, settings, allow_pickle=runtime.allow_pickle)
     session = Session(
         settings,
         model,
@@ -407,6 +409,7 @@ def open_session(
         style_names=list(style_names),
         style_hashes=list(style_hashes),
         task=task,
+        controls=controls,
     )
     if not use_ad:
         return session
@@ -430,11 +433,14 @@ class Session:
         references: ad.References | None = None,
         feature_cond: conditioning.Conditioning | None = None,
         task: str = "img2img",
+        controls: Sequence[control.LoadedControl] = (),
     ):
         self.settings, self.model, self.sampler, self.cond = settings, model, sampler, cond
         self.style_names = list(style_names)  # the references' paths as given
         self.style_hashes = list(style_hashes)  # and their `content_hash`es
         self.task = task  # where sampling starts: img2img, noise or video (see `open_session`)
+        self.controls = list(controls)  # ControlNets loaded once for the run
+        self._depth = None  # the depth estimator, loaded on first use
         self.references = references
         self.features = ad.FeatureCache()  # the references' features per timestep, this run's
         self.feature_cond = feature_cond  # AD's empty-prompt conditioning, encoded once per run
@@ -474,7 +480,63 @@ class Session:
             references=refs,
             feature_cond=self.feature_cond,
             task=self.task,
+            controls=self.controls,
         )
+
+    # --- structure control -------------------------------------------------------------------
+
+    @property
+    def control_given(self) -> str | None:
+        """The control type whose map comes from `--control-image` (None: all computed)."""
+        kinds = [c.spec.kind for c in self.controls]
+        return control.image_type(self.settings, kinds) if self.controls else None
+
+    def depth_estimator(self):
+        """The depth-estimation pipeline, loaded once per run on first use."""
+        if self._depth is None:
+            self._depth = models.load_depth_estimator(self.settings.depth_model, self.model.device)
+        return self._depth
+
+    def control_maps(self, image: Image.Image, given: Image.Image | None = None) -> list:
+        """Every control's map for a content image at its working size; the `--control-image`
+        type takes `given` (already at that size)."""
+        maps = []
+        for c in self.controls:
+            if c.spec.kind == self.control_given:
+                if given is None:
+                    raise InputError(f"no control image for the {c.spec.kind} control")
+                maps.append(given)
+            else:
+                maps.append(
+                    control.control_map(c.spec.kind, image, self.settings, self.depth_estimator)
+                )
+        return maps
+
+    def control_for(self, maps: Sequence[Sequence[Image.Image]]):
+        """The engine's `Control` for rows of maps (one list per image), or None without controls."""
+        from stylekit.engine.controlnet import Control, image_tensor
+
+        if not self.controls:
+            return None
+        images = tuple(
+            image_tensor([row[k] for row in maps]).to(self.model.device)
+            for k in range(len(self.controls))
+        )
+        s = self.settings
+        return Control(
+            tuple(c.net for c in self.controls),
+            images,
+            tuple(c.spec.scale for c in self.controls),
+            s.control_start,
+            s.control_end,
+        )
+
+    def control_metadata(self) -> list[dict] | None:
+        """What every output records of the run's controls (None without)."""
+        if not self.controls:
+            return None
+        given = self.control_given
+        return [control.describe(c.spec, c.source, self.settings, given) for c in self.controls]
 
     # --- hooks of the sampling loop ------------------------------------------------------------
 
@@ -486,9 +548,11 @@ class Session:
         noise: torch.Tensor | None = None,
         windows: Sequence[View] | None = None,
         view_batch: int = 4,
+        control=None,
     ) -> AfterStep:
         """AD refinement after every step of a trajectory over `ts` (see `ad.guidance`); over
-        MultiDiffusion `windows`, of each window (`ad.windowed_guidance`)."""
+        MultiDiffusion `windows`, of each window (`ad.windowed_guidance`); with `control`'s
+        ControlNet residuals in its passes."""
         refs, ac = self.references, self.sampler.ac
         if windows is not None:
             return ad.windowed_guidance(
@@ -501,8 +565,11 @@ class Session:
                 view_batch=view_batch,
                 z0=z0,
                 noise=noise,
+                control=control,
             )
-        return ad.guidance(self.model, refs, self.features, ts, ac, z0=z0, noise=noise)
+        return ad.guidance(
+            self.model, refs, self.features, ts, ac, z0=z0, noise=noise, control=control
+        )
 
     @property
     def guided(self) -> Callable[..., AfterStep] | None:
@@ -512,11 +579,17 @@ class Session:
     # --- images ----------------------------------------------------------------------------------
 
     def img2img(
-        self, images: Sequence[Image.Image], seeds: Sequence[int], *, callback: Callback = None
+        self,
+        images: Sequence[Image.Image],
+        seeds: Sequence[int],
+        *,
+        callback: Callback = None,
+        given: Sequence[Image.Image | None] | None = None,
     ) -> list[Image.Image]:
         """Stylise same-size images in one UNet batch; image i is what it would be alone with seed i.
 
         Each image gets a CPU generator seeded once, so results match diffusers' pipelines.
+        `given[i]` is image i's precomputed control map (`--control-image`), if any.
         """
         from stylekit.engine.img2img import img2img
 
@@ -533,11 +606,36 @@ class Session:
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             guidance=self.guided,
             callback=callback,
+            control=self.control_of(images, given),
         )
         return [to_pil(a) for a in arr]
 
+    def control_of(self, images: Sequence[Image.Image], given=None):
+        """The engine `Control` of content images (their maps computed or given), or None."""
+        if not self.controls:
+            return None
+        given = given or [None] * len(images)
+        return self.control_for(
+            [self.control_maps(im, g) for im, g in zip(images, given, strict=True)]
+        )
+
+    def frame_control(self, given: Image.Image | None = None):
+        """A video frame → its `Control` (maps computed per frame; `given` one precomputed map
+        for every frame, resized to the frame)."""
+
+        def of(frame: Image.Image):
+            return self.control_of([frame], [given and resized(given, frame.size)])
+
+        return of
+
     def img2img_tiled(
-        self, image: Image.Image, seed: int, plan, *, callback: Callback = None
+        self,
+        image: Image.Image,
+        seed: int,
+        plan,
+        *,
+        callback: Callback = None,
+        given: Image.Image | None = None,
     ) -> Image.Image:
         """Stylise one image at its own size over the MultiDiffusion windows of `plan` (a
         `tasks.textures.CanvasPlan` of the image's latent size), tiled VAE in and out."""
@@ -560,13 +658,21 @@ class Session:
             guidance=self.guided,
             callback=callback,
             windows=Windows.of(plan),
+            control=self.control_of([image], [given]),
         )
         return to_pil(arr[0])
 
     def generate(
-        self, width: int, height: int, *, seed: int, callback: Callback = None
+        self,
+        width: int,
+        height: int,
+        *,
+        seed: int,
+        callback: Callback = None,
+        given: Image.Image | None = None,
     ) -> Image.Image:
-        """Text-to-image from pure noise in `steps` evaluations (AD-guided when references are set)."""
+        """Text-to-image from pure noise in `steps` evaluations (AD-guided when references are
+        set); with controls, `given` is the control map at (width, height)."""
         from stylekit.engine.txt2img import txt2img
 
         if width % 8 or height % 8:
@@ -581,6 +687,7 @@ class Session:
             generator=torch.Generator("cpu").manual_seed(seed),
             guidance=self.guided,
             callback=callback,
+            control=self.control_for([[given] * len(self.controls)]) if self.controls else None,
         )
         return to_pil(arr)
 
@@ -647,6 +754,7 @@ class Session:
             "tiny_vae": True if tiny_vae(s) else None,
             "tiny_vae_model": tiny_vae_source(s, m.family),
             "vae": s.vae,
+            "controls": self.control_metadata(),
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
             "stylekit": __version__,

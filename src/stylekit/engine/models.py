@@ -863,3 +863,93 @@ def load(spec: ModelSpec) -> LoadedModel:
         notices=tuple(n for n in (accel.notice, vae_notice(pipe.vae, family, dtype)) if n),
         warnings=tuple(w for w in (turbo_warning, accel.warning, *checkpoint) if w),
     )
+
+
+# --- ControlNet and depth estimation (docs/controlnet.md) ----------------------------------------
+# The default ControlNet per family and control type: (hub id, revision). The SD1.5 tile net keeps
+# only a pickled `.bin` on main; its safetensors conversion lives in the repo's PR ref.
+CONTROLNETS = {
+    "sd15": {
+        "canny": ("lllyasviel/control_v11p_sd15_canny", None),
+        "depth": ("lllyasviel/control_v11f1p_sd15_depth", None),
+        "tile": ("lllyasviel/control_v11f1e_sd15_tile", "refs/pr/4"),
+    },
+    "sdxl": {
+        "canny": ("diffusers/controlnet-canny-sdxl-1.0", None),
+        "depth": ("diffusers/controlnet-depth-sdxl-1.0", None),
+        "tile": ("xinsir/controlnet-tile-sdxl-1.0", None),
+    },
+}
+DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # Apache-2.0, 99 MB
+
+
+def controlnet_source(kind: str, family: str, source: str | None) -> tuple[str, str | None]:
+    """(source, revision) of the ControlNet for control `kind`: `source` when given, else the
+    family's default; SD 2.x has none released here, so it needs `--controlnet`."""
+    if source:
+        return source, None
+    defaults = CONTROLNETS.get(family)
+    if defaults is None:
+        raise UsageError(
+            f"no default {kind} ControlNet for SD 2.x models; pass one with --controlnet"
+        )
+    return defaults[kind]
+
+
+def load_controlnet(
+    model: LoadedModel,
+    source: str,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+):
+    """Load a `ControlNetModel` (hub id, diffusers folder or `.safetensors` file) on the model's
+    device and dtype. A net built for another family (its cross-attention width or SDXL's
+    added conditioning differ from the UNet's) is a usage error naming both."""
+    from diffusers import ControlNetModel
+
+    check_source(source, what="ControlNet", allow_pickle=allow_pickle)
+    path = Path(source).expanduser()
+    where = str(path) if path.is_dir() else source
+    kwargs = dict(dtype=model.dtype, use_safetensors=not allow_pickle, revision=revision)
+    with hub_errors("ControlNet", source, family=model.family):
+        if not path.is_file():  # the config first: a wrong family stops before the weights
+            config = ControlNetModel.load_config(where, revision=revision)
+            check_controlnet_family(config, model, source)
+        if path.is_file():
+            net = ControlNetModel.from_single_file(str(path), dtype=model.dtype)
+        elif path.is_dir() or not variant:
+            net = ControlNetModel.from_pretrained(where, **kwargs)
+        else:
+            try:
+                net = ControlNetModel.from_pretrained(source, variant=variant, **kwargs)
+            except (ValueError, OSError):  # no such variant: the full weights
+                net = ControlNetModel.from_pretrained(source, **kwargs)
+    check_controlnet_family(net.config, model, source)
+    return net.to(model.device).eval().requires_grad_(False)
+
+
+def check_controlnet_family(config, model: LoadedModel, source: str) -> None:
+    """Refuse a ControlNet (its config, a mapping) whose conditioning does not fit the UNet: its
+    cross-attention width or SDXL's added conditioning differ (an SD1.5 net on SDXL)."""
+    config, unet = dict(config), dict(model.unet.config)
+    keys = ("cross_attention_dim", "addition_embed_type")
+    if all(config.get(k) == unet.get(k) for k in keys):
+        return
+    raise UsageError(
+        f"ControlNet {source} is for {family_of_unet(config)} models (cross-attention "
+        f"{config.get('cross_attention_dim')}), but the model is {model.family} (cross-attention "
+        f"{unet.get('cross_attention_dim')}); pass a {model.family} ControlNet with --controlnet"
+    )
+
+
+def load_depth_estimator(source: str, device: torch.device):
+    """A transformers `depth-estimation` pipeline (hub id or local folder) on `device`."""
+    from transformers import pipeline
+
+    if is_local(source):
+        check_source(source, what="depth model", allow_pickle=False)
+        source = str(Path(source).expanduser())
+    with hub_errors("depth model", source):
+        return pipeline("depth-estimation", model=source, device=device)

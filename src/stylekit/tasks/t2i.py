@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from stylekit.errors import UsageError
+from stylekit.control import ControlImage, map_only_controls, read_control_image
+from stylekit.errors import InputError, UsageError
 from stylekit.media.batch import (
     DEFAULT_OUT_DIR,
     FORMAT_EXTS,
@@ -79,6 +80,11 @@ def t2i_styled(
     refuse_overwriting_files(jobs, style, "--style")
     events = events or Events()
 
+    given = generation_control(settings)
+    if given is not None and size is None:  # the map's own size, as diffusers' pipelines take it
+        size = (given.image.width // 8 * 8, given.image.height // 8 * 8)
+    if given is not None:
+        refuse_overwriting_files(jobs, [settings.control_image], "--control-image")
     check_size = size_flag_check(settings, runtime, size, style)
     run = LazySession(
         settings,
@@ -93,8 +99,14 @@ def t2i_styled(
     def process(job: Job, seed: int):
         session = run()
         width, height = size or (session.native * 8, session.native * 8)
-        image = session.generate(width, height, seed=seed, callback=events.step)
-        return image, session.metadata(seed=seed, size=(width, height))
+        control = (
+            read_control_image(Path(settings.control_image), (width, height)) if given else None
+        )
+        image = session.generate(
+            width, height, seed=seed, callback=events.step, given=control and control.image
+        )
+        meta = session.metadata(seed=seed, size=(width, height))
+        return image, meta | (control.settings() if control else {})
 
     def plan_size(job: Job) -> tuple[int, int] | None:
         """The image's size on --dry-run: `size`, or the native size from the model's config."""
@@ -110,3 +122,17 @@ def t2i_styled(
         plan_size=plan_size,
         events=events,
     )
+
+
+def generation_control(settings: Settings) -> ControlImage | None:
+    """The control map of a generation from a prompt, at its own size (`map_only_controls`);
+    read now: a missing map stops the run (exit 2)."""
+    if not map_only_controls(settings, "t2i-styled"):
+        return None
+    path = Path(settings.control_image)
+    if not path.is_file():
+        raise UsageError(f"--control-image {path}: no such file (t2i-styled takes one map file)")
+    try:
+        return read_control_image(path, None)
+    except InputError as exc:
+        raise UsageError(f"--control-image {exc}") from exc

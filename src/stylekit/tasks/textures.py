@@ -57,14 +57,18 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from stylekit.control import control_image_finder, map_only_controls, read_control_image
 from stylekit.engine import ad, memory
 from stylekit.engine.ad_loss import LabelMaps
+from stylekit.engine.controlnet import Control
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import multidiffusion, noise_predictor
+from stylekit.engine.sampling import sample
 from stylekit.engine.tiling import circular_padding, decode_tiled, views
 from stylekit.engine.txt2img import schedule
+from stylekit.engine.windows import Windows
 from stylekit.errors import InputError, UsageError
-from stylekit.media.batch import BatchReport, Job
+from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
 from stylekit.media.images import fitted_size, image_size, load_image, open_rgb
 from stylekit.presets import COMMAND_DEFAULTS, Settings
 from stylekit.runner import Events, Output, SayOnce, plan_files, run_jobs
@@ -203,9 +207,11 @@ def sample_canvas(
     *,
     generator: torch.Generator,
     callback: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """MultiDiffusion from noise `z`: the one sampling loop with window-averaged ε and, when the
-    session has references, AD refinement of every window after every step.
+    session has references, AD refinement of every window after every step. With `control`
+    (ControlNets with their maps at the canvas's size) each window reads its crop of the maps.
 
     The reference features are computed before the UNet's padding turns circular (the exemplar
     does not tile); `callback(done, total)` counts windows over all steps.
@@ -213,17 +219,32 @@ def sample_canvas(
     ts, windows = schedule(session.model, session.settings.steps), plan.windows()
     first = windows[0]
     eps = noise_predictor(session.model, session.cond, 8 * first.height, 8 * first.width)
+    if control is not None:  # the windows' crops of the maps: `Windows`' predictor
+        control = control.scheduled(ts)
+        eps = Windows(windows, view_batch=plan.view_batch).predictor(
+            session.model, session.cond, callback=callback, steps=len(ts), control=control
+        )
     after = None
     refs, ac = session.references, session.sampler.ac
     if refs is not None:
         for i in range(len(ts)):
             ad.noised_features(session.model, refs, session.features, ad.next_timestep(ts, i), ac)
         after = ad.windowed_guidance(
-            session.model, refs, session.features, ts, ac, windows, view_batch=plan.view_batch
+            session.model,
+            refs,
+            session.features,
+            ts,
+            ac,
+            windows,
+            view_batch=plan.view_batch,
+            control=control,
         )
     unet_x, unet_y = plan.unet_wrap
     wrap_x, wrap_y = plan.wrap
     with circular_padding(session.model.unet, x=unet_x, y=unet_y):
+        if control is not None:  # eps is window-averaged already
+            with torch.no_grad():
+                return sample(eps, z, ts, session.sampler, generator=generator, after_step=after)
         return multidiffusion(
             eps,
             z,
@@ -287,6 +308,7 @@ def synthesize(
     masks: LabelMaps | None = None,
     noise: torch.Tensor | None = None,
     callback: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> np.ndarray:
     """One texture: noise (from `seed` unless given) → guided canvas → tiled decode, (H, W, 3).
 
@@ -301,7 +323,7 @@ def synthesize(
     if s.mode == "optimize":
         z = optimize_canvas(session, plan, z, callback=callback)
     else:
-        z = sample_canvas(session, plan, z, generator=generator, callback=callback)
+        z = sample_canvas(session, plan, z, generator=generator, callback=callback, control=control)
     return decode_canvas(session.model, z, plan)
 
 
@@ -469,6 +491,9 @@ def run_textures(
     say_once = SayOnce(events)
     runtime = runtime or Runtime()
     check_sources(settings, runtime)
+    find_control, control_files = control_image_finder(settings)
+    if map_only_controls(settings, task):
+        refuse_overwriting_files(jobs, control_files, "--control-image")
 
     def check() -> None:
         """The canvas, before the model loads (its window: the family's); on --dry-run too."""
@@ -513,7 +538,11 @@ def run_textures(
                 settings, runtime, work, what=what, hint=hint, model=session.model, error=InputError
             )
         lm = label_maps(*maps, exemplar.size, plan.size) if maps else None
-        arr = synthesize(session, exemplar, plan, seed=seed, masks=lm, callback=events.step)
+        given = read_control_image(find_control(job), plan.size) if find_control else None
+        control = session.control_for([[given.image] * len(session.controls)]) if given else None
+        arr = synthesize(
+            session, exemplar, plan, seed=seed, masks=lm, callback=events.step, control=control
+        )
         names = (Path(masks[0]).name, Path(masks[1]).name) if masks else None
         meta = texture_metadata(
             session,
@@ -525,7 +554,7 @@ def run_textures(
             masks=names,
         )
         meta["input_size"] = f"{own[0]}x{own[1]}" if own != exemplar.size else None
-        return to_image(arr), meta
+        return to_image(arr), meta | (given.settings() if given else {})
 
     return run_jobs(
         jobs, output, process, prepare=prepare, check=check, plan_size=plan_size, events=events
@@ -598,6 +627,8 @@ def texture(
     if (source_mask is None) != (target_mask is None):
         raise UsageError("controlled synthesis needs both --source-mask and --target-mask")
     settings = texture_settings(settings, preset, overrides, TEXTURE_DEFAULTS)
+    if settings.controls or settings.control_image:
+        raise UsageError("texture takes no ControlNet; texture-expand does (--control-image)")
     masks = (source_mask, target_mask) if source_mask is not None else None
     canvas = Canvas(size, window, stride, view_batch, seamless)
     return run_textures(

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stylekit.control import ControlImage, control_image_finder, read_control_image
 from stylekit.engine.stream import FrameStream, StreamOptions
 from stylekit.errors import StylekitError, UsageError
 from stylekit.media.batch import (
@@ -257,8 +258,10 @@ def stylize_one(
     events: Events,
     info: VideoInfo | None = None,
     tiled: Tiled | None = None,
+    given: ControlImage | None = None,
 ) -> dict:
-    """Stylise one video into its output; returns the settings for its record."""
+    """Stylise one video into its output; returns the settings for its record. With controls
+    each frame's maps are computed as it streams in (`given`: one precomputed map for all)."""
     info = info or probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
@@ -279,10 +282,12 @@ def stylize_one(
         replace(options, seed=seed),
         guidance=session.guided,
         windows=windows,
+        control=session.frame_control(given and given.image) if session.controls else None,
     )
     size = info.size if clip.keep_size else working
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
     settings |= {"working_size": "{}x{}".format(*working), "input_size": "{}x{}".format(*info.size)}
+    settings |= given.settings() if given else {}
     settings |= video_settings(options, stream, selection, clip) | extra  # in the file too
     done = 0
     with contextlib.ExitStack() as stack:
@@ -426,6 +431,8 @@ def stylize_video(
         before=check_size,
     )
 
+    find_control, _ = control_image_finder(settings)
+
     def plan_size(job: Job) -> tuple[int, int] | None:
         """The frames' output size on --dry-run; a video the run would fail fails here too."""
         info = probe(job.input)
@@ -445,6 +452,7 @@ def stylize_video(
             what = f"{job.input}: frames of {width}x{height}"
             run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         session = run()
+        given = read_control_image(find_control(job), None) if find_control else None
         return stylize_one(
             job,
             seed,
@@ -455,6 +463,7 @@ def stylize_video(
             events=events,
             info=info,
             tiled=tiled,
+            given=given,
         )
 
     return run_jobs(
