@@ -193,6 +193,24 @@ def quiet_ray() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.ERROR)
+    messages_to_stderr()
+
+
+def messages_to_stderr() -> None:
+    """Send what Ray's driver prints for the cluster (e.g. "A worker died ...") to stderr:
+    stdout carries the `--json` records, one JSON object a line. Ray has no option for this, so
+    its printer (`ray._private.worker.print_to_stdstream`) is wrapped, once, if it is there."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "to_stderr", False):
+        return
+
+    def to_stderr(data, ignore_prefix: bool):
+        return printer({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.to_stderr = True
+    worker.print_to_stdstream = to_stderr
 
 
 def pool(ray, engine: Ray, chunks: int) -> tuple[int, float]:
