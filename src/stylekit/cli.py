@@ -646,7 +646,7 @@ RayAddress = Annotated[
     str | None,
     typer.Option(
         "--ray-address",
-        help="Ray cluster to run on (e.g. auto, ray://head:10001); default: a local Ray instance for this run.",
+        help="Ray cluster to run on (auto, or HOST:6379 of its head); default: a local Ray instance for this run.",
         rich_help_panel=SCALE,
     ),
 ]
