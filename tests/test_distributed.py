@@ -127,6 +127,23 @@ def test_ray_writes_what_local_writes_fails_what_fails_and_a_rerun_skips_everyth
     assert files_under(distributed) == written
 
 
+def test_ray_generates_what_local_generates(tmp_path, sd15_path, ray_instance):
+    outs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        args = ("t2i-styled", "a cat", "-n", "3", "--style-mode", "none", "--size", "64x64")
+        result = cli(*args, "-o", out, "--json", "--engine", engine, model=sd15_path)
+        assert result.exit_code == 0, result.stderr
+        assert sorted((r["input"], r["seed"]) for r in records(result.stdout)) == [
+            (None, 7),
+            (None, 8),
+            (None, 9),
+        ]
+        outs[engine] = files_under(out)
+    assert sorted(outs["ray"]) == ["a-cat-000.png", "a-cat-001.png", "a-cat-002.png"]
+    assert outs["ray"] == outs["local"]
+
+
 def worker_pids() -> list[int]:
     """This process's Ray Data workers (descendants whose command line names the map actor)."""
     parents = {}

@@ -57,7 +57,7 @@ from stylekit.runner import (
 
 LOCAL_OBJECT_STORE = 128 * 2**20  # bytes: job lists and records only
 MISSING = "--engine ray needs Ray: pip install 'stylekit[ray]'"
-PART = re.compile(r"\.[0-9a-f]{8}\.part$")  # media.batch.atomic_write's temp files
+PART = re.compile(r"\.(.+)\.[0-9a-f]{8}\.part")  # media.batch.atomic_write's temp files
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def run(task: Callable, *args, engine: Ray | None, events: Events | None = None,
 
     kwargs["output"] = with_seed(kwargs.get("output") or Output())
     events = events or Events()
-    token = ENGINE.set(partial(drive, Call(task, args, kwargs), engine, events))
+    token = ENGINE.set(partial(drive, Call(task, args, kwargs), engine))
     try:
         return task(*args, events=events, **kwargs)
     finally:
@@ -121,9 +121,10 @@ def run(task: Callable, *args, engine: Ray | None, events: Events | None = None,
 # --- the driver ------------------------------------------------------------------------------
 
 
-def drive(call: Call, engine: Ray, events: Events, batch: Batch) -> BatchReport:
+def drive(call: Call, engine: Ray, batch: Batch) -> BatchReport:
     """Plan and report like `runner.execute`, but run the jobs on a pool of Ray workers."""
-    report, to_do, seed0 = begin(batch.jobs, batch.output, batch.events)
+    events = batch.events
+    report, to_do, seed0 = begin(batch.jobs, batch.output, events)
     if not to_do:
         return report
     ray = import_ray()
@@ -137,20 +138,16 @@ def drive(call: Call, engine: Ray, events: Events, batch: Batch) -> BatchReport:
     try:
         workers, gpus = pool(ray, engine, len(rows))
         events.loading(f"the model on {workers} Ray worker{'s' if workers > 1 else ''}")
-        results = (
-            ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map_batches(
-                Worker,
-                fn_constructor_args=(call, os.getcwd()),
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-                num_cpus=1,
-                num_gpus=gpus,  # Ray Data's actors restart, and retry their chunks, without limit
-            )
-            .iter_rows()
-            .__iter__()
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            Worker,
+            fn_constructor_args=(call, os.getcwd()),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            num_cpus=1,
+            num_gpus=gpus,  # Ray Data's actors restart, and retry their chunks, without limit
         )
+        results = iter(dataset.iter_rows())
         for row in results:
             collect(json.loads(row["result"]), jobs, report, events)
     finally:
@@ -258,17 +255,21 @@ def collect(result: dict, jobs: dict[str, Job], report: BatchReport, events: Eve
 
 
 def remove_parts(jobs: list[Job]) -> None:
-    """Remove the temp files a killed worker left beside these outputs (`.NAME.XXXXXXXX.part`)."""
+    """Remove the temp files a killed worker left beside these outputs (`.NAME.XXXXXXXX.part`),
+    reading each output folder once."""
+    names: dict[Path, set[str]] = {}
     for job in jobs:
-        folder, name = job.output.parent, job.output.name
+        names.setdefault(job.output.parent, set()).add(job.output.name)
+    for folder, wanted in names.items():
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as entries:
+                stale = [
+                    e.path for e in entries if (m := PART.fullmatch(e.name)) and m[1] in wanted
+                ]
         except OSError:
             continue
-        for entry in entries:
-            prefix = f".{name}"
-            if entry.name.startswith(prefix) and PART.fullmatch(entry.name[len(prefix) :]):
-                Path(entry.path).unlink(missing_ok=True)
+        for path in stale:
+            Path(path).unlink(missing_ok=True)
 
 
 # --- the workers -----------------------------------------------------------------------------
