@@ -638,7 +638,7 @@ EngineName = Annotated[
     str,
     typer.Option(
         "--engine",
-        help="local (this process) or ray (a pool of Ray workers, each loading the model once; pip install 'stylekit[ray]').",
+        help="local (this process) or ray (a pool of Ray workers, each loading the model once; needs stylekit's ray extra).",
         rich_help_panel=SCALE,
     ),
 ]
