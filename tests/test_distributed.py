@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -89,6 +91,35 @@ def ray_instance():
 # --- --engine ray ----------------------------------------------------------------------------
 
 
+def test_ctrl_c_stops_a_local_ray_and_keeps_finished_outputs(tmp_path, sd15_path):
+    """Without --ray-address the command starts its own Ray and shuts it down, on Ctrl-C too."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    for i in range(40):
+        write_image(root / f"p{i:02d}.png", i, (96, 96))
+    args = ["--engine", "ray", "--workers", "2", "--batch-size", "1", "-q", *tiny(sd15_path)]
+    command = [sys.executable, "-m", "stylekit.cli", "stylize", str(root), "-o", str(out), *args]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started, deadline = {}, time.monotonic() + 240
+    while run.poll() is None and time.monotonic() < deadline:
+        started |= descendants(run.pid)  # Ray's processes, while they are ours to find
+        if out.is_dir() and any(out.glob("*.png")):
+            break
+        time.sleep(0.05)
+    started |= descendants(run.pid)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr
+    kept = files_under(out)
+    assert 0 < len(kept) < 40 and all(name.endswith(".png") for name in kept)  # no .part
+    for name in kept:
+        assert Image.open(out / name).size == (96, 96)  # whole images
+    assert any(b"raylet" in cmd for cmd in started.values())  # a local Ray was started
+    time.sleep(5)
+    alive = {pid for pid, (_, cmd) in processes().items() if started.get(pid) == cmd}
+    assert not alive, [started[pid] for pid in alive]  # and stopped, workers included
+
+
 def test_ray_writes_what_local_writes_fails_what_fails_and_a_rerun_skips_everything(
     photos, tmp_path, sd15_path, ray_instance
 ):
@@ -144,9 +175,9 @@ def test_ray_generates_what_local_generates(tmp_path, sd15_path, ray_instance):
     assert outs["ray"] == outs["local"]
 
 
-def worker_pids() -> list[int]:
-    """This process's Ray Data workers (descendants whose command line names the map actor)."""
-    parents = {}
+def processes() -> dict[int, tuple[int, bytes]]:
+    """Every process: pid -> (parent pid, command line), from /proc."""
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -154,16 +185,27 @@ def worker_pids() -> list[int]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            parents[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+            found[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return found
 
-    def ours(pid: int) -> bool:
-        while pid in parents and pid > 1:
-            pid = parents[pid][0]
-            if pid == os.getpid():
+
+def descendants(root: int) -> dict[int, bytes]:
+    """The processes below `root`: pid -> command line."""
+    table = processes()
+
+    def below(pid: int) -> bool:
+        while pid in table and pid > 1:
+            pid = table[pid][0]
+            if pid == root:
                 return True
         return False
 
-    return [pid for pid, (_, cmd) in parents.items() if b"MapWorker" in cmd and ours(pid)]
+    return {pid: cmd for pid, (_, cmd) in table.items() if below(pid)}
+
+
+def worker_pids() -> list[int]:
+    """This process's Ray Data workers (descendants whose command line names the map actor)."""
+    return [pid for pid, cmd in descendants(os.getpid()).items() if b"MapWorker" in cmd]
 
 
 def test_a_killed_worker_is_replaced_and_every_output_written_once(

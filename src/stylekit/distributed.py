@@ -168,7 +168,12 @@ def connect(ray, address: str | None) -> bool:
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address is None:
-            ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **quiet)
+            ray.init(  # "local": a new instance, even where `ray start` left one running
+                address="local",
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE,
+                **quiet,
+            )
         else:
             ray.init(address=address, **quiet)
     except Exception as exc:
