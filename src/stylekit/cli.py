@@ -740,6 +740,87 @@ DepthModel = Annotated[
 CONTROL_FLAGS = {"control": "controls", "controlnet": "controlnets"}  # flag → Settings field
 
 
+# --- many machines: --engine ray and --shard (stylekit.distributed, stylekit.shards) --------------
+SCALE = "Many machines"
+EngineName = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local (this process) or ray (a pool of Ray workers, each loading the model once; needs stylekit's ray extra).",
+        rich_help_panel=SCALE,
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Ray cluster to run on (auto, or HOST:6379 of its head); default: a local Ray instance for this run.",
+        rich_help_panel=SCALE,
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Ray workers (default: one per GPU, or 1 without GPUs).",
+        rich_help_panel=SCALE,
+    ),
+]
+GpusPerWorker = Annotated[
+    float | None,
+    typer.Option(
+        "--gpus-per-worker",
+        help="GPUs per Ray worker (default 1 when the cluster has GPUs, else 0; 0.5 puts two on a GPU).",
+        rich_help_panel=SCALE,
+    ),
+]
+ShardFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Run only part K of N (K/N, 1-based): a stable split by input path, for Slurm arrays and other schedulers.",
+        rich_help_panel=SCALE,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """--engine, its Ray options and --shard, as a command got them."""
+
+    engine: str
+    ray_address: str | None
+    workers: int | None
+    gpus_per_worker: float | None
+    shard: str | None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Scale:
+        return cls(*(params[f.name] for f in fields(cls)))
+
+    def output(self, output):
+        """The command's Output with its --shard."""
+        from dataclasses import replace
+
+        from stylekit.shards import parse_shard
+
+        return replace(output, shard=parse_shard(self.shard) if self.shard else None)
+
+    def run(self, task, *args, **kwargs):
+        """Call `task` with its batch on the chosen engine (`stylekit.distributed.run`)."""
+        from stylekit.distributed import Ray, run
+
+        if self.engine not in ("local", "ray"):
+            raise UsageError(f"--engine {self.engine!r}; choose local or ray")
+        ray_flags = (self.ray_address, self.workers, self.gpus_per_worker)
+        if self.engine == "local" and any(flag is not None for flag in ray_flags):
+            raise UsageError("--ray-address, --workers and --gpus-per-worker need --engine ray")
+        engine = None
+        if self.engine == "ray":
+            engine = Ray(self.ray_address, self.workers, self.gpus_per_worker)
+        return run(task, *args, engine=engine, **kwargs)
+
+
 # --- commands ----------------------------------------------------------------------------------
 # Each command lists all of its options, gathers the shared ones into CommonOptions and calls its
 # `stylekit.api` function. Settings flags go by their Settings field names (--lora is `loras`,
@@ -793,6 +874,11 @@ def stylize(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -812,7 +898,7 @@ def stylize(
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     Full resolution: stylekit stylize big.jpg --tiled [--upscale 2]
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -825,11 +911,12 @@ def stylize(
             tiling = Tiled(1.0 if upscale is None else upscale, window, stride, view_batch)
 
         with common.events() as events:
-            report = api.stylize(
+            report = scale.run(
+                api.stylize,
                 inputs,
                 style=style_paths(style),
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
@@ -879,6 +966,11 @@ def t2i_styled(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -897,18 +989,19 @@ def t2i_styled(
 
     Example: stylekit t2i-styled "a lighthouse at dusk" --style ref.jpg -n 4 --steps 4
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh = parse_size_flag(size)
         from stylekit import api
 
         with common.events() as events:
-            report = api.t2i_styled(
+            report = scale.run(
+                api.t2i_styled,
                 prompt_text,
                 style=style_paths(style),
                 count=count,
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 size=wh,
                 events=events,
@@ -965,6 +1058,11 @@ def inpaint(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -984,7 +1082,7 @@ def inpaint(
     Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
     Full resolution: stylekit inpaint big.jpg --mask mask.png --tiled
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -995,7 +1093,8 @@ def inpaint(
         tiling = Tiled(1.0, window, stride, view_batch) if tiled else None
 
         with common.events() as events:
-            report = api.inpaint(
+            report = scale.run(
+                api.inpaint,
                 inputs,
                 mask=str(mask),
                 invert_mask=invert_mask,
@@ -1003,7 +1102,7 @@ def inpaint(
                 mask_padding=mask_padding,
                 style=style_paths(style),
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
@@ -1169,6 +1268,11 @@ def texture_expand(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
@@ -1187,13 +1291,14 @@ def texture_expand(
 
     Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
 
         with common.events() as events:
-            report = api.texture_expand(
+            report = scale.run(
+                api.texture_expand,
                 inputs,
                 size=wh,
                 window=window,
@@ -1201,7 +1306,7 @@ def texture_expand(
                 view_batch=view_batch,
                 seamless=seamless,
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 max_size=longest,
                 events=events,

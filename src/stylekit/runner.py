@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from stylekit.media.batch import (
     split_existing,
 )
 from stylekit.media.images import save_image
+from stylekit.shards import in_shard
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Output:
     seed: int | None = None
     dry_run: bool = False
     seed_drawn: bool = False  # `seed` was drawn for this run (`session.with_seed`), not given
+    shard: tuple[int, int] | None = None  # (K, N): only shard K of N runs (`stylekit.shards`)
 
 
 def source(job: Job) -> str | None:
@@ -131,6 +134,8 @@ def begin(
     cannot be read (an unreadable input) is reported failed, as the real run would fail it.
     """
     report = BatchReport()
+    if output.shard is not None:
+        jobs = in_shard(jobs, *output.shard)
     to_do, skipped, blocked = split_existing(jobs, overwrite=output.overwrite)
     seed0 = base_seed(output.seed)
     if to_do:
@@ -218,22 +223,22 @@ def run_jobs(
     the batch (it would fail every job alike); any other error fails its job only.
     """
     events = events or Events()
-    report, to_do, seed0 = begin(jobs, output, events, check=check, plan_size=plan_size)
-    if to_do:
-        start_run(prepare)
-    for job in to_do:
-        events.started(job)
-        start = time.perf_counter()
-        try:
-            result = process(job, seed0 + job.index)
-        except UsageError:
-            raise
-        except Exception as exc:  # one bad file must not end the batch; the reason is reported
-            fail(job, seed0 + job.index, exc, report, events)
-            continue
-        seconds = time.perf_counter() - start
-        save(job, seed0 + job.index, result, seconds, output, report, events, write)
-    return report
+
+    def run(items: list[tuple[Job, int]], report: BatchReport) -> None:
+        for job, seed in items:
+            events.started(job)
+            start = time.perf_counter()
+            try:
+                result = process(job, seed)
+            except UsageError:
+                raise
+            except Exception as exc:  # one bad file must not end the batch; the reason is reported
+                fail(job, seed, exc, report, events)
+                continue
+            seconds = time.perf_counter() - start
+            save(job, seed, result, seconds, output, report, events, write)
+
+    return execute(Batch(jobs, output, events, prepare, run, check=check, plan_size=plan_size))
 
 
 def run_batched(
@@ -249,18 +254,16 @@ def run_batched(
     plan_size: Callable[[Job], tuple[int, int] | None] | None = None,
     events: Events | None = None,
 ) -> BatchReport:
-    """Like `run_jobs`, but loaded inputs with equal `key` (e.g. size) go `batch_size` at a time.
+    """Like `run_jobs`, but loaded inputs with equal `key` (e.g. size) go `batch_size` at a time:
+    the jobs to do are cut into runs of `batch_size`, and each run into batches of equal key.
 
     `load(job)` fails only its job; `process` gets [(job, seed, item)] and returns one
     (image, settings) per entry, in order; if it raises, every job of that batch fails.
     """
     events = events or Events()
-    report, to_do, seed0 = begin(jobs, output, events, check=check, plan_size=plan_size)
-    if to_do:
-        start_run(prepare)
     pending: list[tuple[Job, int, object]] = []
 
-    def flush() -> None:
+    def flush(report: BatchReport) -> None:
         if not pending:
             return
         start = time.perf_counter()
@@ -277,21 +280,68 @@ def run_batched(
                 save(job, seed, result, seconds, output, report, events)
         pending.clear()
 
-    for job in to_do:
-        seed = seed0 + job.index
-        events.started(job)
-        try:
-            item = load(job)
-        except Exception as exc:
-            fail(job, seed, exc, report, events)
-            continue
-        if pending and key(pending[0][2]) != key(item):
-            flush()
-        pending.append((job, seed, item))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    def run(items: list[tuple[Job, int]], report: BatchReport) -> None:
+        for job, seed in items:
+            events.started(job)
+            try:
+                item = load(job)
+            except Exception as exc:
+                fail(job, seed, exc, report, events)
+                continue
+            if pending and key(pending[0][2]) != key(item):
+                flush(report)
+            pending.append((job, seed, item))
+            if len(pending) >= batch_size:
+                flush(report)
+        flush(report)
+
+    return execute(
+        Batch(
+            jobs, output, events, prepare, run, chunk=batch_size, check=check, plan_size=plan_size
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A planned batch as an engine runs it: `run(items, report)` processes (job, seed) pairs,
+    reporting each job through `events` and `report`; `prepare` (model load) runs once in every
+    process that runs jobs. `run` gets at most `chunk` jobs at a time (the UNet batch), so the
+    same images share a UNet call whichever engine runs them."""
+
+    jobs: list[Job]
+    output: Output
+    events: Events
+    prepare: Callable[[], None] | None
+    run: Callable[[list[tuple[Job, int]], BatchReport], None]
+    chunk: int = 1
+    check: Callable[[], None] | None = None  # `begin`'s checks that need no model
+    plan_size: Callable[[Job], tuple[int, int] | None] | None = None  # sizes on --dry-run
+
+
+# The engine that runs batches in this context; None runs them here (`stylekit.distributed`
+# sets one for `--engine ray`, on the driver and in each worker).
+ENGINE: ContextVar[Callable[[Batch], BatchReport] | None] = ContextVar("engine", default=None)
+
+
+def execute(batch: Batch) -> BatchReport:
+    """Run a planned batch in this process, or hand it to the engine set in `ENGINE`."""
+    engine = ENGINE.get()
+    if engine is not None:
+        return engine(batch)
+    report, to_do, seed0 = begin(
+        batch.jobs, batch.output, batch.events, check=batch.check, plan_size=batch.plan_size
+    )
+    if to_do:
+        start_run(batch.prepare)
+    for items in chunks([(job, seed0 + job.index) for job in to_do], batch.chunk):
+        batch.run(items, report)
     return report
+
+
+def chunks(items: list, size: int) -> list[list]:
+    """`items` cut into consecutive lists of `size` (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def reason_of(exc: BaseException | str) -> str:
