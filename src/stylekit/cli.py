@@ -1820,6 +1820,9 @@ class cli_errors:
         if isinstance(exc, KeyboardInterrupt):
             err.print("[yellow]interrupted[/yellow]: finished outputs are kept; rerun to resume")
             raise typer.Exit(130)
+        if isinstance(exc, BrokenPipeError):  # stdout's reader left (`| head`): stop quietly
+            quiet_stdout()
+            raise typer.Exit(0)
         if debug_mode():
             from stylekit.progress import print_traceback
 
@@ -1838,6 +1841,14 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -1845,6 +1856,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+    except BrokenPipeError:  # printed outside a command (help, version) into a closed pipe
+        quiet_stdout()
+        sys.exit(0)
 
 
 if __name__ == "__main__":
