@@ -118,11 +118,6 @@ class ConsoleEvents(Events):
                 f"[red]failed[/red] {escape(with_path(record.input or record.output, record.error))}",
                 soft_wrap=True,
             )
-        if record.status == "planned" and not self.as_json:
-            self.console.print(
-                f"would write {escape(record.output)}  (from {escape(record.input or '-')}, seed {record.seed})",
-                soft_wrap=True,
-            )
         if record.status in ("done", "failed") and self.items is not None:
             t = self.tracker
             t.finish(record.output)
