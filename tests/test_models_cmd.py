@@ -197,7 +197,7 @@ def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
     """std-sdxl's image commands may pick any released η; from noise TCD-LoRA (its sampler)."""
     put(tmp_path, "stabilityai/stable-diffusion-xl-base-1.0", {"model_index.json": sdxl_index()})
     plan = hubfiles.resolve_all(
-        load_preset("std-sdxl"), listing=lambda r: hubfiles.cached_listing(r, tmp_path)
+        load_preset("std-sdxl"), listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path)
     )
     assert plan.family == "sdxl"
     missing = set(plan.missing)
@@ -213,7 +213,7 @@ def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
         load_preset("std-sdxl"),
         commands=["stylize"],
         strengths=[0.6],
-        listing=lambda r: hubfiles.cached_listing(r, tmp_path),
+        listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path),
     )
     stds = [m for m in one.missing if "std_sdxl" in m]
     assert stds == ["SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.65.safetensors"]
@@ -222,7 +222,7 @@ def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
 
 def test_turbo_preset_needs_no_accelerator_or_adapter(tmp_path):
     plan = hubfiles.resolve_all(
-        load_preset("sd-turbo"), listing=lambda r: hubfiles.cached_listing(r, tmp_path)
+        load_preset("sd-turbo"), listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path)
     )
     assert [r.need.what for r in plan.resolved] == ["model"]
 
