@@ -79,7 +79,9 @@ class Listing:
         try:
             return json.loads(self.read(path))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{where(self.repo, path, self.revision)}: not readable JSON ({exc})") from exc
+            raise ModelError(
+                f"{where(self.repo, path, self.revision)}: not readable JSON ({exc})"
+            ) from exc
 
 
 @dataclass
