@@ -238,13 +238,13 @@ def control_needs(settings: Settings, family: str | None, turbo: bool, commands)
     if settings.mode != "sample":
         return []  # the run refuses controls without sampling, and loads none
     specs = control_specs(settings, check_tools=False)
-    out = []
+    out, v = [], settings.variant
     for spec in specs:
         if spec.controlnet is None and family is None:
             continue  # the family's default: known once the model is (plan note)
         source, revision = controlnet_source(spec.kind, family, spec.controlnet)
         if hub_source(source):
-            out.append(Need(source, "ControlNet", "diffusers", "", settings.variant, revision))
+            out.append(Need(source, "ControlNet", "diffusers", variant=v, revision=revision))
     given = image_type(settings, [s.kind for s in specs])
     computes = set(commands) & set(MAP_COMMANDS)
     if computes and any(s.kind == "depth" and s.kind != given for s in specs):
@@ -546,7 +546,7 @@ def missing_line(plan: Plan, what: str) -> str:
     )
 
 
-def plan_lines(plan: Plan, cached: Callable[[str], dict]) -> list[str]:
+def plan_lines(plan: Plan, cached: Callable[[str, str | None], dict]) -> list[str]:
     """The plan for the user: each need, then its files with sizes, marked cached or to fetch."""
     lines, seen = [], set()
     for r in plan.resolved:
