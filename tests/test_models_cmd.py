@@ -22,15 +22,25 @@ from stylekit.presets import load_preset
 
 RUNNER = CliRunner()
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+PR4 = "fedcba9876543210fedcba9876543210fedcba98"  # the commit refs/pr/4 points at
+COMMITS = {None: COMMIT, "refs/pr/4": PR4}
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-def put(cache: Path, repo: str, files: dict[str, str | bytes]) -> Path:
-    """Write `files` into the cache as the `main` snapshot of `repo`; return the snapshot."""
+def put(
+    cache: Path,
+    repo: str,
+    files: dict[str, str | bytes],
+    revision: str | None = None,
+    commit: str = COMMIT,
+) -> Path:
+    """Write `files` into the cache as the snapshot of `repo` at `revision` (None: main), the
+    ref kept under its own name as huggingface_hub does (`refs/refs/pr/4`); return it."""
     folder = cache / ("models--" + repo.replace("/", "--"))
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(COMMIT)
-    snap = folder / "snapshots" / COMMIT
+    ref = folder / "refs" / (revision or "main")
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+    snap = folder / "snapshots" / commit
     for path, data in files.items():
         target = snap / path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +207,7 @@ def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
     """std-sdxl's image commands may pick any released η; from noise TCD-LoRA (its sampler)."""
     put(tmp_path, "stabilityai/stable-diffusion-xl-base-1.0", {"model_index.json": sdxl_index()})
     plan = hubfiles.resolve_all(
-        load_preset("std-sdxl"), listing=lambda r: hubfiles.cached_listing(r, tmp_path)
+        load_preset("std-sdxl"), listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path)
     )
     assert plan.family == "sdxl"
     missing = set(plan.missing)
@@ -213,7 +223,7 @@ def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
         load_preset("std-sdxl"),
         commands=["stylize"],
         strengths=[0.6],
-        listing=lambda r: hubfiles.cached_listing(r, tmp_path),
+        listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path),
     )
     stds = [m for m in one.missing if "std_sdxl" in m]
     assert stds == ["SecondComming/Single-Trajectory-Distillation/std_sdxl_i2i_eta0.65.safetensors"]
@@ -222,7 +232,7 @@ def test_std_sdxl_needs_one_std_lora_per_eta_and_the_vit_h_encoder(tmp_path):
 
 def test_turbo_preset_needs_no_accelerator_or_adapter(tmp_path):
     plan = hubfiles.resolve_all(
-        load_preset("sd-turbo"), listing=lambda r: hubfiles.cached_listing(r, tmp_path)
+        load_preset("sd-turbo"), listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path)
     )
     assert [r.need.what for r in plan.resolved] == ["model"]
 
@@ -360,21 +370,33 @@ class FakeHub:
         hub_ = self
 
         class Api:
-            def list_repo_tree(self, repo, recursive=False, **kw):
-                if repo not in hub_.repos:
+            def list_repo_tree(self, repo, recursive=False, revision=None, **kw):
+                if hub_.key(repo, revision) not in hub_.repos:
                     raise RepositoryNotFoundError(f"404: {repo}")
-                for path, data in hub_.repos[repo].items():
+                for path, data in hub_.repos[hub_.key(repo, revision)].items():
                     yield RepoFile(path=path, size=len(data), oid="0")
 
         return Api
 
-    def hf_hub_download(self, repo, path, cache_dir=None, **kw):
-        return str(put(Path(cache_dir), repo, {path: self.repos[repo][path]}) / path)
+    @staticmethod
+    def key(repo, revision):
+        """A repo's files at a revision other than main are held as `repo@revision`."""
+        return f"{repo}@{revision}" if revision else repo
 
-    def snapshot_download(self, repo, allow_patterns=None, cache_dir=None, **kw):
-        self.snapshots.append((repo, sorted(allow_patterns)))
-        put(Path(cache_dir), repo, {p: self.repos[repo][p] for p in allow_patterns})
-        return str(hub.snapshot(repo, cache_dir))
+    def files(self, repo, revision, paths):
+        return {p: self.repos[self.key(repo, revision)][p] for p in paths}
+
+    def hf_hub_download(self, repo, path, cache_dir=None, revision=None, **kw):
+        snap = put(
+            Path(cache_dir), repo, self.files(repo, revision, [path]), revision, COMMITS[revision]
+        )
+        return str(snap / path)
+
+    def snapshot_download(self, repo, allow_patterns=None, cache_dir=None, revision=None, **kw):
+        self.snapshots.append((self.key(repo, revision), sorted(allow_patterns)))
+        files = self.files(repo, revision, allow_patterns)
+        put(Path(cache_dir), repo, files, revision, COMMITS[revision])
+        return str(hub.snapshot(repo, cache_dir, revision))
 
 
 @pytest.fixture
@@ -450,3 +472,233 @@ def test_a_corrupt_cached_config_is_named(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
     assert f"{SD15}/model_index.json: not readable JSON" in result.stderr
+
+
+# --- structure control: ControlNets and the depth model ------------------------------------------
+
+CANNY = "lllyasviel/control_v11p_sd15_canny"
+TILE = "lllyasviel/control_v11f1e_sd15_tile"  # its safetensors weights are on refs/pr/4 only
+DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+
+
+def controlnet_repo(width: int = 768, *, fp16: bool = True) -> dict[str, str | bytes]:
+    """A ControlNet repo as released: config, full (and fp16) safetensors and .bin weights."""
+    config = {"_class_name": "ControlNetModel", "cross_attention_dim": width}
+    if width == 2048:
+        config["addition_embed_type"] = "text_time"
+    files: dict[str, str | bytes] = {
+        "config.json": json.dumps(config),
+        "diffusion_pytorch_model.safetensors": b"c" * 60,
+        "diffusion_pytorch_model.bin": b"b" * 60,
+        "README.md": "",
+    }
+    if fp16:
+        files["diffusion_pytorch_model.fp16.safetensors"] = b"h" * 30
+    return files
+
+
+def depth_repo() -> dict[str, str | bytes]:
+    return {
+        "config.json": "{}",
+        "model.safetensors": b"d" * 11,
+        "preprocessor_config.json": "{}",
+        "README.md": "",
+    }
+
+
+def pull_sd15(cache: Path, *flags: str):
+    return models("pull", "lcm-sd15", "--command", "stylize", *flags, "--cache-dir", str(cache))
+
+
+def test_control_canny_pulls_the_sd15_canny_controlnet(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    missing = pull_sd15(tmp_path, "--control", "canny")
+    assert missing.exit_code == 2
+    assert f"{CANNY}/config.json" in missing.stderr
+    assert missing.stderr.count("\n") == 1
+    put(tmp_path, CANNY, controlnet_repo())
+    result = pull_sd15(tmp_path, "--control", "canny:0.7")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert f"ControlNet: {CANNY}, variant fp16" in out
+    assert "cached    diffusion_pytorch_model.fp16.safetensors" in out
+    assert "diffusion_pytorch_model.safetensors" not in out  # the variant stands in for it
+    assert "depth model" not in out
+
+
+def test_a_preset_with_controls_names_its_controlnet_in_models_list_too(tmp_path):
+    """A preset file may set controls: its plan (pull, doctor, list) holds their ControlNets."""
+    preset = tmp_path / "edges.toml"
+    preset.write_text(
+        'model = "stable-diffusion-v1-5/stable-diffusion-v1-5"\nvariant = "fp16"\n'
+        'accelerator = "auto"\nscheduler = "lcm"\nstyle_mode = "ad"\ncontrols = ["canny"]\n'
+    )
+    cache = tmp_path / "cache"
+    fill_lcm_sd15(cache)
+    plan = hubfiles.resolve_all(
+        load_preset(str(preset)), listing=lambda r, rev: hubfiles.cached_listing(r, rev, cache)
+    )
+    assert plan.missing == [
+        f"{CANNY}/config.json",
+        f"{CANNY}/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    put(cache, CANNY, controlnet_repo(fp16=False))  # no fp16 file: the full weights, as loaded
+    result = models("pull", str(preset), "--cache-dir", str(cache))
+    assert result.exit_code == 0, result.stderr
+    assert "cached    diffusion_pytorch_model.safetensors" in result.stdout
+    assert "pytorch_model.bin" not in result.stdout
+
+
+def test_control_tile_needs_its_refs_pr_4_revision(tmp_path):
+    """SD1.5's tile ControlNet loads at revision refs/pr/4: main does not count offline."""
+    fill_lcm_sd15(tmp_path)
+    put(tmp_path, TILE, controlnet_repo(fp16=False))  # main only
+    result = pull_sd15(tmp_path, "--control", "tile")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{TILE}/config.json (revision refs/pr/4)" in lines[0]
+    assert f"ControlNet: {TILE}, variant fp16, revision refs/pr/4" in result.stdout
+    put(tmp_path, TILE, controlnet_repo(fp16=False), revision="refs/pr/4", commit=PR4)
+    assert (tmp_path / f"models--{TILE.replace('/', '--')}/refs/refs/pr/4").read_text() == PR4
+    again = pull_sd15(tmp_path, "--control", "tile")
+    assert again.exit_code == 0, again.stderr
+    assert "complete" in again.stdout
+
+
+def test_computed_depth_needs_the_depth_model_a_given_map_does_not(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    put(tmp_path, "lllyasviel/control_v11f1p_sd15_depth", controlnet_repo())
+    computed = pull_sd15(tmp_path, "--control", "depth")
+    assert computed.exit_code == 2
+    assert f"depth model: {DEPTH_MODEL}" in computed.stdout
+    for path in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert f"missing   {path}" in computed.stdout
+    put(tmp_path, DEPTH_MODEL, depth_repo())
+    assert pull_sd15(tmp_path, "--control", "depth").exit_code == 0
+    other = pull_sd15(tmp_path, "--control", "depth", "--depth-model", "someone/depth")
+    assert other.exit_code == 2
+    assert "someone/depth/config.json" in other.stderr
+    given = ("--control", "depth", "--depth-model", "someone/depth", "--control-image", "maps/")
+    mapped = pull_sd15(tmp_path, *given)
+    assert mapped.exit_code == 0, mapped.stderr
+    assert "depth model" not in mapped.stdout
+    assert "ControlNet: lllyasviel/control_v11f1p_sd15_depth" in mapped.stdout
+    # t2i-styled reads a given map only: no depth model whatever the flags
+    t2i = models(
+        "pull", "lcm-sd15", "--command", "t2i-styled", "--control", "depth",
+        "--depth-model", "someone/depth", "--cache-dir", str(tmp_path),
+    )  # fmt: skip
+    assert t2i.exit_code == 0, t2i.stderr
+
+
+def test_a_controlnet_for_another_family_is_refused_as_the_loader_refuses_it(tmp_path):
+    fill_lcm_sd15(tmp_path)
+    sdxl_net = "diffusers/controlnet-canny-sdxl-1.0"
+    put(tmp_path, sdxl_net, controlnet_repo(2048))
+    result = pull_sd15(tmp_path, "--control", "canny", "--controlnet", sdxl_net)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"ControlNet {sdxl_net} is for sdxl models" in lines[0]
+    assert "the model is sd15" in lines[0]
+    wrong = pull_sd15(tmp_path, "--control", "canny", "--controlnet", "a/b", "--controlnet", "c/d")
+    assert wrong.exit_code == 2
+    assert "--controlnet given 2 time(s) for 1 control(s)" in wrong.stderr
+
+
+def test_sd2_without_a_controlnet_is_the_loaders_usage_error(tmp_path):
+    put(
+        tmp_path,
+        "stabilityai/sd-turbo",
+        {
+            "model_index.json": json.dumps({}),
+            "unet/config.json": json.dumps({"cross_attention_dim": 1024}),
+        },
+    )
+    result = models("pull", "sd-turbo", "--control", "canny", "--cache-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert "no default canny ControlNet for SD 2.x models" in result.stderr
+
+
+def test_pull_fetches_the_tile_controlnet_at_its_revision(tmp_path, online):
+    """Online: the tile net is listed and fetched at refs/pr/4 and cached under that ref, where
+    an offline run (and `models list`) finds it; main's .bin-only tree is never asked for."""
+    online.repos[TILE] = {"config.json": "{}", "diffusion_pytorch_model.bin": b"b"}
+    online.repos[f"{TILE}@refs/pr/4"] = controlnet_repo(fp16=False)
+    result = pull_sd15(tmp_path, "--control", "tile")
+    assert result.exit_code == 0, result.output
+    fetched = dict(online.snapshots)
+    assert fetched[f"{TILE}@refs/pr/4"] == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert TILE not in fetched
+    assert hub.snapshot(TILE, tmp_path, "refs/pr/4").parent.name == "snapshots"
+    assert hub.snapshot(TILE, tmp_path, "refs/pr/4").name == PR4
+    assert hub.snapshot(TILE, tmp_path) is None  # main was never cached
+
+
+def test_the_loader_finds_offline_exactly_the_controlnet_files_pull_fetched(
+    tmp_path, monkeypatch, sd15_path, sd15_controlnet
+):
+    """Parity with the loader: only the files the plan names, cached at refs/pr/4, and
+    `models.load_controlnet(revision="refs/pr/4", variant="fp16")` loads them offline."""
+    import torch
+    from diffusers import ControlNetModel
+    from huggingface_hub import constants
+
+    from stylekit.engine import models
+
+    folder = Path(sd15_controlnet)
+    repo_files = {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+    repo_files["diffusion_pytorch_model.bin"] = b"never loaded"
+    listing = hubfiles.Listing(
+        TILE, {k: len(v) for k, v in repo_files.items()}, lambda p: repo_files[p].decode()
+    )
+    need = hubfiles.Need(TILE, "ControlNet", "diffusers", variant="fp16", revision="refs/pr/4")
+    got = hubfiles.resolve(need, listing)
+    assert got.missing == [] and set(got.files) == {
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    }
+    put(tmp_path, TILE, {p: repo_files[p] for p in got.files}, revision="refs/pr/4", commit=PR4)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model = models.load(
+        models.ModelSpec(str(sd15_path), accelerator="none", device="cpu", dtype="fp32")
+    )
+    net = models.load_controlnet(model, TILE, revision="refs/pr/4", variant="fp16")
+    want = ControlNetModel.from_pretrained(folder)
+    for (name, a), b in zip(net.state_dict().items(), want.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_depth_pipeline_finds_offline_exactly_the_files_pull_fetched(
+    tmp_path, monkeypatch, depth_model_path
+):
+    """Parity with transformers: the depth model's planned files (config, weights, processor
+    config), alone in the cache, load through `models.load_depth_estimator` offline."""
+    import torch
+    from huggingface_hub import constants
+    from PIL import Image
+
+    from stylekit.engine import models
+
+    folder = Path(depth_model_path)
+    repo_files = {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+    listing = hubfiles.Listing(
+        DEPTH_MODEL, {k: len(v) for k, v in repo_files.items()}, lambda p: repo_files[p].decode()
+    )
+    settings = load_preset("lcm-sd15").with_overrides(controls=("depth",))
+    need = next(
+        n for n in hubfiles.needs(settings, "sd15", False, ["stylize"]) if n.what == "depth model"
+    )
+    got = hubfiles.resolve(need, listing)
+    assert got.missing == []
+    assert set(got.files) == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    put(tmp_path, DEPTH_MODEL, {p: repo_files[p] for p in got.files})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    estimator = models.load_depth_estimator(DEPTH_MODEL, torch.device("cpu"))
+    depth = estimator(Image.new("RGB", (56, 56), "gray"))["depth"]
+    assert depth.size == (56, 56)

@@ -1474,6 +1474,11 @@ def models_pull(
     image_encoder: ImageEncoder = None,
     scheduler: Scheduler = None,
     style_mode: StyleMode = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    depth_model: DepthModel = None,
     strength: PullStrength = None,
     command: PullCommand = None,
     cache_dir: CacheDir = None,
@@ -1482,7 +1487,7 @@ def models_pull(
     """Download every file a preset (or flags) will load, so HF_HUB_OFFLINE=1 runs can find them.
 
     Offline (HF_HUB_OFFLINE=1) it checks the cache instead: exit 0 when complete, 2 if not.
-    Example: stylekit models pull lcm-sd15 --command stylize
+    Example: stylekit models pull lcm-sd15 --command stylize --control canny
     """
     flags = {k: v for k, v in locals().items() if k not in ("preset_name", "strength", "command")}
     with cli_errors():

@@ -50,12 +50,13 @@ def parse_control(text: str, default_scale: float) -> tuple[str, float]:
     return kind, value
 
 
-def control_specs(settings: Settings) -> list[ControlSpec]:
+def control_specs(settings: Settings, *, check_tools: bool = True) -> list[ControlSpec]:
     """The run's controls, checked: `--control` entries, plus the `--control-type` of a
     `--control-image` when no `--control` names it; `--controlnet`s pair with them in order.
 
     Types other than canny, depth and tile have no map stylekit computes: they need a
-    `--control-image` and a `--controlnet`."""
+    `--control-image` and a `--controlnet`. `check_tools=False` skips the check that OpenCV is
+    installed (`models pull` fetches for a run that may be on another machine)."""
     s = settings
     parsed = [parse_control(c, s.control_scale) for c in s.controls]
     kind = image_type(s, [k for k, _ in parsed])
@@ -76,7 +77,8 @@ def control_specs(settings: Settings) -> list[ControlSpec]:
             )
     if any(k == "canny" and k != kind for k, _ in parsed):
         canny_thresholds(s.canny)
-        require_opencv()
+        if check_tools:
+            require_opencv()
     return specs
 
 

@@ -150,7 +150,9 @@ def diagnose(
         report.problems.append(reason)
     name = preset or DEFAULT_PRESET
     settings = hubfiles.settings_for(name)
-    plan = hubfiles.resolve_all(settings, listing=lambda r: hubfiles.cached_listing(r, cache_dir))
+    plan = hubfiles.resolve_all(
+        settings, listing=lambda r, rev: hubfiles.cached_listing(r, rev, cache_dir)
+    )
     report.facts["preset"] = {"name": name, "complete": not plan.missing, "missing": plan.missing}
     if plan.missing:
         line = hubfiles.missing_line(plan, f"preset {name}")

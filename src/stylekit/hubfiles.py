@@ -3,11 +3,12 @@
 `needs(settings, family, turbo, commands)` is the one place that says which repos and files a
 preset (or flags) will load: the model (with its weight variant), the accelerator LoRA for every
 η and sampler the commands may pick (`engine.models.choose_accelerator`, the loader's own rule),
-LoRAs, the IP-Adapter and its image encoder, the tiny VAE or a replacement VAE. Each `Need` is
-resolved against a listing of a repo's files, from the hub (`hub_listing`: to pull) or from the
+LoRAs, the IP-Adapter and its image encoder, the tiny VAE or a replacement VAE, the ControlNet
+of each `--control` (at the revision the loader asks for) and the depth model a computed depth map
+takes. Each `Need` is resolved against a listing of a repo's files at a revision, from the hub (`hub_listing`: to pull) or from the
 cache (`cached_listing`: what `HF_HUB_OFFLINE=1` will find), by the rules diffusers loads with.
 
-    plan = resolve_all(settings, commands=COMMANDS, listing=cached_listing)
+    plan = resolve_all(settings, commands=COMMANDS, listing=cached_listing)  # (repo, revision)
     plan.missing  # [] when a machine can run these commands offline
 """
 
@@ -33,6 +34,7 @@ COMMAND_TASKS = {
 }
 COMMANDS = tuple(COMMAND_TASKS)
 ADAPTER_COMMANDS = ("stylize", "inpaint", "video", "t2i-styled")  # textures guide by AD only
+MAP_COMMANDS = ("stylize", "inpaint", "video")  # compute control maps from their content images
 NOT_LOADED = {"safety_checker"}  # a pipeline component stylekit loads as None: never read
 # Files a non-weight pipeline folder must have, by the class its model_index.json names.
 CLIP_TOKENIZER = ("tokenizer_config.json", "vocab.json", "merges.txt")
@@ -51,13 +53,17 @@ class Need:
 
     kind: `pipeline` (a diffusers pipeline: model_index.json and its components), `diffusers` or
     `transformers` (a model folder `path`: config.json and weights), `file` (exactly `path`), or
-    `lora` (the LoRA file diffusers picks from a repo named without one)."""
+    `lora` (the LoRA file diffusers picks from a repo named without one). `revision`: the branch,
+    ref or commit the loader asks for (None: main); `also`: files a model folder must have too
+    (a transformers processor's config)."""
 
     repo: str
     what: str  # for the user: "model", "accelerator", "IP-Adapter", ...
     kind: str
     path: str = ""
     variant: str | None = None
+    revision: str | None = None
+    also: tuple[str, ...] = ()
 
 
 @dataclass
@@ -67,12 +73,15 @@ class Listing:
     repo: str
     files: dict[str, int | None]
     read: Callable[[str], str]
+    revision: str | None = None
 
     def json(self, path: str) -> dict:
         try:
             return json.loads(self.read(path))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.repo}/{path}: not readable JSON ({exc})") from exc
+            raise ModelError(
+                f"{where(self.repo, path, self.revision)}: not readable JSON ({exc})"
+            ) from exc
 
 
 @dataclass
@@ -84,34 +93,44 @@ class Resolved:
     missing: list[str] = field(default_factory=list)
 
 
-def cached_listing(repo: str, cache: str | Path | None = None) -> Listing:
-    """The repo's files in the hub cache (what an offline run can load)."""
-    files: dict[str, int | None] = dict(hub.cached_files(repo, cache))
-    root = hub.snapshot(repo, cache)
+def where(repo: str, path: str, revision: str | None) -> str:
+    """`repo/path` for the user, with the revision when it is not main."""
+    return f"{repo}/{path}" + (f" (revision {revision})" if revision else "")
+
+
+def cached_listing(
+    repo: str, revision: str | None = None, cache: str | Path | None = None
+) -> Listing:
+    """The repo's files in the hub cache at `revision` (None: main): what an offline run loads."""
+    files: dict[str, int | None] = dict(hub.cached_files(repo, cache, revision))
+    root = hub.snapshot(repo, cache, revision)
 
     def read(path: str) -> str:
         return (root / path).read_text(encoding="utf-8")
 
-    return Listing(repo, files, read)
+    return Listing(repo, files, read, revision)
 
 
-def hub_listing(repo: str, cache: str | Path | None = None) -> Listing:
-    """The repo's files on the hub, with sizes; reading one fetches it into the cache."""
+def hub_listing(repo: str, revision: str | None = None, cache: str | Path | None = None) -> Listing:
+    """The repo's files on the hub at `revision`, with sizes; reading one fetches it into the
+    cache."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.hf_api import RepoFile
 
     from stylekit.engine.models import hub_errors
 
     with hub_errors("repo", repo):
-        tree = HfApi().list_repo_tree(repo, recursive=True)
+        tree = HfApi().list_repo_tree(repo, recursive=True, revision=revision)
         files = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
 
     def read(path: str) -> str:
         with hub_errors("file", f"{repo}/{path}"):
-            local = hf_hub_download(repo, path, cache_dir=str(hub.cache_dir(cache)))
+            local = hf_hub_download(
+                repo, path, revision=revision, cache_dir=str(hub.cache_dir(cache))
+            )
         return Path(local).read_text(encoding="utf-8")
 
-    return Listing(repo, files, read)
+    return Listing(repo, files, read, revision)
 
 
 # --- what a run needs ---------------------------------------------------------------------------
@@ -208,8 +227,35 @@ def vae_needs(settings: Settings, family: str | None, turbo: bool, commands) -> 
     return out
 
 
-# One function per part of a run; a new part (a ControlNet named by a preset or flag) is one more.
-NEEDS = (model_needs, accelerator_needs, lora_needs, adapter_needs, vae_needs)
+def control_needs(settings: Settings, family: str | None, turbo: bool, commands) -> list[Need]:
+    """The ControlNet of each `--control` (`--controlnet`, else the family's default at the
+    revision the loader asks for; its weight variant where it has one, as the loader tries), and
+    the depth-estimation model when a command computes a depth map (not given by
+    `--control-image`; t2i-styled and texture-expand only read given maps)."""
+    from stylekit.control import control_specs, image_type
+    from stylekit.engine.models import controlnet_source
+
+    if settings.mode != "sample":
+        return []  # the run refuses controls without sampling, and loads none
+    specs = control_specs(settings, check_tools=False)
+    out, v = [], settings.variant
+    for spec in specs:
+        if spec.controlnet is None and family is None:
+            continue  # the family's default: known once the model is (plan note)
+        source, revision = controlnet_source(spec.kind, family, spec.controlnet)
+        if hub_source(source):
+            out.append(Need(source, "ControlNet", "diffusers", variant=v, revision=revision))
+    given = image_type(settings, [s.kind for s in specs])
+    computes = set(commands) & set(MAP_COMMANDS)
+    if computes and any(s.kind == "depth" and s.kind != given for s in specs):
+        if hub_source(settings.depth_model):
+            also = ("preprocessor_config.json",)
+            out.append(Need(settings.depth_model, "depth model", "transformers", also=also))
+    return out
+
+
+# One function per part of a run; a new part is one more.
+NEEDS = (model_needs, accelerator_needs, lora_needs, adapter_needs, vae_needs, control_needs)
 
 
 def needs(
@@ -312,6 +358,9 @@ def resolve(need: Need, listing: Listing) -> Resolved:
         got = pipeline_files(listing, need.variant)
     elif need.kind in WEIGHT_STEM:
         got = model_folder(listing, need.path, WEIGHT_STEM[need.kind], need.variant)
+        pre = f"{need.path}/" if need.path else ""
+        for name in need.also:
+            add(got, listing, pre + name)
     elif need.kind == "lora":
         got = Resolved(need)
         weight = hub.lora_weight(listing.files)
@@ -340,12 +389,16 @@ class Plan:
 
     @property
     def missing(self) -> list[str]:
-        """`repo/path` of every missing file."""
-        return [f"{r.need.repo}/{path}" for r in self.resolved for path in r.missing]
+        """`repo/path` of every missing file (with its revision where that is not main)."""
+        return [where(r.need.repo, p, r.need.revision) for r in self.resolved for p in r.missing]
 
-    def files(self) -> dict[tuple[str, str], int | None]:
-        """(repo, path) → bytes of every file found, each once."""
-        return {(r.need.repo, p): size for r in self.resolved for p, size in r.files.items()}
+    def files(self) -> dict[tuple[str, str | None, str], int | None]:
+        """(repo, revision, path) → bytes of every file found, each once."""
+        return {
+            (r.need.repo, r.need.revision, p): size
+            for r in self.resolved
+            for p, size in r.files.items()
+        }
 
     def size(self) -> int:
         return sum(size or 0 for size in self.files().values())
@@ -369,10 +422,12 @@ def resolve_all(
     settings: Settings,
     *,
     commands: Sequence[str] = COMMANDS,
-    listing: Callable[[str], Listing],
+    listing: Callable[[str, str | None], Listing],
     strengths: Sequence[float] | None = None,
 ) -> Plan:
-    """Resolve every need of `settings` for `commands`, listing each repo once with `listing`."""
+    """Resolve every need of `settings` for `commands`, listing each repo once per revision with
+    `listing(repo, revision)` (revision None: main). A ControlNet made for another family than
+    the model is refused here as the loader refuses it, from the two configs."""
     from stylekit.engine.models import check_source
 
     unknown = sorted(set(commands) - set(COMMANDS))
@@ -381,24 +436,44 @@ def resolve_all(
             f"unknown command(s) {', '.join(unknown)}; choose from {', '.join(COMMANDS)}"
         )
     check_source(settings.model, what="model", allow_pickle=False)
-    listings: dict[str, Listing] = {}
+    listings: dict[tuple[str, str | None], Listing] = {}
 
-    def listed(repo: str) -> Listing:
-        if repo not in listings:
-            listings[repo] = listing(repo)
-        return listings[repo]
+    def listed(repo: str, revision: str | None = None) -> Listing:
+        if (repo, revision) not in listings:
+            listings[repo, revision] = listing(repo, revision)
+        return listings[repo, revision]
 
     model = listed(settings.model) if hub_source(settings.model) else None
     family, turbo = detect(settings, model)
     plan = Plan([], family, turbo)
     if family is None:
         plan.notes.append(
-            f"model {settings.model} is not cached: its accelerator, adapter and VAE follow "
-            "from its family, known once it is"
+            f"model {settings.model} is not cached: its accelerator, adapter, VAE and default "
+            "ControlNets follow from its family, known once it is"
         )
     for need in needs(settings, family, turbo, commands, strengths=strengths):
-        plan.resolved.append(resolve(need, listed(need.repo)))
+        got = resolve(need, listed(need.repo, need.revision))
+        if need.what == "ControlNet" and family is not None:
+            check_controlnet(settings, model, listed(need.repo, need.revision), family)
+        plan.resolved.append(got)
     return plan
+
+
+def check_controlnet(settings: Settings, model: Listing | None, net: Listing, family: str) -> None:
+    """Refuse a ControlNet whose config does not fit the model's UNet config (the loader's rule,
+    `engine.models.check_controlnet_family`), where both configs are at hand."""
+    from stylekit.engine.models import check_controlnet_config
+
+    unet_path = "unet/config.json"
+    if model is None:  # a local model folder
+        root = Path(settings.model).expanduser()
+        files = {unet_path: None} if (root / unet_path).is_file() else {}
+        model = Listing(settings.model, files, lambda p: (root / p).read_text(encoding="utf-8"))
+    if unet_path not in model.files:
+        return
+    unet = model.json(unet_path)
+    if "config.json" in net.files:
+        check_controlnet_config(net.json("config.json"), unet, family, net.repo)
 
 
 def settings_for(preset: str | None, **flags) -> Settings:
@@ -412,19 +487,23 @@ def settings_for(preset: str | None, **flags) -> Settings:
 
 
 def download(plan: Plan, cache: str | Path | None = None) -> None:
-    """Fetch every file of `plan` into the cache, one `snapshot_download` per repo (only the
-    files named; those already cached are not fetched again)."""
+    """Fetch every file of `plan` into the cache, one `snapshot_download` per repo and revision
+    (only the files named; those already cached are not fetched again). A revision other than
+    main is cached under its own ref, where the loader's `revision=` finds it offline."""
     from huggingface_hub import snapshot_download
 
     from stylekit.engine.models import hub_errors
 
-    by_repo: dict[str, list[str]] = {}
-    for repo, path in plan.files():
-        by_repo.setdefault(repo, []).append(path)
-    for repo, paths in by_repo.items():
+    by_repo: dict[tuple[str, str | None], list[str]] = {}
+    for repo, revision, path in plan.files():
+        by_repo.setdefault((repo, revision), []).append(path)
+    for (repo, revision), paths in by_repo.items():
         with hub_errors("repo", repo):
             snapshot_download(
-                repo, allow_patterns=sorted(paths), cache_dir=str(hub.cache_dir(cache))
+                repo,
+                revision=revision,
+                allow_patterns=sorted(paths),
+                cache_dir=str(hub.cache_dir(cache)),
             )
 
 
@@ -450,7 +529,9 @@ def preset_status(
     from stylekit.presets import load_preset
 
     settings = load_preset(name)
-    plan = resolve_all(settings, commands=commands, listing=lambda r: cached_listing(r, cache))
+    plan = resolve_all(
+        settings, commands=commands, listing=lambda r, rev: cached_listing(r, rev, cache)
+    )
     missing, cached = tuple(plan.missing), plan.family is not None
     return PresetStatus(name, settings.model, missing, plan.size(), model_cached=cached)
 
@@ -465,21 +546,23 @@ def missing_line(plan: Plan, what: str) -> str:
     )
 
 
-def plan_lines(plan: Plan, cached: Callable[[str], dict]) -> list[str]:
+def plan_lines(plan: Plan, cached: Callable[[str, str | None], dict]) -> list[str]:
     """The plan for the user: each need, then its files with sizes, marked cached or to fetch."""
     lines, seen = [], set()
     for r in plan.resolved:
-        have = cached(r.need.repo)
-        variant = f", variant {r.need.variant}" if r.need.variant else ""
-        lines.append(f"{r.need.what}: {r.need.repo}{variant}")
+        need = r.need
+        have = cached(need.repo, need.revision)
+        variant = f", variant {need.variant}" if need.variant else ""
+        revision = f", revision {need.revision}" if need.revision else ""
+        lines.append(f"{need.what}: {need.repo}{variant}{revision}")
         for path, size in sorted(r.files.items()):
-            if (r.need.repo, path) in seen:
+            if (need.repo, need.revision, path) in seen:
                 continue
-            seen.add((r.need.repo, path))
+            seen.add((need.repo, need.revision, path))
             state = "cached" if path in have else "to fetch"
             lines.append(f"  {human(size):>9}  {state:<8}  {path}")
         lines.extend(f"  {'':>9}  missing   {path}" for path in r.missing)
-    fetch = {k: v for k, v in plan.files().items() if k[1] not in cached(k[0])}
+    fetch = {k: v for k, v in plan.files().items() if k[2] not in cached(k[0], k[1])}
     lines.append(
         f"total {human(plan.size())} in {len(plan.files())} files; "
         f"{human(sum(v or 0 for v in fetch.values()))} in {len(fetch)} files to fetch"
@@ -520,11 +603,11 @@ def pull(
     Offline (HF_HUB_OFFLINE=1) nothing can be fetched: the cache is checked instead, and a
     missing file is a ModelError (exit 2). `dry_run` lists the files and sizes only."""
 
-    def cached(repo: str) -> dict:
-        return hub.cached_files(repo, cache)
+    def cached(repo: str, revision: str | None = None) -> dict:
+        return hub.cached_files(repo, cache, revision)
 
-    def from_cache(repo: str) -> Listing:
-        return cached_listing(repo, cache)
+    def from_cache(repo: str, revision: str | None) -> Listing:
+        return cached_listing(repo, revision, cache)
 
     if hub.offline():
         plan = resolve_all(settings, commands=commands, listing=from_cache, strengths=strengths)
@@ -534,8 +617,8 @@ def pull(
         echo(f"complete: {human(plan.size())} in the cache at {hub.cache_dir(cache)}")
         return plan
 
-    def from_hub(repo: str) -> Listing:
-        return hub_listing(repo, cache)
+    def from_hub(repo: str, revision: str | None) -> Listing:
+        return hub_listing(repo, revision, cache)
 
     plan = resolve_all(settings, commands=commands, listing=from_hub, strengths=strengths)
     if plan.missing:

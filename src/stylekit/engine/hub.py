@@ -1,7 +1,8 @@
 """The Hugging Face cache read directly: which files of a hub repo are there, with no network.
 
 The cache keeps one folder per repo, `CACHE/models--owner--name/`, with `refs/main` (the commit
-the `main` branch pointed at when last fetched) and `snapshots/<commit>/<path>` (links into
+the `main` branch pointed at when last fetched; another revision's ref under its own name, so a
+pull request's `refs/pr/4` is the file `refs/refs/pr/4`) and `snapshots/<commit>/<path>` (links into
 `blobs/`, or plain files). `HF_HUB_CACHE` (or `HF_HOME/hub`) says where CACHE is.
 """
 
@@ -34,8 +35,12 @@ def repo_folder(repo: str, cache: str | Path | None = None) -> Path:
     return cache_dir(cache) / ("models--" + repo.replace("/", "--"))
 
 
-def snapshot(repo: str, cache: str | Path | None = None, revision: str = "main") -> Path | None:
-    """The cached snapshot folder `revision` points at, or None when the repo is not cached."""
+def snapshot(
+    repo: str, cache: str | Path | None = None, revision: str | None = "main"
+) -> Path | None:
+    """The cached snapshot folder `revision` (None: main; a branch, a ref such as `refs/pr/4`,
+    or a commit) points at, or None when the repo is not cached at that revision."""
+    revision = revision or "main"
     folder = repo_folder(repo, cache)
     ref = folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
@@ -43,11 +48,14 @@ def snapshot(repo: str, cache: str | Path | None = None, revision: str = "main")
     return path if path.is_dir() else None
 
 
-def cached_files(repo: str, cache: str | Path | None = None) -> dict[str, int]:
-    """Every complete file of the repo's cached `main` snapshot: its path in the repo → bytes.
+def cached_files(
+    repo: str, cache: str | Path | None = None, revision: str | None = None
+) -> dict[str, int]:
+    """Every complete file of the repo's cached snapshot of `revision` (None: main): its path in
+    the repo → bytes.
 
     A link whose blob is gone (a cleaned cache) is left out: the file is not there to load."""
-    root = snapshot(repo, cache)
+    root = snapshot(repo, cache, revision)
     if root is None:
         return {}
     files = {}

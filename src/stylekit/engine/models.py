@@ -933,14 +933,19 @@ def load_controlnet(
 def check_controlnet_family(config, model: LoadedModel, source: str) -> None:
     """Refuse a ControlNet (its config, a mapping) whose conditioning does not fit the UNet: its
     cross-attention width or SDXL's added conditioning differ (an SD1.5 net on SDXL)."""
-    config, unet = dict(config), dict(model.unet.config)
+    check_controlnet_config(config, model.unet.config, model.family, source)
+
+
+def check_controlnet_config(config, unet_config, family: str, source: str) -> None:
+    """`check_controlnet_family` from the two configs alone (what `models pull` has at hand)."""
+    config, unet = dict(config), dict(unet_config)
     keys = ("cross_attention_dim", "addition_embed_type")
     if all(config.get(k) == unet.get(k) for k in keys):
         return
     raise UsageError(
         f"ControlNet {source} is for {family_of_unet(config)} models (cross-attention "
-        f"{config.get('cross_attention_dim')}), but the model is {model.family} (cross-attention "
-        f"{unet.get('cross_attention_dim')}); pass a {model.family} ControlNet with --controlnet"
+        f"{config.get('cross_attention_dim')}), but the model is {family} (cross-attention "
+        f"{unet.get('cross_attention_dim')}); pass a {family} ControlNet with --controlnet"
     )
 
 
