@@ -806,3 +806,22 @@ def _vae_to_ldm(weights: dict[str, torch.Tensor], config: dict) -> dict[str, tor
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build_dinov2(path: str | Path, *, seed: int = 0, image_size: int = 28) -> Path:
+    """Write a tiny random `Dinov2Model` folder (hidden 32, 4 layers, 2 heads, patch 7) for the
+    discriminator features of `stylekit distill` (the real one is facebook/dinov2-small)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=7,
+        image_size=image_size,
+    )
+    path = Path(path)
+    Dinov2Model(config).eval().save_pretrained(path)
+    return path

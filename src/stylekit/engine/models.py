@@ -832,3 +832,18 @@ def load(spec: ModelSpec) -> LoadedModel:
         notices=tuple(n for n in (accel.notice, vae_notice(pipe.vae, family, dtype)) if n),
         warnings=tuple(w for w in (turbo_warning, accel.warning, *checkpoint) if w),
     )
+
+
+FEATURE_NET = "facebook/dinov2-small"  # DINOv2 ViT-S/14: the discriminator features STD and ADD use
+
+
+def load_feature_net(source: str, *, device: torch.device, dtype: torch.dtype):
+    """Load the frozen DINOv2 feature network of `stylekit distill` (a hub id or local folder)."""
+    from transformers import Dinov2Model
+
+    if is_local(source):
+        check_source(source, what="feature network", allow_pickle=False)
+        source = str(Path(source).expanduser())
+    with hub_errors("feature network", source):
+        net = Dinov2Model.from_pretrained(source, dtype=dtype)
+    return net.to(device).requires_grad_(False).eval()
