@@ -36,7 +36,9 @@ def generator_step(nets: Nets, batch, gens, s: AddSettings, *, adversarial: bool
     x0 = nets.encode(batch["pixels"], gens)
     embeds, pooled = nets.text(batch["caption"])
     ts = trailing_timesteps(STUDENT_STEPS)
-    t_s = torch.tensor([ts[int(torch.randint(STUDENT_STEPS, (), generator=g))] for g in gens], device=dev)
+    t_s = torch.tensor(
+        [ts[int(torch.randint(STUDENT_STEPS, (), generator=g))] for g in gens], device=dev
+    )
     a_s = nets.alphas(t_s)
     x_s = a_s.sqrt() * x0 + (1 - a_s).sqrt() * randn(x0.shape[1:], gens, dev)
     student_x0 = x0_of(x_s, nets.eps(x_s, t_s, embeds, pooled, grad=True), a_s)

@@ -68,7 +68,9 @@ class Head(nn.Module):
         super().__init__()
         self.inp = spectral_norm(nn.Conv1d(channels, channels, 1))
         self.norm1 = BatchNormLocal(channels)
-        self.res = spectral_norm(nn.Conv1d(channels, channels, 9, padding=4, padding_mode="circular"))
+        self.res = spectral_norm(
+            nn.Conv1d(channels, channels, 9, padding=4, padding_mode="circular")
+        )
         self.norm2 = BatchNormLocal(channels)
         self.out = spectral_norm(nn.Conv1d(channels, CMAP, 1))
         self.proj = nn.Linear(cond_dim, CMAP)

@@ -10,7 +10,7 @@ processes, and a resumed run continues exactly.
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +54,9 @@ class DistillConfig:
     disc_lr: float = 1e-4
     batch_size: int = 1  # per process
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = (
+        None  # None: accelerate's own setting (`accelerate config`), else no
+    )
     max_steps: int = 1000
     warmup: int = 500
     clip: float = 10.0
@@ -67,6 +69,8 @@ class DistillConfig:
     allow_pickle: bool = False
 
     def __post_init__(self):
+        if self.mixed_precision is None:
+            self.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method!r}: choose std or add")
         if self.mixed_precision not in PRECISIONS:
@@ -78,9 +82,18 @@ class DistillConfig:
             (self.bank_slots >= 0, "--bank-slots must be >= 0"),
             (self.rank >= 1, "--rank must be >= 1"),
             (self.max_steps >= 1, "--max-steps must be >= 1"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
-            (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a multiple of 8"),
-            (self.output.suffix == ".safetensors", f"-o {self.output}: the LoRA file must end in .safetensors"),
+            (
+                self.batch_size >= 1 and self.grad_accum >= 1,
+                "--batch-size and --grad-accum must be >= 1",
+            ),
+            (
+                self.resolution >= 8 and self.resolution % 8 == 0,
+                "--resolution must be a multiple of 8",
+            ),
+            (
+                self.output.suffix == ".safetensors",
+                f"-o {self.output}: the LoRA file must end in .safetensors",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,7 +125,9 @@ class RunState:
 
 def sample_generators(seed: int, micro: int, indices) -> list[torch.Generator]:
     """One generator per sample, seeded by (seed, micro-step, example index)."""
-    return [torch.Generator().manual_seed(hash((seed, micro, int(i))) & 0x7FFFFFFFFFFF) for i in indices]
+    return [
+        torch.Generator().manual_seed(hash((seed, micro, int(i))) & 0x7FFFFFFFFFFF) for i in indices
+    ]
 
 
 def distill(cfg: DistillConfig, progress: Progress | None = None) -> dict:
@@ -123,7 +138,9 @@ def distill(cfg: DistillConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.grad_accum, sync_with_dataloader=False
+        ),
         step_scheduler_with_optimizer=False,
     )
     run = Run(cfg, accelerator, progress)
@@ -144,16 +161,28 @@ class Run:
         self.cfg, self.acc, self.progress = cfg, accelerator, progress
         main = accelerator.is_main_process
         self.examples = scan(
-            cfg.data, prompt=cfg.prompt, frames_per_video=cfg.frames_per_video,
-            resolution=cfg.resolution, skipped=progress.skipped if main else (lambda line: None),
+            cfg.data,
+            prompt=cfg.prompt,
+            frames_per_video=cfg.frames_per_video,
+            resolution=cfg.resolution,
+            skipped=progress.skipped if main else (lambda line: None),
         )
         dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
         device = accelerator.device
-        spec = models.ModelSpec(model=cfg.teacher, accelerator="none", device=str(device), dtype=dtype, allow_pickle=cfg.allow_pickle)
+        name = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
+        spec = models.ModelSpec(
+            model=cfg.teacher,
+            accelerator="none",
+            device=name,
+            dtype=dtype,
+            allow_pickle=cfg.allow_pickle,
+        )
         model = models.load(spec)
         sched = model.pipe.scheduler.config
         if sched.get("prediction_type", "epsilon") != "epsilon":
-            raise UsageError(f"teacher {cfg.teacher}: distill trains ε-prediction teachers only ({sched['prediction_type']})")
+            raise UsageError(
+                f"teacher {cfg.teacher}: distill trains ε-prediction teachers only ({sched['prediction_type']})"
+            )
         unet = model.unet
         lora = add_lora(unet, cfg.rank)
         self.adversarial = cfg.adv_weight > 0
@@ -161,17 +190,36 @@ class Run:
         if self.adversarial:
             net = models.load_feature_net(cfg.feature_net, device=device, dtype=model.dtype)
             self.features = Features(net).to(device)
-            cond_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim if model.family == "sdxl" else model.pipe.text_encoder.config.hidden_size
+            cond_dim = (
+                unet.config.projection_class_embeddings_input_dim
+                - 6 * unet.config.addition_time_embed_dim
+                if model.family == "sdxl"
+                else model.pipe.text_encoder.config.hidden_size
+            )
             params["disc"] = Discriminator(self.features.width, cond_dim).to(device)
         opt_g = torch.optim.AdamW(lora, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        self.sched_g = get_scheduler("cosine", opt_g, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps)
+        self.sched_g = get_scheduler(
+            "cosine", opt_g, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps
+        )
         self.data = TrainingImages(self.examples, resolution=cfg.resolution, seed=cfg.seed)
         self.sampler = EpochPermutation(self.data, cfg.seed)
-        loader = DataLoader(self.data, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=False)
+        loader = DataLoader(
+            self.data, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=False
+        )
         if self.adversarial:
-            opt_d = torch.optim.AdamW(params["disc"].parameters(), lr=cfg.disc_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-            self.sched_d = get_scheduler("cosine", opt_d, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps)
-            student, self.disc, self.opt_g, self.opt_d, self.loader = accelerator.prepare(unet, params["disc"], opt_g, opt_d, loader)
+            opt_d = torch.optim.AdamW(
+                params["disc"].parameters(),
+                lr=cfg.disc_lr,
+                betas=(0.9, 0.999),
+                eps=1e-8,
+                weight_decay=0.0,
+            )
+            self.sched_d = get_scheduler(
+                "cosine", opt_d, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps
+            )
+            student, self.disc, self.opt_g, self.opt_d, self.loader = accelerator.prepare(
+                unet, params["disc"], opt_g, opt_d, loader
+            )
         else:
             student, self.opt_g, self.loader = accelerator.prepare(unet, opt_g, loader)
         self.unet, self.model, self.lora = unet, model, lora
@@ -189,7 +237,9 @@ class Run:
         cfg = self.cfg
         if cfg.method == "std":
             settings = std.StdSettings(cfg.eta, cfg.gamma, cfg.bank_prob, cfg.teacher_cfg)
-            return std.generator_step(self.nets, self.bank, batch, gens, settings, adversarial=self.adversarial)
+            return std.generator_step(
+                self.nets, self.bank, batch, gens, settings, adversarial=self.adversarial
+            )
         settings = add.AddSettings(cfg.distill_weight, cfg.teacher_cfg)
         return add.generator_step(self.nets, batch, gens, settings, adversarial=self.adversarial)
 
@@ -270,7 +320,11 @@ class Run:
                     log.write(json.dumps({"step": state.step, **state.logs}) + "\n")
                     log.flush()
                 self.progress.step(state.step, state.logs)
-                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
+                if (
+                    cfg.save_every
+                    and state.step % cfg.save_every == 0
+                    and state.step < cfg.max_steps
+                ):
                     save_checkpoint(self, cfg.checkpoints / f"checkpoint-{state.step}")
         finally:
             if log:
@@ -325,7 +379,9 @@ def load_checkpoint(run: Run, folder: Path) -> None:
     shared_file, own_file = folder / "state.pt", folder / f"process-{run.acc.process_index}.pt"
     for f in (shared_file, own_file):
         if not f.is_file():
-            raise UsageError(f"--resume {folder}: no {f.name} (not a checkpoint of this run, or another process count)")
+            raise UsageError(
+                f"--resume {folder}: no {f.name} (not a checkpoint of this run, or another process count)"
+            )
     shared = torch.load(shared_file, map_location="cpu", weights_only=False)
     own = torch.load(own_file, map_location="cpu", weights_only=False)
     params = dict(run.unet.named_parameters())
@@ -368,11 +424,10 @@ def save_lora(run: Run) -> None:
     """Write the LoRA in diffusers' format (`load_lora_weights` reads it), with the run's metadata."""
     import tempfile
 
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     acc = run.acc
     acc.wait_for_everyone()
@@ -383,7 +438,9 @@ def save_lora(run: Run) -> None:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(run.unet))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        type(run.model.pipe).save_lora_weights(tmp, unet_lora_layers=layers, weight_name="lora.safetensors")
+        type(run.model.pipe).save_lora_weights(
+            tmp, unet_lora_layers=layers, weight_name="lora.safetensors"
+        )
         with safe_open(f"{tmp}/lora.safetensors", framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = dict(f.metadata() or {})

@@ -40,7 +40,9 @@ def target_t(s: int, train_steps: int = 1000) -> int:
     return train_steps // GRID * s - 1
 
 
-def ddim_jump(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
+def ddim_jump(
+    x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_to: torch.Tensor
+) -> torch.Tensor:
     """J(x, t → τ) = √ā_τ x̂0 + √(1 − ā_τ) ε̂ with x̂0 = (x − √(1 − ā_t) ε̂) / √ā_t (DDIM, η = 0).
 
     `a_t`, `a_to` broadcast against x: scalars or (B, 1, 1, 1)."""
@@ -75,7 +77,9 @@ def r1_penalty(logits: torch.Tensor, features: list[torch.Tensor]) -> torch.Tens
     return sum(g.float().pow(2).flatten(1).sum(1) for g in grads).mean()
 
 
-def add_distillation(student_x0: torch.Tensor, teacher_x0: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+def add_distillation(
+    student_x0: torch.Tensor, teacher_x0: torch.Tensor, a_t: torch.Tensor
+) -> torch.Tensor:
     """ADD's distillation loss: mean over samples of c(t) · mean((x̂θ − x̂ψ)²), c(t) = √ā_t.
 
     `a_t` is ā_t per sample (B,); the teacher's side carries no gradient."""

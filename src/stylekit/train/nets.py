@@ -35,7 +35,10 @@ def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
 
     unet.requires_grad_(False)
     config = LoraConfig(
-        r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights="gaussian",
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        init_lora_weights="gaussian",
         target_modules=list(LORA_TARGETS),
     )
     unet.add_adapter(config)
@@ -97,7 +100,8 @@ class Nets:
         self.teacher_calls += 2
         with teacher_mode(self.unet), self.autocast():
             out = self.unet(
-                torch.cat([x, x]), torch.cat([t, t]),
+                torch.cat([x, x]),
+                torch.cat([t, t]),
                 encoder_hidden_states=torch.cat([u_embeds, embeds]),
                 added_cond_kwargs=self.added(torch.cat([u_pooled, pooled]), torch.cat([x, x])),
             ).sample.float()
@@ -116,11 +120,16 @@ class Nets:
     def _encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.model.pipe
         if self.model.family == "sdxl":
-            embeds, _, pooled, _ = pipe.encode_prompt(caption, device=self.device, do_classifier_free_guidance=False)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                caption, device=self.device, do_classifier_free_guidance=False
+            )
             return embeds[0], pooled[0]
         tok = pipe.tokenizer(
-            caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            caption,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         out = pipe.text_encoder(tok.input_ids.to(self.device))
         return out.last_hidden_state[0], out.pooler_output[0]
@@ -149,4 +158,6 @@ def randn(shape, generators: list[torch.Generator], device) -> torch.Tensor:
 
 def uniform(generators: list[torch.Generator], lo: float, hi: float, device) -> torch.Tensor:
     """One U[lo, hi) draw per sample (B,)."""
-    return torch.stack([lo + (hi - lo) * torch.rand((), generator=g) for g in generators]).to(device)
+    return torch.stack([lo + (hi - lo) * torch.rand((), generator=g) for g in generators]).to(
+        device
+    )

@@ -59,7 +59,10 @@ def teacher_step(nets: Nets, trajs: list[Trajectory]) -> list[Trajectory]:
     k = torch.tensor([t.k for t in trajs], device=x.device)
     t_now, t_next = (k + 1) * 20 - 1, k * 20 - 1  # grid_t(k), grid_t(k − 1); k = 0 → ā_0
     eps = nets.teacher_eps(
-        x, t_now, torch.stack([t.embeds for t in trajs]), torch.stack([t.pooled for t in trajs]),
+        x,
+        t_now,
+        torch.stack([t.embeds for t in trajs]),
+        torch.stack([t.pooled for t in trajs]),
         torch.tensor([t.w for t in trajs], device=x.device),
     )
     x_next = ddim_jump(x, eps, nets.alphas(t_now), nets.alphas(t_next))
@@ -96,7 +99,9 @@ def starts(nets: Nets, bank: Bank, batch, x0, gens, s: StdSettings):
     return states, slots
 
 
-def generator_step(nets: Nets, bank: Bank, batch, gens, s: StdSettings, *, adversarial: bool) -> Generated:
+def generator_step(
+    nets: Nets, bank: Bank, batch, gens, s: StdSettings, *, adversarial: bool
+) -> Generated:
     """Consistency loss between the jumps from x_k and from the teacher's x_{k−1} to τ_s."""
     x0 = nets.encode(batch["pixels"], gens)
     states, slots = starts(nets, bank, batch, x0, gens, s)
@@ -104,7 +109,10 @@ def generator_step(nets: Nets, bank: Bank, batch, gens, s: StdSettings, *, adver
     for slot, nxt in zip(slots, nexts, strict=True):
         bank.put(slot, nxt)
     span = jump_span(s.eta, s.gamma)
-    target_s = [int(torch.randint(max(0, st.k - span), st.k, (), generator=g)) for st, g in zip(states, gens, strict=True)]
+    target_s = [
+        int(torch.randint(max(0, st.k - span), st.k, (), generator=g))
+        for st, g in zip(states, gens, strict=True)
+    ]
     dev = x0.device
     k = torch.tensor([st.k for st in states], device=dev)
     tau = torch.tensor([target_t(v) for v in target_s], device=dev)
@@ -112,7 +120,9 @@ def generator_step(nets: Nets, bank: Bank, batch, gens, s: StdSettings, *, adver
     embeds = torch.stack([st.embeds for st in states])
     pooled = torch.stack([st.pooled for st in states])
     x_k, x_prev = torch.stack([st.x for st in states]), torch.stack([n.x for n in nexts])
-    online = ddim_jump(x_k, nets.eps(x_k, t_k, embeds, pooled, grad=True), nets.alphas(t_k), nets.alphas(tau))
+    online = ddim_jump(
+        x_k, nets.eps(x_k, t_k, embeds, pooled, grad=True), nets.alphas(t_k), nets.alphas(tau)
+    )
     with torch.no_grad():
         eps_prev = nets.eps(x_prev, t_prev, embeds, pooled)
         target = ddim_jump(x_prev, eps_prev, nets.alphas(t_prev), nets.alphas(tau))
@@ -120,14 +130,19 @@ def generator_step(nets: Nets, bank: Bank, batch, gens, s: StdSettings, *, adver
     logs = {"consistency": loss.item()}
     if not adversarial:
         return Generated(loss, logs, None, None, pooled)
-    return Generated(loss, logs, nets.decode(online), real_side(nets, states, target_s, gens), pooled)
+    return Generated(
+        loss, logs, nets.decode(online), real_side(nets, states, target_s, gens), pooled
+    )
 
 
 @torch.no_grad()
 def real_side(nets: Nets, states: list[Trajectory], target_s: list[int], gens) -> torch.Tensor:
     """The real image noised to r = floor(u · 20 s) < τ_s (asymmetric: less noise than the fake)."""
     x0 = torch.stack([st.x0 for st in states])
-    r = [int(torch.rand((), generator=g).item() * 20 * v) for v, g in zip(target_s, gens, strict=True)]
+    r = [
+        int(torch.rand((), generator=g).item() * 20 * v)
+        for v, g in zip(target_s, gens, strict=True)
+    ]
     a = nets.alphas(torch.tensor(r, device=x0.device))
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device)
     return nets.decode(a.sqrt() * x0 + (1 - a).sqrt() * noise)
