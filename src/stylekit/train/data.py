@@ -112,12 +112,15 @@ class TrainingImages(Dataset):
 
 
 class EpochPermutation(Sampler):
-    """A fresh permutation of the examples every epoch, seeded by (seed, epoch)."""
+    """A fresh permutation of the examples every epoch, seeded by (seed, epoch).
+
+    The epoch is set with `start_epoch`, not `set_epoch`: accelerate calls a sampler's
+    `set_epoch` with its own count of passes, which restarts at 0 in a resumed run."""
 
     def __init__(self, data: TrainingImages, seed: int):
         self.data, self.seed = data, seed
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         self.data.epoch = epoch
 
     def __len__(self) -> int:

@@ -184,6 +184,7 @@ class Run:
                 f"teacher {cfg.teacher}: distill trains ε-prediction teachers only ({sched['prediction_type']})"
             )
         unet = model.unet
+        torch.manual_seed(cfg.seed)  # the LoRA's and the heads' initial weights
         lora = add_lora(unet, cfg.rank)
         self.adversarial = cfg.adv_weight > 0
         params = {"unet": unet}
@@ -288,7 +289,7 @@ class Run:
         per_epoch = len(self.loader)
         while True:
             epoch, offset = divmod(self.state.micro, per_epoch)
-            self.sampler.set_epoch(epoch)
+            self.sampler.start_epoch(epoch)
             loader = self.acc.skip_first_batches(self.loader, offset) if offset else self.loader
             yield from loader
 
@@ -424,7 +425,6 @@ def save_lora(run: Run) -> None:
     """Write the LoRA in diffusers' format (`load_lora_weights` reads it), with the run's metadata."""
     import tempfile
 
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -435,7 +435,7 @@ def save_lora(run: Run) -> None:
         return
     out = run.cfg.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(run.unet))
+    layers = get_peft_model_state_dict(run.unet)  # PEFT keys (lora_A/lora_B), as diffusers saves
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         type(run.model.pipe).save_lora_weights(
