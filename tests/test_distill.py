@@ -325,6 +325,39 @@ def test_cli_distill_reports_bad_files_and_writes_lora(sd15_path, images, dino_p
         assert f.metadata()["stylekit.eta"] == "0.5" and f.metadata()["stylekit.images"] == "4"
     bad = RUNNER.invoke(app, [*args[:-1], "--method", "xyz"])
     assert bad.exit_code == 2 and "--method" in bad.output
+    cfg = RUNNER.invoke(app, [*args, "--teacher-cfg", "7"])
+    assert cfg.exit_code == 2 and "--teacher-cfg" in cfg.output
+
+
+def test_tensorboard_without_the_package_is_one_line(sd15_path, images, dino_path, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    args = [
+        "distill",
+        "--teacher",
+        str(sd15_path),
+        "--data",
+        str(images),
+        "-o",
+        str(tmp_path / "t.safetensors"),
+        "--resolution",
+        "32",
+        "--rank",
+        "4",
+        "--max-steps",
+        "1",
+        "--adv-weight",
+        "0",
+        "--tensorboard",
+        str(tmp_path / "tb"),
+        "-q",
+    ]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 2 and "pip install tensorboard" in result.output
 
 
 def test_two_processes_match_one(sd15_path, images, dino_path, tmp_path):

@@ -1278,6 +1278,14 @@ def distill(
             "--log", help="Append one JSON line per step (step, losses, lr, seconds).", panel=FILES
         ),
     ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        _opt(
+            "--tensorboard",
+            help="Also log to TensorBoard in this folder (if tensorboard is installed).",
+            panel=FILES,
+        ),
+    ] = None,
     feature_net: Annotated[
         str,
         _opt("--feature-net", help="DINOv2 for the discriminator: hub id or folder.", panel=MODEL),
@@ -1320,6 +1328,7 @@ def distill(
             checkpoints=checkpoints,
             resume=resume,
             log=log,
+            tensorboard=tensorboard,
             feature_net=feature_net,
             seed=seed,
             allow_pickle=allow_pickle,
@@ -1333,7 +1342,8 @@ def distill(
         summary = run_distill(cfg, Progress(skipped=skip), quiet=quiet)
         if summary is not None:
             err.print(
-                f"wrote {escape(str(out))}: {summary['steps']} steps on {summary['images']} images, {summary['teacher_calls_per_step']:.1f} teacher UNet calls per step, {summary['seconds']:.0f} s"
+                f"wrote {escape(str(out))}: {summary['steps']} steps on {summary['images']} images, {summary['teacher_calls_per_step']:.1f} teacher UNet calls per step, {summary['seconds']:.0f} s",
+                soft_wrap=True,
             )
         raise typer.Exit(1 if skipped else 0)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stylekit.errors import UsageError
+from stylekit.errors import SetupError, UsageError
 from stylekit.train.bank import Bank
 from stylekit.train.disc import Discriminator, Features, diff_augment
 from stylekit.train.losses import hinge_d, hinge_g, r1_penalty
@@ -64,6 +64,7 @@ class DistillConfig:
     checkpoints: Path | None = None
     resume: Path | None = None
     log: Path | None = None
+    tensorboard: Path | None = None  # a TensorBoard log folder (needs the tensorboard package)
     feature_net: str = "facebook/dinov2-small"
     seed: int = 0
     allow_pickle: bool = False
@@ -132,8 +133,13 @@ def sample_generators(seed: int, micro: int, indices) -> list[torch.Generator]:
 
 def distill(cfg: DistillConfig, progress: Progress | None = None) -> dict:
     """Train and write the LoRA; return a summary (steps, images, teacher calls, seconds)."""
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin
+    except ImportError:
+        raise SetupError(
+            "stylekit distill needs accelerate: pip install 'stylekit[train]'"
+        ) from None
 
     progress = progress or Progress()
     accelerator = Accelerator(
@@ -298,6 +304,7 @@ class Run:
         start, calls0 = time.perf_counter(), self.nets.teacher_calls
         last, totals, count = time.perf_counter(), {}, 0
         log = open_log(cfg.log) if acc.is_main_process and cfg.log else None
+        board = open_board(cfg.tensorboard) if acc.is_main_process and cfg.tensorboard else None
         try:
             for batch in self.batches():
                 if state.step >= cfg.max_steps:
@@ -320,6 +327,9 @@ class Run:
                 if log:
                     log.write(json.dumps({"step": state.step, **state.logs}) + "\n")
                     log.flush()
+                if board:
+                    for key, value in state.logs.items():
+                        board.add_scalar(f"distill/{key}", value, state.step)
                 self.progress.step(state.step, state.logs)
                 if (
                     cfg.save_every
@@ -330,6 +340,8 @@ class Run:
         finally:
             if log:
                 log.close()
+            if board:
+                board.close()
         save_lora(self)
         acc.wait_for_everyone()
         return {
@@ -338,6 +350,17 @@ class Run:
             "teacher_calls_per_step": (self.nets.teacher_calls - calls0) / max(1, state.step),
             "seconds": time.perf_counter() - start,
         }
+
+
+def open_board(folder: Path):
+    """A TensorBoard writer for `folder`; a clear error when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SetupError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter(str(folder))
 
 
 def open_log(path: Path):
