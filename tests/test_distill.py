@@ -473,3 +473,54 @@ def test_lora_loads_in_diffusers_and_stylize(sd15_path, images, dino_path, tmp_p
     zero = run("zero", "--accelerator", "none", "--lora", f"{lora}:0")
     assert np.abs(with_lora - base).mean() > 0.5
     assert np.array_equal(zero, base)
+
+
+def test_sdxl_teacher_trains(sdxl_path, images, dino_path, tmp_path):
+    """SDXL: added conditioning (pooled text, size ids); the heads' condition is the pooled 32-d."""
+    from stylekit.train.loop import distill
+
+    for method in ("std", "add"):
+        out = tmp_path / f"{method}.safetensors"
+        cfg = config(sdxl_path, images, dino_path, out, method=method, max_steps=1, batch_size=1)
+        assert distill(cfg)["steps"] == 1 and out.is_file()
+
+
+def test_scan_videos_captions_and_bad_files(images, tmp_path):
+    from stylekit.media.video import ffmpeg_exe
+    from stylekit.train.data import TrainingImages, scan
+
+    clip = tmp_path / "clip.mp4"
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=64x48:rate=10:duration=2",
+            "-pix_fmt",
+            "yuv420p",
+            str(clip),
+        ],
+        check=True,
+    )
+    (tmp_path / "clip.txt").write_text("a test pattern")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    skipped: list[str] = []
+    examples = scan(
+        [str(images), str(tmp_path)],
+        prompt="default",
+        frames_per_video=3,
+        resolution=32,
+        skipped=skipped.append,
+    )
+    assert len(examples) == 4 + 3
+    assert [e.caption for e in examples[:4]] == ["a red cat", "default", "default", "default"]
+    assert all(e.caption == "a test pattern" and e.frame.height == 32 for e in examples[4:])
+    assert len(skipped) == 1 and "broken.jpg" in skipped[0]
+    item = TrainingImages(examples, resolution=32, seed=0)[5]
+    assert (
+        item["pixels"].shape == (3, 32, 32)
+        and -1 <= item["pixels"].min() <= item["pixels"].max() <= 1
+    )
