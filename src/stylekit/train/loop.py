@@ -157,10 +157,8 @@ class Run:
     """One process's part of a training run: models, optimisers, data, bank."""
 
     def __init__(self, cfg: DistillConfig, accelerator, progress: Progress):
-        from diffusers.optimization import get_scheduler
         from torch.utils.data import DataLoader
 
-        from stylekit.engine import models
         from stylekit.engine.sampling import alphas_cumprod
         from stylekit.train.data import EpochPermutation, TrainingImages, scan
 
@@ -173,64 +171,27 @@ class Run:
             resolution=cfg.resolution,
             skipped=progress.skipped if main else (lambda line: None),
         )
-        dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
-        device = accelerator.device
-        name = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
-        spec = models.ModelSpec(
-            model=cfg.teacher,
-            accelerator="none",
-            device=name,
-            dtype=dtype,
-            allow_pickle=cfg.allow_pickle,
-        )
-        model = models.load(spec)
-        sched = model.pipe.scheduler.config
-        if sched.get("prediction_type", "epsilon") != "epsilon":
-            raise UsageError(
-                f"teacher {cfg.teacher}: distill trains ε-prediction teachers only ({sched['prediction_type']})"
-            )
-        unet = model.unet
+        model = load_teacher(cfg, accelerator.device)
+        unet, device = model.unet, accelerator.device
         torch.manual_seed(cfg.seed)  # the LoRA's and the heads' initial weights
         lora = add_lora(unet, cfg.rank)
         self.adversarial = cfg.adv_weight > 0
-        params = {"unet": unet}
-        if self.adversarial:
-            net = models.load_feature_net(cfg.feature_net, device=device, dtype=model.dtype)
-            self.features = Features(net).to(device)
-            cond_dim = (
-                unet.config.projection_class_embeddings_input_dim
-                - 6 * unet.config.addition_time_embed_dim
-                if model.family == "sdxl"
-                else model.pipe.text_encoder.config.hidden_size
-            )
-            params["disc"] = Discriminator(self.features.width, cond_dim).to(device)
-        opt_g = torch.optim.AdamW(lora, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        self.sched_g = get_scheduler(
-            "cosine", opt_g, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps
-        )
+        opt_g = adamw(lora, cfg.lr)
+        self.sched_g = cosine(opt_g, cfg)
         self.data = TrainingImages(self.examples, resolution=cfg.resolution, seed=cfg.seed)
         self.sampler = EpochPermutation(self.data, cfg.seed)
-        loader = DataLoader(
-            self.data, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=False
-        )
+        loader = DataLoader(self.data, batch_size=cfg.batch_size, sampler=self.sampler)
         if self.adversarial:
-            opt_d = torch.optim.AdamW(
-                params["disc"].parameters(),
-                lr=cfg.disc_lr,
-                betas=(0.9, 0.999),
-                eps=1e-8,
-                weight_decay=0.0,
-            )
-            self.sched_d = get_scheduler(
-                "cosine", opt_d, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps
-            )
+            self.features, disc = adversary(cfg, model, device)
+            opt_d = adamw(disc.parameters(), cfg.disc_lr)
+            self.sched_d = cosine(opt_d, cfg)
             student, self.disc, self.opt_g, self.opt_d, self.loader = accelerator.prepare(
-                unet, params["disc"], opt_g, opt_d, loader
+                unet, disc, opt_g, opt_d, loader
             )
         else:
             student, self.opt_g, self.loader = accelerator.prepare(unet, opt_g, loader)
         self.unet, self.model, self.lora = unet, model, lora
-        ac = alphas_cumprod(dict(sched)).to(device)
+        ac = alphas_cumprod(dict(model.pipe.scheduler.config)).to(device)
         self.nets = Nets(student, unet, model, ac, accelerator.autocast)
         self.bank = Bank(cfg.bank_slots if cfg.method == "std" else 0)
         self.state = RunState()
@@ -350,6 +311,50 @@ class Run:
             "teacher_calls_per_step": (self.nets.teacher_calls - calls0) / max(1, state.step),
             "seconds": time.perf_counter() - start,
         }
+
+
+def load_teacher(cfg: DistillConfig, device: torch.device):
+    """The teacher pipeline through stylekit's one loader, frozen weights in the run's precision."""
+    from stylekit.engine import models
+
+    dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
+    name = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
+    spec = models.ModelSpec(
+        cfg.teacher, accelerator="none", device=name, dtype=dtype, allow_pickle=cfg.allow_pickle
+    )
+    model = models.load(spec)
+    prediction = model.pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise UsageError(
+            f"teacher {cfg.teacher}: distill trains ε-prediction teachers only ({prediction})"
+        )
+    return model
+
+
+def adversary(cfg: DistillConfig, model, device: torch.device):
+    """The frozen DINOv2 features and fresh heads conditioned on the pooled text embedding."""
+    from stylekit.engine import models
+
+    features = Features(models.load_feature_net(cfg.feature_net, device=device, dtype=model.dtype))
+    unet = model.unet.config
+    if model.family == "sdxl":  # pooled text + six size ids feed the added embedding
+        cond_dim = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+    else:
+        cond_dim = model.pipe.text_encoder.config.hidden_size
+    return features.to(device), Discriminator(features.width, cond_dim).to(device)
+
+
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def cosine(optimizer, cfg: DistillConfig):
+    """Linear warm-up, then cosine decay to 0 at `max_steps`."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        "cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps
+    )
 
 
 def open_board(folder: Path):
