@@ -1,10 +1,11 @@
 """Seconds per training step, peak memory and teacher UNet calls of `stylekit distill` (STD), with
 and without the trajectory bank, on the full-size SD1.5 architecture (random weights).
 
-Each variant runs in a fresh interpreter (its own peak RSS, `ru_maxrss`), through the library's
-own training loop (`stylekit.train.loop.distill`): bf16, CPU, batch 1, 256 px, η 0.75, the
-adversarial loss on (a ViT-S/14-size DINOv2 with random weights). Without the bank every step rolls
-the teacher out from k_η to a uniform k in [2, k_η] before its own step (STD's Table 2 baseline).
+Each variant runs in a fresh interpreter (its own peak RSS, `ru_maxrss`), the variants interleaved
+`--rounds` times, through the library's own training loop (`stylekit.train.loop.distill`): bf16,
+CPU, batch 1, 256 px, η 0.75, the adversarial loss on (a ViT-S/14-size DINOv2 with random weights).
+Without the bank every step rolls the teacher out from k_η to a uniform k in [2, k_η] before its
+own step (STD's Table 2 baseline). The first step of each run (warm-up) is left out of its mean.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="training steps per variant")
     p.add_argument("--variants", default="bank,nobank")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of the variants")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
         "--model",
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.child, args.steps, model, dino, data, out)))
         return
     results = []
-    for variant in args.variants.split(","):
+    for variant in args.variants.split(",") * args.rounds:
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps)]
         cmd += ["--model", str(args.model)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
