@@ -3,8 +3,8 @@
 Everything that differs between one process and many goes through `accelerate`: the UNet's LoRA
 and the discriminator heads are DDP-wrapped, the data loader is sharded, gradients are averaged
 and accumulated. Every random draw a sample needs comes from a generator seeded by (seed,
-micro-step, example index), so a run's numbers do not depend on how the batch is split over
-processes, and a resumed run continues exactly.
+optimiser step, epoch, example index), so a run's numbers do not depend on how the batch is split
+over processes and accumulation steps, and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -124,10 +124,12 @@ class RunState:
     logs: dict = field(default_factory=dict)
 
 
-def sample_generators(seed: int, micro: int, indices) -> list[torch.Generator]:
-    """One generator per sample, seeded by (seed, micro-step, example index)."""
+def sample_generators(seed: int, step: int, epoch: int, indices) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, optimiser step, epoch, example index): the same
+    draws however the step's examples are split over processes and accumulation micro-steps."""
     return [
-        torch.Generator().manual_seed(hash((seed, micro, int(i))) & 0x7FFFFFFFFFFF) for i in indices
+        torch.Generator().manual_seed(hash((seed, step, epoch, int(i))) & 0x7FFFFFFFFFFF)
+        for i in indices
     ]
 
 
@@ -213,7 +215,9 @@ class Run:
 
     def micro_step(self, batch) -> dict:
         cfg, acc = self.cfg, self.acc
-        gens = sample_generators(cfg.seed, self.state.micro, batch["index"].tolist())
+        gens = sample_generators(
+            cfg.seed, self.state.step, self.data.epoch, batch["index"].tolist()
+        )
         models = (self.nets.student, self.disc) if self.adversarial else (self.nets.student,)
         with acc.accumulate(*models):
             out = self.generate(batch, gens)
