@@ -6,6 +6,7 @@ Exit codes: 0 all done, 1 some inputs failed, 2 usage or setup error (nothing co
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -1707,6 +1708,256 @@ def sweep(
         for path in report.sheets:
             err.print(f"sheet: {escape(str(path))}  (cells in {escape(str(sw.cells_folder(out)))})")
         raise typer.Exit(report.exit_code())
+
+
+# --- distill: train a few-step LoRA (STD or ADD) on accelerate ---------------------------------
+TRAIN, DATA = "Training", "Data"
+
+
+def _opt(*names: str, help: str, panel: str = TRAIN, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[
+        str,
+        _opt(
+            "--teacher",
+            help="Teacher model: hub id, diffusers folder or .safetensors (SD 1.x or SDXL, ε-prediction).",
+            panel=MODEL,
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        list[str],
+        _opt(
+            "--data",
+            help="Training images: files, folders (recursive), globs or videos (frames sampled); repeatable.",
+            panel=DATA,
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        _opt(
+            "--out",
+            "-o",
+            help="The LoRA file to write (.safetensors).",
+            panel=FILES,
+            show_default=False,
+        ),
+    ],
+    method: Annotated[
+        str,
+        _opt(
+            "--method",
+            help="std (Single Trajectory Distillation, img2img at one strength) or add (Adversarial Diffusion Distillation).",
+        ),
+    ] = "std",
+    prompt: Annotated[
+        str,
+        _opt("--prompt", "-p", help="Caption for images without a .txt beside them.", panel=DATA),
+    ] = "",
+    frames_per_video: Annotated[
+        int, _opt("--frames-per-video", help="Frames sampled evenly from each video.", panel=DATA)
+    ] = 8,
+    resolution: Annotated[
+        int, _opt("--resolution", help="Training crop size in px.", panel=DATA)
+    ] = 512,
+    eta: Annotated[
+        float,
+        _opt(
+            "--eta",
+            help="STD: the strength η whose trajectory is distilled (run the LoRA at that stylize strength).",
+        ),
+    ] = 0.75,
+    gamma: Annotated[
+        float,
+        _opt(
+            "--gamma",
+            help="STD: target steps lie within (1 − γ)·η of the trajectory below the current step.",
+        ),
+    ] = 0.5,
+    bank_slots: Annotated[
+        int, _opt("--bank-slots", help="STD: trajectory bank size; 0 = full teacher rollouts.")
+    ] = 4,
+    bank_prob: Annotated[
+        float, _opt("--bank-prob", help="STD: probability ρ of continuing a stored trajectory.")
+    ] = 0.7,
+    adv_weight: Annotated[
+        float | None,
+        _opt(
+            "--adv-weight",
+            help="Adversarial loss weight (default 0.7 STD, 1.0 ADD); 0 turns it off.",
+        ),
+    ] = None,
+    distill_weight: Annotated[
+        float, _opt("--distill-weight", help="ADD: weight λ of the distillation loss.")
+    ] = 2.5,
+    teacher_cfg: Annotated[
+        str | None,
+        _opt(
+            "--teacher-cfg",
+            help="Teacher guidance range MIN,MAX drawn per sample (default 6,16 STD; 1,15 ADD).",
+        ),
+    ] = None,
+    rank: Annotated[int, _opt("--rank", help="LoRA rank (α = rank).")] = 64,
+    lr: Annotated[float, _opt("--lr", help="Learning rate of the LoRA.")] = 5e-6,
+    disc_lr: Annotated[
+        float, _opt("--disc-lr", help="Learning rate of the discriminator heads.")
+    ] = 1e-4,
+    batch_size: Annotated[int, _opt("--batch-size", help="Images per process per micro-step.")] = 1,
+    grad_accum: Annotated[int, _opt("--grad-accum", help="Micro-steps per optimiser step.")] = 1,
+    mixed_precision: Annotated[
+        str,
+        _opt(
+            "--mixed-precision",
+            help="no, fp16 or bf16 (frozen weights in it, the LoRA in fp32); default: accelerate's config.",
+        ),
+    ] = "",
+    max_steps: Annotated[int, _opt("--max-steps", help="Optimiser steps to train.")] = 1000,
+    warmup: Annotated[
+        int, _opt("--warmup", help="Linear warm-up steps of the cosine schedule.")
+    ] = 500,
+    save_every: Annotated[
+        int, _opt("--save-every", help="Write a resumable checkpoint every N steps (0: never).")
+    ] = 0,
+    checkpoints: Annotated[
+        Path | None,
+        _opt(
+            "--checkpoints",
+            help="Checkpoint folder (default: OUT's name + -checkpoints).",
+            panel=FILES,
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        _opt(
+            "--resume",
+            help="Continue exactly from a checkpoint folder (checkpoint-N).",
+            panel=FILES,
+        ),
+    ] = None,
+    log: Annotated[
+        Path | None,
+        _opt(
+            "--log", help="Append one JSON line per step (step, losses, lr, seconds).", panel=FILES
+        ),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        _opt(
+            "--tensorboard",
+            help="Also log to TensorBoard in this folder (if tensorboard is installed).",
+            panel=FILES,
+        ),
+    ] = None,
+    feature_net: Annotated[
+        str,
+        _opt("--feature-net", help="DINOv2 for the discriminator: hub id or folder.", panel=MODEL),
+    ] = "facebook/dinov2-small",
+    seed: Annotated[int, _opt("--seed", help="Seed of every random draw.")] = 0,
+    quiet: Quiet = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Train a few-step LoRA on your images; multi-GPU with `accelerate launch -m stylekit distill`.
+
+    Example: stylekit distill --teacher runwayml/stable-diffusion-v1-5 --data photos/ -o std.safetensors
+    """
+    with cli_errors():
+        from stylekit.train.loop import DistillConfig, Progress
+
+        cfg = DistillConfig(
+            method=method,
+            teacher=teacher,
+            data=data,
+            output=out,
+            prompt=prompt,
+            frames_per_video=frames_per_video,
+            resolution=resolution,
+            eta=eta,
+            gamma=gamma,
+            bank_slots=bank_slots,
+            bank_prob=bank_prob,
+            adv_weight=adv_weight,
+            distill_weight=distill_weight,
+            teacher_cfg=parse_range(teacher_cfg),
+            rank=rank,
+            lr=lr,
+            disc_lr=disc_lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            mixed_precision=mixed_precision or None,
+            max_steps=max_steps,
+            warmup=warmup,
+            save_every=save_every,
+            checkpoints=checkpoints,
+            resume=resume,
+            log=log,
+            tensorboard=tensorboard,
+            feature_net=feature_net,
+            seed=seed,
+            allow_pickle=allow_pickle,
+        )
+        skipped: list[str] = []
+
+        def skip(line: str) -> None:
+            skipped.append(line)
+            err.print(f"[yellow]skipped[/yellow] {escape(line)}", soft_wrap=True)
+
+        summary = run_distill(cfg, Progress(skipped=skip), quiet=quiet)
+        if summary is not None:
+            err.print(
+                f"wrote {escape(str(out))}: {summary['steps']} steps on {summary['images']} images, {summary['teacher_calls_per_step']:.1f} teacher UNet calls per step, {summary['seconds']:.0f} s",
+                soft_wrap=True,
+            )
+        raise typer.Exit(1 if skipped else 0)
+
+
+def parse_range(text: str | None) -> tuple[float, float] | None:
+    """`MIN,MAX` as two floats (MIN <= MAX); None when not given."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--teacher-cfg {text!r}: expected MIN,MAX such as 6,16") from None
+    if lo > hi or lo < 1:
+        raise UsageError(f"--teacher-cfg {text!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def run_distill(cfg, progress, *, quiet: bool) -> dict | None:
+    """Train with a rich progress bar (main process only); return the summary there, else None."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from stylekit.train.loop import distill as train
+
+    main = os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+    columns = (
+        TextColumn("distill"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+    )
+    with Progress(*columns, console=err, disable=quiet or not main) as bar:
+        task = bar.add_task("distill", total=cfg.max_steps, losses="")
+
+        def step(n: int, logs: dict) -> None:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("lr", "seconds"))
+            bar.update(task, completed=n, losses=shown)
+
+        progress.step = step
+        summary = train(cfg, progress)
+    return summary if main else None
 
 
 # --- plumbing ----------------------------------------------------------------------------------

@@ -887,3 +887,23 @@ def build_depth_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_dinov2(path: str | Path, *, seed: int = 0, image_size: int = 28) -> Path:
+    """Write a tiny random `Dinov2Model` folder (hidden 32, 4 layers, 2 heads, patch 7) for the
+    discriminator features of `stylekit distill` (the real one is facebook/dinov2-small)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=7,
+        image_size=image_size,
+    )
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Dinov2Model(config).eval().save_pretrained(path)
+    return path

@@ -958,3 +958,18 @@ def load_depth_estimator(source: str, device: torch.device):
         source = str(Path(source).expanduser())
     with hub_errors("depth model", source):
         return pipeline("depth-estimation", model=source, device=device)
+
+
+FEATURE_NET = "facebook/dinov2-small"  # DINOv2 ViT-S/14: the discriminator features STD and ADD use
+
+
+def load_feature_net(source: str, *, device: torch.device, dtype: torch.dtype):
+    """Load the frozen DINOv2 feature network of `stylekit distill` (a hub id or local folder)."""
+    from transformers import Dinov2Model
+
+    if is_local(source):
+        check_source(source, what="feature network", allow_pickle=False)
+        source = str(Path(source).expanduser())
+    with hub_errors("feature network", source):
+        net = Dinov2Model.from_pretrained(source, dtype=dtype)
+    return net.to(device).requires_grad_(False).eval()
