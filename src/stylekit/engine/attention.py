@@ -130,10 +130,19 @@ def _append_kv(k, v, mask, extra: KV):
 
 
 def _attend(
-    attn, hidden_states, encoder_hidden_states, attention_mask, temb, *, extra=None, seen=None
+    attn,
+    hidden_states,
+    encoder_hidden_states,
+    attention_mask,
+    temb,
+    *,
+    extra=None,
+    rows=None,
+    seen=None,
 ):
-    """What `AttnProcessor2_0` computes, optionally also attending to `extra` (k, v);
-    `seen(q, k, v, out)` receives the layer's own q, k, v and SDPA's output."""
+    """What `AttnProcessor2_0` computes, optionally also attending to `extra` (k, v) (every row)
+    or to `rows` (each row its own (k, v) or None); `seen(q, k, v, out)` receives the layer's own
+    q, k, v and SDPA's output."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -142,7 +151,11 @@ def _attend(
         b, c, h, w = image_shape
         hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
     q, k, v, mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
-    k_all, v_all, mask = (k, v, mask) if extra is None else _append_kv(k, v, mask, extra)
+    k_all, v_all = k, v
+    if extra is not None:
+        k_all, v_all, mask = _append_kv(k, v, mask, extra)
+    elif rows is not None and any(kv is not None for kv in rows):
+        k_all, v_all, mask = _append_row_kv(k, v, mask, rows)
     out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
     if seen is not None:
         seen(q, k, v, out)
@@ -195,6 +208,69 @@ class InjectingAttnProcessor:
     ):
         return _attend(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb, extra=self.kv
+        )
+
+
+def _append_row_kv(k, v, mask, extras: Sequence[KV | None]):
+    """Append each row's own extra (k, v) (row r: (heads, M_r, d), or None) along the tokens.
+
+    Rows with fewer extra tokens are padded and masked out; without padding no mask is made.
+    """
+    counts = [0 if kv is None else kv[0].shape[1] for kv in extras]
+    longest = max(counts)
+    b, heads, _, d = k.shape
+    ek, ev = (k.new_zeros(b, heads, longest, d) for _ in range(2))  # (B, heads, M, d)
+    for r, kv in enumerate(extras):
+        if kv is not None:
+            ek[r, :, : counts[r]], ev[r, :, : counts[r]] = (x.to(k.dtype) for x in kv)
+    if min(counts) < longest or mask is not None:
+        keep = (
+            torch.arange(longest, device=k.device) < torch.tensor(counts, device=k.device)[:, None]
+        )
+        keep = keep[:, None, None, :]  # (B, 1, 1, M)
+        if mask is None:
+            own = torch.ones(b, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
+            mask = torch.cat([own, keep], dim=-1)  # (B, 1, 1, S + M)
+        else:
+            pad = torch.where(keep, 0.0, float("-inf")).to(mask.dtype)
+            pad = keep if mask.dtype == torch.bool else pad
+            mask = torch.cat([mask, pad.expand(*mask.shape[:-1], longest)], dim=-1)
+    return torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2), mask  # (B, heads, S + M, d)
+
+
+class BankAttnProcessor:
+    """`AttnProcessor2_0` whose queries also attend to a feature bank's (k, v), row by row.
+
+    `bank.extra(name)` gives each UNet row's banked (k, v) (or None) before attention;
+    `bank.seen(name, k, v)` receives the layer's own k, v (B, heads, N, d) after (to store them).
+    """
+
+    def __init__(self, name: str, bank):
+        self.name, self.bank = name, bank
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        extras = self.bank.extra(self.name)
+
+        def seen(q, k, v, out):
+            self.bank.seen(self.name, k, v)
+
+        return _attend(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            attention_mask,
+            temb,
+            rows=extras,
+            seen=seen,
         )
 
 
