@@ -28,8 +28,13 @@ _SELF_ATTENTION = ".attn1" + _SUFFIX
 
 
 def self_attention_layers(unet) -> list[str]:
-    """Return the `attn1` processor names of `unet` in forward order: down, mid, then up blocks."""
-    names = [name for name in unet.attn_processors if name.endswith(_SELF_ATTENTION)]
+    """Return the spatial `attn1` processor names of `unet` in forward order: down, mid, then up
+    blocks (a motion UNet's temporal attention, over frames, is left out)."""
+    names = [
+        name
+        for name in unet.attn_processors
+        if name.endswith(_SELF_ATTENTION) and "motion_modules" not in name  # spatial only
+    ]
     # `attn_processors` lists down, up, mid (module registration order); the sort is stable.
     return sorted(names, key=lambda name: _FORWARD_ORDER.get(name.split(".")[0], 3))
 
