@@ -2,6 +2,7 @@
 
     python benchmarks/bench_video.py            # full-size random SD1.5, bf16, 256 px, tiny VAE
     python benchmarks/bench_video.py --tiny     # tiny random model: checks the script in seconds
+    python benchmarks/bench_video.py --bank     # feature bank and residual CFG, at CFG 1.5
 
 Both sides run the same random-weight model (`stylekit.testing.build_sd15(size="full")`, the real
 SD1.5 architecture) with a TAESD-architecture `AutoencoderTiny`, the LCM sampler, the same NFE
