@@ -307,3 +307,23 @@ def test_bank_and_self_cfg_through_the_cli_keep_audio_and_timestamps(sd15_path, 
     assert (meta["consistency"], meta["bank_size"], meta["bank_every"]) == ("bank", 2, 4)
     assert (meta["cfg_mode"], meta["residual_cfg"], meta["cfg_scale"]) == ("self", True, 2.0)
     assert meta["unet_rows"] == 8 * 2  # N rows a frame: no unconditional pass
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--cfg-mode", "half"), "unknown cfg mode 'half'"),
+        (("--consistency", "bank", "--bank-size", "0"), "bank_size must be >= 1"),
+        (("--consistency", "bank", "--tiled"), "--consistency bank has no --tiled"),
+        (("--cfg-mode", "self", "--tiled"), "--cfg-mode self has no --tiled"),
+    ],
+)
+def test_bad_bank_and_cfg_flags_are_one_line_usage_errors(sd15_path, tmp_path, flags, message):
+    from stylekit import cli
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")  # never read: the options are refused before any input
+    args = ["video", str(clip), "--model", str(sd15_path), "--device", "cpu", *flags]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
