@@ -156,12 +156,13 @@ def _attend(
         b, c, h, w = image_shape
         hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
     q, k, v, mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
-    k_all, v_all = k, v
-    if extra is not None:
-        k_all, v_all, mask = _append_kv(k, v, mask, extra)
-    elif rows is not None and any(kv is not None for kv in rows):
-        k_all, v_all, mask = _append_row_kv(k, v, mask, rows)
-    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
+    if rows is not None and any(kv is not None for kv in rows):
+        out = _attend_rows(q, k, v, mask, rows)
+    else:
+        k_all, v_all = k, v
+        if extra is not None:
+            k_all, v_all, mask = _append_kv(k, v, mask, extra)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
     if seen is not None:
         seen(q, k, v, out)
     hidden_states = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, N, heads * d)
@@ -216,31 +217,25 @@ class InjectingAttnProcessor:
         )
 
 
-def _append_row_kv(k, v, mask, extras: Sequence[KV | None]):
-    """Append each row's own extra (k, v) (row r: (heads, M_r, d), or None) along the tokens.
+def _attend_rows(q, k, v, mask, extras: Sequence[KV | None]) -> torch.Tensor:
+    """SDPA where row r also attends to its own extra (k, v) ((heads, M_r, d), or None).
 
-    Rows with fewer extra tokens are padded and masked out; without padding no mask is made.
+    Rows with the same number of extra tokens run as one batch, so no padding mask is needed
+    (a mask would send SDPA to its slow math kernel).
     """
     counts = [0 if kv is None else kv[0].shape[1] for kv in extras]
-    longest = max(counts)
-    b, heads, _, d = k.shape
-    ek, ev = (k.new_zeros(b, heads, longest, d) for _ in range(2))  # (B, heads, M, d)
-    for r, kv in enumerate(extras):
-        if kv is not None:
-            ek[r, :, : counts[r]], ev[r, :, : counts[r]] = (x.to(k.dtype) for x in kv)
-    if min(counts) < longest or mask is not None:
-        keep = (
-            torch.arange(longest, device=k.device) < torch.tensor(counts, device=k.device)[:, None]
-        )
-        keep = keep[:, None, None, :]  # (B, 1, 1, M)
-        if mask is None:
-            own = torch.ones(b, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
-            mask = torch.cat([own, keep], dim=-1)  # (B, 1, 1, S + M)
-        else:
-            pad = torch.where(keep, 0.0, float("-inf")).to(mask.dtype)
-            pad = keep if mask.dtype == torch.bool else pad
-            mask = torch.cat([mask, pad.expand(*mask.shape[:-1], longest)], dim=-1)
-    return torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2), mask  # (B, heads, S + M, d)
+    out = torch.empty_like(q)  # (B, heads, N, d)
+    for count in dict.fromkeys(counts):
+        rows = [r for r, c in enumerate(counts) if c == count]
+        if len(rows) == len(counts):
+            rows = slice(None)  # one group: no copies
+        k_r, v_r, mask_r = k[rows], v[rows], None if mask is None else mask[rows]
+        if count:
+            members = [kv for kv, c in zip(extras, counts, strict=True) if c == count]
+            extra = tuple(torch.stack([kv[i] for kv in members]) for i in (0, 1))
+            k_r, v_r, mask_r = _append_kv(k_r, v_r, mask_r, extra)  # (G, heads, S + M, d)
+        out[rows] = F.scaled_dot_product_attention(q[rows], k_r, v_r, attn_mask=mask_r)
+    return out
 
 
 class BankAttnProcessor:
