@@ -2,6 +2,7 @@
 
     python benchmarks/bench_video.py            # full-size random SD1.5, bf16, 256 px, tiny VAE
     python benchmarks/bench_video.py --tiny     # tiny random model: checks the script in seconds
+    python benchmarks/bench_video.py --bank     # feature bank and residual CFG, at CFG 1.5
 
 Both sides run the same random-weight model (`stylekit.testing.build_sd15(size="full")`, the real
 SD1.5 architecture) with a TAESD-architecture `AutoencoderTiny`, the LCM sampler, the same NFE
@@ -136,7 +137,9 @@ def naive_pipeline(model: Path, vae: Path, dtype: torch.dtype, device: torch.dev
     return pipe.to(device)
 
 
-def run_naive(pipe, frames, *, steps: int, strength: float, seed: int) -> list[np.ndarray]:
+def run_naive(
+    pipe, frames, *, steps: int, strength: float, seed: int, guidance: float = 1.0
+) -> list[np.ndarray]:
     from stylekit.engine.sampling import img2img_schedule
 
     n, _ = img2img_schedule(steps, strength)  # the grid length whose strength tail runs `steps`
@@ -147,7 +150,7 @@ def run_naive(pipe, frames, *, steps: int, strength: float, seed: int) -> list[n
             image=Image.fromarray(frame),
             strength=strength,
             num_inference_steps=n,
-            guidance_scale=1.0,
+            guidance_scale=guidance,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="np",
         ).images[0]
@@ -230,6 +233,45 @@ def bench_clip(name, frames, pipe, s, args) -> list[Row]:
     return rows
 
 
+# --- bank mode and residual CFG -----------------------------------------------------------------
+
+BANK_VARIANTS = (("noise", "full"), ("bank", "full"), ("bank", "self"), ("bank", "initialize"))
+
+
+def bench_bank(name, frames, pipe, s, args) -> list[Row]:
+    """`--bank`: the feature bank and residual CFG vs the naive loop, all at CFG `--bank-cfg`.
+
+    Each stylekit row runs stream batch; its label gives UNet rows per output frame (the naive
+    loop runs 2 rows per step under CFG: steps × 2).
+    """
+    from stylekit.engine.conditioning import encode_text
+    from stylekit.engine.stream import FrameStream, StreamOptions
+
+    device, g = s.model.device, args.bank_cfg
+    cond = encode_text(s.model, PROMPT, None, cfg=g)
+    opts = dict(steps=args.steps, strength=args.strength, seed=args.seed)
+    naive_args = dict(steps=args.steps, strength=args.strength, seed=args.seed, guidance=g)
+    run_naive(pipe, frames[:1], **naive_args)  # warm-up
+    naive, seconds = timed(lambda: run_naive(pipe, frames, **naive_args), device)
+    base = len(frames) / seconds
+    per_step = 2 if cond.do_cfg else 1
+    label = f"diffusers naive, CFG {g} ({args.steps * per_step} UNet rows/frame)"
+    rows = [row(name, label, frames, naive, seconds, base, len(frames) * args.steps)]
+    for consistency, mode in BANK_VARIANTS:
+        options = StreamOptions(consistency=consistency, cfg_mode=mode, **opts)
+
+        def go(clip, options=options):
+            stream = FrameStream(s.model, cond, s.sampler, options)
+            return [out.copy() for out in stream.run(clip)], stream
+
+        go(frames[:2])  # warm-up
+        (outs, stream), seconds = timed(lambda go=go: go(frames), device)
+        per_frame = stream.stats.unet_rows / len(frames)
+        label = f"stylekit {consistency}, cfg-mode {mode} ({per_frame:.2f} UNet rows/frame)"
+        rows.append(row(name, label, frames, outs, seconds, base, stream.stats.unet_calls))
+    return rows
+
+
 def row(clip, method, frames, outs, seconds, base_fps, calls) -> Row:
     fps = len(frames) / seconds
     error = warp_error(iter(frames), iter(outs)).warp_error
@@ -251,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-batch", action="store_true", help="add a row with stream batch toggled"
     )
+    parser.add_argument(
+        "--bank", action="store_true", help="bank mode and residual CFG rows (`bench_bank`)"
+    )
+    parser.add_argument("--bank-cfg", type=float, default=1.5, help="CFG scale of --bank rows")
     parser.add_argument("--model-dir", type=Path, default=CACHE, help="where models are built")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -270,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.clips.split(","):
             path = Path(work) / f"{name}.mp4"
             clip = encode_clip(clip_frames(name, frames, size), path)
-            rows += bench_clip(name, clip, pipe, s, args)
+            bench = bench_bank if args.bank else bench_clip
+            rows += bench(name, clip, pipe, s, args)
     report(rows, args, device, size)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -283,10 +330,10 @@ def report(rows: list[Row], args, device, size: int) -> None:
         f"{kind} random SD1.5, {args.dtype}, {size}px, LCM {args.steps} NFE at strength "
         f"{args.strength}, tiny VAE, {device} ({torch.get_num_threads()} threads)"
     )
-    print(f"{'clip':<8} {'method':<58} {'fps':>8} {'speedup':>8} {'UNet':>5} {'warp err':>9}")
+    print(f"{'clip':<8} {'method':<64} {'fps':>8} {'speedup':>8} {'UNet':>5} {'warp err':>9}")
     for r in rows:
         print(
-            f"{r.clip:<8} {r.method:<58} {r.fps:>8.3f} {r.speedup:>7.2f}× {r.unet_calls:>5} "
+            f"{r.clip:<8} {r.method:<64} {r.fps:>8.3f} {r.speedup:>7.2f}× {r.unet_calls:>5} "
             f"{r.warp_error:>9.4f}"
         )
     for clip, goal in GOALS.items():

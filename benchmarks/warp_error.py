@@ -1,6 +1,6 @@
 """Warping error of a stylised video: how much it flickers where the input video does not move.
 
-    python benchmarks/warp_error.py input.mp4 output.mp4 [--max-frames N] [--json]
+    python benchmarks/warp_error.py input.mp4 output.mp4 [--max-frames N] [--json] [--clip MODEL]
 
 The optical flow comes from the *input* video (OpenCV Farneback, both directions). Each previous
 output frame is warped to the current one along the backward flow; pixels whose forward and
@@ -9,6 +9,11 @@ from outside the frame are left out. The error is the mean absolute difference b
 previous output and the current output over the remaining pixels, RGB in [0, 1], pooled over all
 frame pairs. The same number for the input against itself (`input_warp_error`) is the floor the
 flow allows: a perfectly stable stylisation scores close to it.
+
+With `--clip MODEL` (a CLIP hub id or folder, e.g. openai/clip-vit-large-patch14) it also reports
+CLIP frame consistency, as StreamV2V and Rerender-A-Video do: the mean cosine similarity of
+consecutive frames' CLIP image embeddings (1.0: every frame looks the same to CLIP), for the
+output and, as a reference, for the input. It needs transformers (stylekit's own dependency).
 
 Either path may be a video file or a folder of frames (PNG/JPG, sorted by name, e.g. the
 `--frames-out` folders of `stylekit video`). Outputs of a different size are resized to the
@@ -131,12 +136,68 @@ def warp_error(inputs: Iterable[np.ndarray], outputs: Iterable[np.ndarray]) -> W
     return WarpError(out_sum / max(valid, 1), in_sum / max(valid, 1), frames, valid / total)
 
 
+@dataclass
+class ClipConsistency:
+    """Mean cosine similarity of consecutive frames' CLIP image embeddings."""
+
+    clip_consistency: float  # of the output video
+    input_clip_consistency: float  # of the input video, for reference
+    clip_model: str
+
+
+def clip_embedder(model: str, device: str = "cpu", batch: int = 16):
+    """Return embed(frames) → iterator of unit-norm CLIP image embeddings (D,), streaming.
+
+    Loads the vision tower of `model` with its projection (`image_embeds`); a vision model without
+    one uses its pooled output.
+    """
+    import torch
+    from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
+
+    processor = AutoImageProcessor.from_pretrained(model)
+    net = CLIPVisionModelWithProjection.from_pretrained(model).to(device).eval()
+
+    @torch.no_grad()
+    def embed_batch(frames: list[np.ndarray]) -> torch.Tensor:
+        pixels = processor(images=frames, return_tensors="pt")["pixel_values"].to(device)
+        out = net(pixel_values=pixels).image_embeds  # (B, D)
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+    def embed(frames: Iterable[np.ndarray]) -> Iterator:
+        chunk = []
+        for frame in frames:
+            chunk.append(frame)
+            if len(chunk) == batch:
+                yield from embed_batch(chunk)
+                chunk = []
+        if chunk:
+            yield from embed_batch(chunk)
+
+    return embed
+
+
+def clip_consistency(frames: Iterable[np.ndarray], embed) -> float:
+    """Mean cosine similarity of consecutive frames' embeddings (`clip_embedder`), streaming."""
+    total, pairs, prev = 0.0, 0, None
+    for cur in embed(frames):
+        if prev is not None:
+            total, pairs = total + float(prev @ cur), pairs + 1
+        prev = cur
+    if pairs == 0:
+        raise ValueError("CLIP frame consistency needs at least two frames")
+    return total / pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="the input video (file or frames folder)")
     parser.add_argument("output", help="the stylised video (file or frames folder)")
     parser.add_argument("--max-frames", type=int, default=None, help="compare the first N frames")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--clip", metavar="MODEL", default=None, help="also CLIP frame consistency with MODEL"
+    )
+    parser.add_argument("--device", default="cpu", help="device for the CLIP model")
     args = parser.parse_args(argv)
     first_in = next(read_video(args.input, 1))
     first_out = next(read_video(args.output, 1))
@@ -153,11 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # zip(strict=True): different frame counts
         print(f"error: {exc} (input and output must have the same frames)", file=sys.stderr)
         return 2
+    fields = asdict(result)
+    if args.clip is not None:
+        embed = clip_embedder(args.clip, args.device)
+        scores = [
+            clip_consistency(read_video(path, args.max_frames), embed)
+            for path in (args.output, args.input)
+        ]
+        fields |= asdict(ClipConsistency(*scores, args.clip))
     if args.json:
-        print(json.dumps(asdict(result)))
+        print(json.dumps(fields))
     else:
         print(f"warp error   {result.warp_error:.4f}  (input's own: {result.input_warp_error:.4f})")
         print(f"frames       {result.frames}, {result.valid_fraction:.1%} of pixels non-occluded")
+        if args.clip is not None:
+            own = fields["input_clip_consistency"]
+            print(f"CLIP consistency {fields['clip_consistency']:.4f}  (input's own: {own:.4f})")
     return 0
 
 

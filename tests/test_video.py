@@ -173,27 +173,31 @@ def test_static_video_in_stream_batch_stays_within_rounding(videos, settings, ru
     assert all(within_batch_rounding(frame, sequential[0]) for frame in batched)
 
 
-def test_static_video_with_anchor_stays_identical(videos, settings, runtime, tmp_path):
-    """Sequential path, anchors at frames 0, 4, 8: frames of one role run the same computation
-    (an anchor attends to itself; every other frame also to the anchor's identical k/v) and are
-    bit-identical. Across roles the math is the same too (a duplicate of a frame's own keys
-    leaves its attention unchanged), but sums over twice the tokens may round differently: there
-    1 grey level is allowed (0 measured)."""
+@pytest.mark.parametrize("mode", ["anchor", "bank"])
+def test_static_video_with_anchor_or_bank_stays_identical(
+    videos, settings, runtime, tmp_path, mode
+):
+    """Sequential path, the bank written at frames 0, 4, 8 (anchor: replaced; bank: merged, every
+    token a duplicate). Frames 1-4 read exactly frame 0's k/v and run the same computation: they
+    are bit-identical. Attending to a duplicate of its own keys leaves a frame's attention
+    unchanged in exact arithmetic, but sums over twice the tokens round differently, so frame 0
+    (which reads nothing) and the k/v stored by frame 4 (which read frame 0's) differ from the
+    others in float rounding: there 1 grey level is allowed (1 measured in a few pixels)."""
     frames = static_frames(
         videos,
         settings,
         runtime,
-        tmp_path / "anchor",
-        consistency="anchor",
+        tmp_path / mode,
+        consistency=mode,
         anchor_every=4,
+        bank_every=4,
         stream_batch=False,
     )
-    anchors = [frames[i] for i in (0, 4, 8)]
-    readers = [f for i, f in enumerate(frames) if i % 4]
-    assert all(np.array_equal(f, anchors[0]) for f in anchors)
-    assert all(np.array_equal(f, readers[0]) for f in readers)
-    worst, mean = max_mean(anchors[0], readers[0])
-    assert worst <= 1 and mean <= 0.05  # a few pixels at most, not a shifted image
+    assert all(np.array_equal(f, frames[1]) for f in frames[1:5])
+    assert all(np.array_equal(f, frames[5]) for f in frames[5:9])
+    for frame in frames:
+        worst, mean = max_mean(frame, frames[0])
+        assert worst <= 1 and mean <= 0.05  # a few pixels at most, not a shifted image
 
 
 def test_output_keeps_frame_count_size_exact_rate_and_audio(videos, settings, runtime, tmp_path):
@@ -451,11 +455,11 @@ def test_stream_batch_equals_sequential(stylizer, moving_frames):
     assert len(calls) == stats.unet_calls == 10 + 1  # one call per frame, plus one to drain
     assert max(calls) == 2  # both stages in one UNet batch
     assert all(within_batch_rounding(a, b) for a, b in zip(seq, batched, strict=True))
-    anchor = dict(consistency="anchor", anchor_every=4)
-    anchor_seq, _ = run_stream(stylizer, moving_frames, stream_batch=False, **anchor)
-    anchor_batch, _ = run_stream(stylizer, moving_frames, stream_batch=True, **anchor)
-    pairs = zip(anchor_seq, anchor_batch, strict=True)
-    assert all(within_batch_rounding(a, b) for a, b in pairs)
+    for bank in (dict(consistency="anchor", anchor_every=4), dict(consistency="bank")):
+        bank_seq, _ = run_stream(stylizer, moving_frames, stream_batch=False, **bank)
+        bank_batch, _ = run_stream(stylizer, moving_frames, stream_batch=True, **bank)
+        pairs = zip(bank_seq, bank_batch, strict=True)
+        assert all(within_batch_rounding(a, b) for a, b in pairs), bank
 
 
 def test_anchor_mode_runs_and_differs_from_noise_mode(stylizer, moving_frames):
@@ -465,7 +469,7 @@ def test_anchor_mode_runs_and_differs_from_noise_mode(stylizer, moving_frames):
     anchor, stats = run_stream(
         stylizer, moving_frames, consistency="anchor", anchor_every=5, **sequential
     )
-    assert stats.anchors == 2  # frames 0 and 5
+    assert stats.banked == 2  # frames 0 and 5
     assert np.array_equal(noise[0], anchor[0])  # the anchor reads nothing: the same computation
     assert any(not np.array_equal(a, b) for a, b in zip(noise[1:], anchor[1:], strict=True))
     assert {k: type(v) for k, v in stylizer.model.unet.attn_processors.items()} == {
@@ -476,16 +480,15 @@ def test_anchor_mode_runs_and_differs_from_noise_mode(stylizer, moving_frames):
 def test_anchor_keeps_only_the_k_and_v_that_later_frames_read(stylizer, moving_frames):
     fs = stream(stylizer, consistency="anchor", anchor_every=0, stream_batch=False)
     outs = list(fs.run(moving_frames[:3]))
-    assert len(outs) == 3 and fs.stats.anchors == 1
-    stages = fs._anchor.stages
-    assert len(stages) == len(fs.ts) and all(stage is not None for stage in stages)
-    for stage in stages:
-        assert set(stage) == set(fs._layers)  # the recorded layers, nothing else
-        for pair in stage.values():
-            assert isinstance(pair, tuple) and len(pair) == 2  # (k, v): no q, no attention output
-            k, v = pair
-            assert k.ndim == v.ndim == 4 and k.shape == v.shape  # (R, heads, N, d)
-            for x in pair:  # each owns only its own projection's memory, not a q/out buffer
+    assert len(outs) == 3 and fs.stats.banked == 1
+    slots = fs._bank.slots
+    assert set(slots) == {(stage, 0) for stage in range(len(fs.ts))}  # (stage, cond row)
+    for layers in slots.values():
+        assert set(layers) == set(fs._processors)  # the anchor layers (last 6), nothing else
+        for slot in layers.values():
+            assert slot.k.ndim == slot.v.ndim == 3 and slot.k.shape == slot.v.shape  # (heads, N, d)
+            assert slot.tokens == slot.bound  # one frame's tokens
+            for x in (slot.k, slot.v):  # each owns only its own memory, not a q/out buffer
                 assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
 
 

@@ -475,7 +475,7 @@ Consistency = Annotated[
     str,
     typer.Option(
         "--consistency",
-        help="none (fresh noise each frame), noise (fixed noise), anchor (also attend to an anchor frame).",
+        help="none (fresh noise each frame), noise (fixed noise), anchor (also attend to an anchor frame), bank (also attend to a bank of past frames' features).",
         rich_help_panel=VIDEO,
     ),
 ]
@@ -484,6 +484,30 @@ AnchorEvery = Annotated[
     typer.Option(
         "--anchor-every",
         help="Refresh the anchor frame every N frames; 0 keeps the first.",
+        rich_help_panel=VIDEO,
+    ),
+]
+BankSize = Annotated[
+    int,
+    typer.Option(
+        "--bank-size",
+        help="--consistency bank: keep at most N frames' worth of attention features.",
+        rich_help_panel=VIDEO,
+    ),
+]
+BankEvery = Annotated[
+    int,
+    typer.Option(
+        "--bank-every",
+        help="--consistency bank: one frame in N stores its features; 0 only the first.",
+        rich_help_panel=VIDEO,
+    ),
+]
+CfgMode = Annotated[
+    str,
+    typer.Option(
+        "--cfg-mode",
+        help="full (an unconditional pass per frame), self (residual CFG, no extra pass), initialize (one real unconditional pass at the first stage), none.",
         rich_help_panel=VIDEO,
     ),
 ]
@@ -1121,6 +1145,9 @@ def video(
     frames_out: FramesOut = None,
     consistency: Consistency = "noise",
     anchor_every: AnchorEvery = 30,
+    bank_size: BankSize = 1,
+    bank_every: BankEvery = 4,
+    cfg_mode: CfgMode = "full",
     skip_similar: SkipSimilar = None,
     max_skip: MaxSkip = 10,
     stream_batch: StreamBatch = None,
@@ -1188,7 +1215,7 @@ def video(
 ) -> None:
     """Stylise videos frame by frame; audio and the exact frame rate are kept.
 
-    Example: stylekit video clip.mp4 --style ref.jpg --consistency anchor -o styled/
+    Example: stylekit video clip.mp4 --style ref.jpg --consistency bank --cfg-mode self -o styled/
     Full resolution: stylekit video clip.mp4 --tiled (frames one at a time, no stream batch)
     """
     common = CommonOptions.of(locals())
@@ -1208,6 +1235,9 @@ def video(
                 frames_out=frames_out,
                 consistency=consistency,
                 anchor_every=anchor_every,
+                bank_size=bank_size,
+                bank_every=bank_every,
+                cfg_mode=cfg_mode,
                 skip_similar=skip_similar,
                 max_skip=max_skip,
                 stream_batch=stream_batch,

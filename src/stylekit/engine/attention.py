@@ -28,8 +28,13 @@ _SELF_ATTENTION = ".attn1" + _SUFFIX
 
 
 def self_attention_layers(unet) -> list[str]:
-    """Return the `attn1` processor names of `unet` in forward order: down, mid, then up blocks."""
-    names = [name for name in unet.attn_processors if name.endswith(_SELF_ATTENTION)]
+    """Return the spatial `attn1` processor names of `unet` in forward order: down, mid, then up
+    blocks (a motion UNet's temporal attention, over frames, is left out)."""
+    names = [
+        name
+        for name in unet.attn_processors
+        if name.endswith(_SELF_ATTENTION) and "motion_modules" not in name  # spatial only
+    ]
     # `attn_processors` lists down, up, mid (module registration order); the sort is stable.
     return sorted(names, key=lambda name: _FORWARD_ORDER.get(name.split(".")[0], 3))
 
@@ -130,10 +135,19 @@ def _append_kv(k, v, mask, extra: KV):
 
 
 def _attend(
-    attn, hidden_states, encoder_hidden_states, attention_mask, temb, *, extra=None, seen=None
+    attn,
+    hidden_states,
+    encoder_hidden_states,
+    attention_mask,
+    temb,
+    *,
+    extra=None,
+    rows=None,
+    seen=None,
 ):
-    """What `AttnProcessor2_0` computes, optionally also attending to `extra` (k, v);
-    `seen(q, k, v, out)` receives the layer's own q, k, v and SDPA's output."""
+    """What `AttnProcessor2_0` computes, optionally also attending to `extra` (k, v) (every row)
+    or to `rows` (each row its own (k, v) or None); `seen(q, k, v, out)` receives the layer's own
+    q, k, v and SDPA's output."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -142,8 +156,13 @@ def _attend(
         b, c, h, w = image_shape
         hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
     q, k, v, mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
-    k_all, v_all, mask = (k, v, mask) if extra is None else _append_kv(k, v, mask, extra)
-    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
+    if rows is not None and any(kv is not None for kv in rows):
+        out = _attend_rows(q, k, v, mask, rows)
+    else:
+        k_all, v_all = k, v
+        if extra is not None:
+            k_all, v_all, mask = _append_kv(k, v, mask, extra)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, N, d)
     if seen is not None:
         seen(q, k, v, out)
     hidden_states = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, N, heads * d)
@@ -195,6 +214,63 @@ class InjectingAttnProcessor:
     ):
         return _attend(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb, extra=self.kv
+        )
+
+
+def _attend_rows(q, k, v, mask, extras: Sequence[KV | None]) -> torch.Tensor:
+    """SDPA where row r also attends to its own extra (k, v) ((heads, M_r, d), or None).
+
+    Rows with the same number of extra tokens run as one batch, so no padding mask is needed
+    (a mask would send SDPA to its slow math kernel).
+    """
+    counts = [0 if kv is None else kv[0].shape[1] for kv in extras]
+    out = torch.empty_like(q)  # (B, heads, N, d)
+    for count in dict.fromkeys(counts):
+        rows = [r for r, c in enumerate(counts) if c == count]
+        if len(rows) == len(counts):
+            rows = slice(None)  # one group: no copies
+        k_r, v_r, mask_r = k[rows], v[rows], None if mask is None else mask[rows]
+        if count:
+            members = [kv for kv, c in zip(extras, counts, strict=True) if c == count]
+            extra = tuple(torch.stack([kv[i] for kv in members]) for i in (0, 1))
+            k_r, v_r, mask_r = _append_kv(k_r, v_r, mask_r, extra)  # (G, heads, S + M, d)
+        out[rows] = F.scaled_dot_product_attention(q[rows], k_r, v_r, attn_mask=mask_r)
+    return out
+
+
+class BankAttnProcessor:
+    """`AttnProcessor2_0` whose queries also attend to a feature bank's (k, v), row by row.
+
+    `bank.extra(name)` gives each UNet row's banked (k, v) (or None) before attention;
+    `bank.seen(name, k, v)` receives the layer's own k, v (B, heads, N, d) after (to store them).
+    """
+
+    def __init__(self, name: str, bank):
+        self.name, self.bank = name, bank
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        extras = self.bank.extra(self.name)
+
+        def seen(q, k, v, out):
+            self.bank.seen(self.name, k, v)
+
+        return _attend(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            attention_mask,
+            temb,
+            rows=extras,
+            seen=seen,
         )
 
 

@@ -78,6 +78,11 @@ class Control:
         """Rows `index` of every image (a stream's frames in flight)."""
         return replace(self, images=tuple(im[list(index)] for im in self.images))
 
+    def for_rows(self, index: torch.Tensor) -> Control:
+        """One image row per UNet row: row j takes latent `index[j]`'s image (or the one image)."""
+        images = tuple(im if im.shape[0] == 1 else im[index.to(im.device)] for im in self.images)
+        return replace(self, images=images)
+
     def residuals(
         self, rows: torch.Tensor, t: int | torch.Tensor, hidden: torch.Tensor, added: dict | None
     ) -> dict:

@@ -1,12 +1,16 @@
 """Stylise video frame by frame with one model and one conditioning (StreamDiffusion's ideas).
 
-See docs/video.md (StreamDiffusion, Kodaira et al. 2023, arXiv 2312.12491; anchor attention as
-in Rerender-A-Video / StreamV2V):
+See docs/video.md (StreamDiffusion, Kodaira et al. 2023, arXiv 2312.12491; the feature bank
+of StreamV2V, Liang et al. 2024, arXiv 2405.15757):
 
 - Fixed noise (`consistency="noise"`): one seeded noise tensor per denoising stage, drawn once
   and reused for every frame, so a region that does not change is denoised the same way.
-  `"none"` draws fresh noise for every frame (flickers); `"anchor"` is fixed noise plus
-  self-attention that also attends to an anchor frame's k/v recorded at the same stage.
+  `"none"` draws fresh noise for every frame (flickers); `"bank"` is fixed noise plus
+  self-attention that also attends to a bounded bank of past frames' k/v at the same stage
+  (`engine/bank.py`); `"anchor"` is that bank holding one frame, replaced every `anchor_every`.
+- Residual CFG (`cfg_mode`, StreamDiffusion): `full` runs an unconditional row per frame and
+  stage, `self` approximates it from the residual noise (no extra row), `initialize` runs the
+  real one at the first stage only, `none` does not guide (`predict.noise_predictor`).
 - Stochastic similarity filter: skip a frame with probability
   max(0, 1 − (1 − c) / (1 − threshold)), c the cosine similarity to the last processed input;
   a skipped frame repeats the last output; after `max_skip` skips in a row one goes through.
@@ -25,8 +29,9 @@ Decisions:
   posterior noise and the stage noises of the first.
 - The similarity filter compares with the last *processed* input (as StreamDiffusion does), so
   slow drift cannot hide behind frame-to-frame similarity, on [−1, 1] pixels in float64.
-- An anchor frame runs all its stages at once (it must record before later frames read), also
-  in stream batch mode; frames then in flight keep reading the anchor they started with.
+- The bank is kept per stage (and CFG row kind): a frame at stage j reads what earlier frames
+  stored at stage j, then stores its own. In stream batch the frame ahead always reaches a stage
+  one call earlier, so the banks evolve exactly as on the sequential path.
 - Sizes that are not multiples of 8 are reflect-padded before encoding and cropped back after
   decoding: the output has exactly the input's size.
 - AD guidance (style mode ad/both) refines each frame after each step, as for a still image
@@ -37,7 +42,8 @@ Decisions:
 - Full resolution (`windows`, `--tiled`): every frame runs at its own size over MultiDiffusion
   windows (ε averaged over them, AD refining each) with the tiled VAE in and out, as tiled
   img2img does for a still image. Frames then go one at a time (no stream batch: the windows
-  are the UNet batch) and anchor attention is refused (an anchor's features are one window's).
+  are the UNet batch); the bank and residual CFG are refused (their features and latents would
+  be one window's).
 """
 
 from __future__ import annotations
@@ -54,24 +60,24 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from stylekit.engine.attention import (
-    KV,
-    Features,
-    inject_attention,
-    record_attention,
+    BankAttnProcessor,
+    installed,
     select_layers,
+    self_attention_layers,
 )
+from stylekit.engine.bank import FeatureBank, Row
 from stylekit.engine.conditioning import Conditioning
 from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import noise_predictor
+from stylekit.engine.predict import CFG_MODES, Residual, cfg_rows, noise_predictor
 from stylekit.engine.sampling import Guidance, Sampler, add_noise, img2img_schedule, trajectory
 from stylekit.errors import UsageError
 
 if TYPE_CHECKING:
     from stylekit.engine.windows import Windows
 
-CONSISTENCY = ("none", "noise", "anchor")
+CONSISTENCY = ("none", "noise", "anchor", "bank")
 MULTIPLE = 8  # the VAE's downsampling factor: latent sizes need pixel sizes divisible by it
 
 
@@ -83,7 +89,12 @@ class StreamOptions:
     strength: float = 0.5
     consistency: str = "noise"  # fixed noise: static regions stay still at no extra cost
     anchor_every: int = 30  # new anchor about once a second at 30 fps; 0: the first frame only
-    anchor_layers: int | Sequence[str] | None = None  # None: `select_layers`' default (last 6)
+    anchor_layers: int | Sequence[str] | None = None  # None: the last 6 (anchor), all (bank)
+    bank_size: int = 1  # frames' worth of k/v per layer and stage (StreamV2V's cache_maxframes)
+    bank_every: int = 4  # one frame in 4 stores into the bank (StreamV2V's cache_interval)
+    bank_merge: float | None = 0.98  # cosine above which a new token merges (StreamV2V's 0.98)
+    cfg_mode: str = "full"  # full | self | initialize | none (StreamDiffusion's cfg_type)
+    cfg_delta: float = 1.0  # residual CFG's δ: e_u = δ · ε̄ (StreamDiffusion's default)
     skip_similar: float | None = None  # None: process every frame; StreamDiffusion uses 0.98
     max_skip: int = 10  # StreamDiffusion's max_skip_frame
     stream_batch: bool | None = None  # None: on for CPU and CUDA, off on MPS (untested there)
@@ -95,6 +106,17 @@ class StreamOptions:
             raise UsageError(
                 f"unknown consistency {self.consistency!r}; choose one of {', '.join(CONSISTENCY)}"
             )
+        if self.cfg_mode not in CFG_MODES:
+            raise UsageError(
+                f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}"
+            )
+        if self.bank_size < 1 or self.bank_every < 0:
+            raise UsageError(
+                f"bank_size must be >= 1 and bank_every >= 0, got {self.bank_size}, "
+                f"{self.bank_every}"
+            )
+        if self.bank_merge is not None and not 0.0 < self.bank_merge <= 1.0:
+            raise UsageError(f"bank_merge must be in (0, 1], got {self.bank_merge}")
         if self.anchor_every < 0:
             raise UsageError(
                 f"anchor_every must be >= 0 (0: never refresh), got {self.anchor_every}"
@@ -113,8 +135,10 @@ class StreamStats:
     frames: int = 0
     processed: int = 0
     skipped: int = 0
-    anchors: int = 0
+    banked: int = 0  # frames that stored their k/v into the bank (anchor, bank)
     unet_calls: int = 0
+    unet_rows: int = 0  # latent rows through the UNet (a CFG row counts; tiled: not counted)
+    bank_peak: int = 0  # the most tokens one bank slot held (bounded by bank_size · N)
 
 
 class SimilarityFilter:
@@ -153,26 +177,6 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
-AnchorKV = dict[str, KV]  # layer name -> the anchor's (k, v), each (R, heads, N, d), R CFG rows
-
-
-@dataclass
-class Anchor:
-    """An anchor frame's self-attention k/v, one `AnchorKV` per denoising stage.
-
-    Only k and v are kept: later frames attend to them; the anchor's q and attention output
-    (which recording also sees) are never read, so they are not held for the anchor's lifetime.
-    """
-
-    index: int
-    stages: list[AnchorKV | None]
-
-
-def anchor_kv(features: Features) -> AnchorKV:
-    """The (k, v) of each recorded layer: what anchor attention reads."""
-    return {name: (f.k, f.v) for name, f in features.items()}
-
-
 @dataclass
 class _Item:
     """One input frame on its way through the stages; a skipped frame carries no latent."""
@@ -183,8 +187,8 @@ class _Item:
     pending: tuple[torch.Tensor, int] | None = None  # (z (1, 4, h, w), t) of the next model call
     z: torch.Tensor | None = None  # the final latent, once every stage ran
     stage: int = 0
-    anchor: Anchor | None = None
-    records: bool = False  # this frame is the anchor: record, do not read
+    writes: bool = False  # this frame stores its k/v into the bank
+    ref: torch.Tensor | None = None  # residual CFG: the reference clean latent (`Residual.ref`)
     control: Control | None = None  # its ControlNet maps (`FrameStream(control=)`)
 
     def send(self, eps: torch.Tensor) -> None:
@@ -194,18 +198,6 @@ class _Item:
         except StopIteration as done:
             self.z, self.pending = done.value, None
         self.stage += 1
-
-
-def stack_kv(rows: Sequence[AnchorKV]) -> AnchorKV:
-    """Per-row anchor k/v for one batched call, in the UNet's row order (all uncond rows first)."""
-    kv = {}
-    for name in rows[0]:
-        parts = [row[name] for row in rows]  # (k, v), each (R, heads, N, d), R = 1 or 2 (CFG)
-        cfg_rows = range(parts[0][0].shape[0])
-        k = torch.cat([k[r : r + 1] for r in cfg_rows for k, _ in parts])  # (R·B, heads, N, d)
-        v = torch.cat([v[r : r + 1] for r in cfg_rows for _, v in parts])
-        kv[name] = (k, v)
-    return kv
 
 
 class FrameStream:
@@ -239,11 +231,13 @@ class FrameStream:
                     "--tiled runs frames one at a time (the windows are the batch); "
                     "drop --stream-batch"
                 )
-            if options.consistency == "anchor":
+            if options.consistency in ("anchor", "bank"):
                 raise UsageError(
-                    "--consistency anchor has no --tiled (an anchor's attention is one "
-                    "window's); use --consistency noise"
+                    f"--consistency {options.consistency} has no --tiled (its attention "
+                    "features are one window's); use --consistency noise"
                 )
+            if options.cfg_mode in ("self", "initialize"):
+                raise UsageError(f"--cfg-mode {options.cfg_mode} has no --tiled; use full")
             batched = False
         self.batched = model.device.type in ("cpu", "cuda") if batched is None else batched
         self.fixed = options.consistency != "none"
@@ -253,8 +247,10 @@ class FrameStream:
             self.filter = SimilarityFilter(options.skip_similar, options.max_skip, options.seed)
         self._generator = torch.Generator("cpu").manual_seed(options.seed)
         self._noises: list[torch.Tensor | None] | None = None  # the fixed noise, once drawn
-        self._layers: list[str] | None = None  # anchor mode: the layers that record and read
-        self._anchor: Anchor | None = None
+        self._bank: FeatureBank | None = None  # anchor and bank modes
+        self._processors: dict[str, BankAttnProcessor] = {}
+        self._writer: int | None = None  # the index of the last frame that stored into the bank
+        self.residual = options.cfg_mode in ("self", "initialize") and cond.do_cfg
         self._size: tuple[int, int] | None = None  # (H, W) of the input frames
         self._eps = None
         self._last: np.ndarray | None = None
@@ -266,8 +262,8 @@ class FrameStream:
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Yield one (H, W, 3) uint8 output per (H, W, 3) uint8 input, in order, streaming."""
-        if self.options.consistency == "anchor":
-            self._layers = select_layers(self.model.unet, self.options.anchor_layers)
+        if self.options.consistency in ("anchor", "bank"):
+            self._install_bank()
         items = (self._arrive(i, frame) for i, frame in enumerate(frames))
         flow = self._pipeline(items) if self.batched else self._sequential(items)
         for item in flow:
@@ -301,8 +297,10 @@ class FrameStream:
             noise=lambda i, eps: noises[i + 1],  # the stage noises, fixed or fresh
             after_step=after,
         )
-        item = _Item(index, run=run, pending=next(run), control=control)
-        self._assign_anchor(item)
+        item = _Item(
+            index, run=run, pending=next(run), ref=z0 if self.residual else None, control=control
+        )
+        self._assign_writer(item)
         return item
 
     def _check(self, frame: np.ndarray) -> np.ndarray:
@@ -318,7 +316,16 @@ class FrameStream:
     def _predictor(self, image: Image.Image):
         """The ε prediction of every frame: the UNet on the whole frame, or window-averaged."""
         if self.windows is None:
-            return noise_predictor(self.model, self.cond, image.height, image.width)
+            o = self.options
+            return noise_predictor(
+                self.model,
+                self.cond,
+                image.height,
+                image.width,
+                cfg_mode=o.cfg_mode,
+                sampler=self.sampler,
+                delta=o.cfg_delta,
+            )
         return self.windows.predictor(self.model, self.cond, callback=self._count_window_batch)
 
     def _eps_of(self, rows: Sequence[_Item]):
@@ -330,7 +337,17 @@ class FrameStream:
         control = replace(rows[0].control, images=tuple(torch.cat(ims) for ims in stacked))
         h, w = (8 * side for side in rows[0].pending[0].shape[-2:])
         if self.windows is None:
-            return noise_predictor(self.model, self.cond, h, w, control=control)
+            o = self.options
+            return noise_predictor(
+                self.model,
+                self.cond,
+                h,
+                w,
+                control=control,
+                cfg_mode=o.cfg_mode,
+                sampler=self.sampler,
+                delta=o.cfg_delta,
+            )
         return self.windows.predictor(
             self.model, self.cond, callback=self._count_window_batch, control=control
         )
@@ -364,16 +381,27 @@ class FrameStream:
             like.shape, generator=self._generator, device=like.device, dtype=like.dtype
         )
 
-    def _assign_anchor(self, item: _Item) -> None:
-        """Anchor mode: the first processed frame, then one every `anchor_every` frames, records."""
-        if self._layers is None:
+    def _install_bank(self) -> None:
+        """Anchor and bank modes: one bank, read and written by processors on the chosen layers."""
+        o, unet = self.options, self.model.unet
+        if o.consistency == "anchor":
+            self._bank = FeatureBank(size=1, merge=None)  # one frame, replaced whole
+            layers = select_layers(unet, o.anchor_layers)
+        else:
+            self._bank = FeatureBank(size=o.bank_size, merge=o.bank_merge)
+            layers = select_layers(unet, o.anchor_layers or len(self_attention_layers(unet)))
+        self._processors = {name: BankAttnProcessor(name, self._bank) for name in layers}
+
+    def _assign_writer(self, item: _Item) -> None:
+        """The first processed frame stores into the bank, then one every N frames (0: never)."""
+        if self._bank is None:
             return
-        every, anchor = self.options.anchor_every, self._anchor
-        if anchor is None or (every and item.index - anchor.index >= every):
-            self._anchor = Anchor(item.index, [None] * len(self.ts))
-            self.stats.anchors += 1
-            item.records = True
-        item.anchor = self._anchor
+        o = self.options
+        every = o.anchor_every if o.consistency == "anchor" else o.bank_every
+        if self._writer is None or (every and item.index - self._writer >= every):
+            self._writer = item.index
+            self.stats.banked += 1
+            item.writes = True
 
     # --- the stages ----------------------------------------------------------------------------
 
@@ -387,8 +415,6 @@ class FrameStream:
         """Stream batch: each processed arrival advances every frame in flight by one stage."""
         flight: deque[_Item] = deque()  # arrival order; emitted from the left
         for item in items:
-            if item.records:
-                self._run_through(item)  # later frames read its features: finish it now
             flight.append(item)
             if not item.skip:
                 self._advance(flight)
@@ -408,10 +434,7 @@ class FrameStream:
         """Run one frame through all its remaining stages, one UNet call each."""
         while item.pending is not None:
             z, t = item.pending
-            with self._attention([item]) as recorded:
-                eps = self._eps_of([item])(z, t)
-            if item.records:
-                item.anchor.stages[item.stage] = anchor_kv(recorded.features)
+            eps = self._predict([item], z, t)
             if self.windows is None:  # tiled: counted per window batch (`_predictor`)
                 self.stats.unet_calls += 1
             item.send(eps)
@@ -424,24 +447,41 @@ class FrameStream:
             return
         z = torch.cat([it.pending[0] for it in rows])  # (B, 4, h, w): one latent per frame
         t = torch.tensor([it.pending[1] for it in rows], device=z.device)  # (B,)
-        with self._attention(rows):
-            eps = self._eps_of(rows)(z, t)
+        eps = self._predict(rows, z, t)
         self.stats.unet_calls += 1
         for j, item in enumerate(rows):
             item.send(eps[j : j + 1])
 
+    def _predict(self, items: Sequence[_Item], z: torch.Tensor, t) -> torch.Tensor:
+        """One ε call for `items` (one latent each): tells the bank which rows read and write
+        which slots, and hands residual CFG each frame's reference latent (and takes it back)."""
+        real = tuple(it.stage == 0 for it in items) if self.options.cfg_mode == "initialize" else ()
+        rows = cfg_rows(len(items), self.cond, self.options.cfg_mode, real)
+        if self.windows is None:
+            self.stats.unet_rows += len(rows)
+        residual = None
+        if self.residual:
+            residual = Residual(torch.cat([it.ref for it in items]), real)
+        with self._attention(items, rows):
+            eps_fn = self._eps_of(items)
+            eps = eps_fn(z, t) if residual is None else eps_fn(z, t, residual)
+        if residual is not None:
+            for j, item in enumerate(items):
+                item.ref = residual.ref[j : j + 1]
+        return eps
+
     @contextlib.contextmanager
-    def _attention(self, rows: Sequence[_Item]) -> Iterator:
-        """Anchor mode: the anchor records its own features; other frames read their anchor's."""
-        if self._layers is None:
-            yield None
-        elif rows[0].records:  # an anchor runs alone (`_run_through`)
-            with record_attention(self.model.unet, self._layers) as store:
-                yield store
-        else:
-            kv = stack_kv([it.anchor.stages[it.stage] for it in rows])
-            with inject_attention(self.model.unet, kv):
-                yield None
+    def _attention(self, items: Sequence[_Item], rows) -> Iterator[None]:
+        """Anchor and bank modes: the bank processors, told each UNet row's slot, for one call."""
+        if self._bank is None:
+            yield
+            return
+        self._bank.set_rows(
+            Row((items[j].stage, kind), items[j].index, items[j].writes) for j, kind in rows
+        )
+        with installed(self.model.unet, self._processors):
+            yield
+        self.stats.bank_peak = self._bank.peak
 
     # --- one frame out -------------------------------------------------------------------------
 
@@ -453,5 +493,5 @@ class FrameStream:
             decoded = decode if self.windows is None else self.windows.decode
             arr = decoded(self.model, item.z)[0]
             self._last = to_uint8(arr)[:h, :w]
-            item.z = None
+            item.z = item.ref = None
         return self._last

@@ -1,7 +1,7 @@
 """`stylekit video`: stylise video files frame by frame into videos or PNG frame folders.
 
     from stylekit.tasks.video import stylize_video
-    report = stylize_video(["clips/"], preset="lcm-sd15", consistency="anchor", seed=1)
+    report = stylize_video(["clips/"], preset="lcm-sd15", consistency="bank", seed=1)
 
 Same batch contract as `stylize`: outputs go to `-o OUT` (default ./stylized/), mirroring
 folder inputs, as `<stem><suffix>.mp4` (`fmt` picks mp4, m4v, mov, mkv or webm; one input
@@ -19,7 +19,8 @@ unless `keep_size=False` asks for the working size.
 
 With `tiled` (`--tiled`) every frame runs at its own size over MultiDiffusion windows of the
 model's native size with the tiled VAE (`FrameStream(windows=)`), one frame at a time (no
-stream batch) in memory bounded by the window batch; anchor consistency is refused then.
+stream batch) in memory bounded by the window batch; anchor and bank consistency and residual CFG
+(`cfg_mode` self, initialize) are refused then.
 
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
@@ -323,6 +324,10 @@ def video_settings(options: StreamOptions, stream, selection, clip: Clip) -> dic
         "max_frames": clip.max_frames,
         "consistency": options.consistency,
         "anchor_every": options.anchor_every if options.consistency == "anchor" else None,
+        "bank_size": options.bank_size if options.consistency == "bank" else None,
+        "bank_every": options.bank_every if options.consistency == "bank" else None,
+        "cfg_mode": options.cfg_mode,
+        "residual_cfg": stream.residual,  # self/initialize with a guided conditioning
         "skip_similar": options.skip_similar,
         "max_skip": options.max_skip if options.skip_similar is not None else None,
         "stream_batch": stream.batched,
@@ -336,6 +341,7 @@ def stream_stats(stream, warnings) -> dict:
         "frames_processed": stats.processed,
         "frames_skipped": stats.skipped,
         "unet_calls": stats.unet_calls,
+        "unet_rows": stats.unet_rows or None,  # latent rows through the UNet (tiled: not counted)
         "warnings": list(warnings) or None,
     }
 
@@ -367,6 +373,9 @@ def stylize_video(
     every: int = 1,
     consistency: str = "noise",
     anchor_every: int = ANCHOR_EVERY,
+    bank_size: int = 1,
+    bank_every: int = 4,
+    cfg_mode: str = "full",
     skip_similar: float | None = None,
     max_skip: int = 10,
     stream_batch: bool | None = None,
@@ -394,11 +403,13 @@ def stylize_video(
             raise UsageError(
                 "--tiled runs frames one at a time (the windows are the batch); drop --stream-batch"
             )
-        if consistency == "anchor":
+        if consistency in ("anchor", "bank"):
             raise UsageError(
-                "--consistency anchor has no --tiled (an anchor's attention is one window's); "
-                "use --consistency noise"
+                f"--consistency {consistency} has no --tiled (its attention features are one "
+                "window's); use --consistency noise"
             )
+        if cfg_mode in ("self", "initialize"):
+            raise UsageError(f"--cfg-mode {cfg_mode} has no --tiled; use full")
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
@@ -409,6 +420,9 @@ def stylize_video(
         strength=settings.strength,
         consistency=consistency,
         anchor_every=anchor_every,
+        bank_size=bank_size,
+        bank_every=bank_every,
+        cfg_mode=cfg_mode,
         skip_similar=skip_similar,
         max_skip=max_skip,
         stream_batch=stream_batch,
