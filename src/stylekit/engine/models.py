@@ -106,6 +106,7 @@ class ModelSpec:
     model_config: str | None = None  # diffusers config folder/repo for a single-file checkpoint
     variant: str | None = None  # hub weight variant to try first ("fp16"); full weights if absent
     turbo: bool | None = None  # None: the released turbo models only (see `detect_turbo`)
+    motion_adapter: str | None = None  # an AnimateDiff MotionAdapter: the UNet becomes a motion UNet
 
 
 @dataclass
@@ -810,8 +811,16 @@ def load(spec: ModelSpec) -> LoadedModel:
     adapters = [(f"lora{i}", lora.source, lora.scale) for i, lora in enumerate(spec.loras)]
     if accel.source:
         adapters.insert(0, ("accelerator", accel.source, 1.0))
+    motion_notes: list[str] = []
+    if spec.motion_adapter:
+        load_motion_adapter(pipe, spec.motion_adapter, dtype, allow_pickle=spec.allow_pickle)
+        motion_notes = motion_scheduler(pipe, spec.motion_adapter, [s for _, s, _ in adapters])
     for name, source, _ in adapters:
-        load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle, family=family)
+        if spec.motion_adapter:  # may skip keys the motion UNet lacks: report them
+            report = load_motion_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle)
+            motion_notes.append(report)
+        else:
+            load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle, family=family)
     fuse_loras(pipe, [(name, scale) for name, _, scale in adapters])
     if spec.vae:
         load_vae(pipe, spec.vae, dtype, allow_pickle=spec.allow_pickle)
@@ -829,6 +838,113 @@ def load(spec: ModelSpec) -> LoadedModel:
         device,
         dtype,
         accel.source,
-        notices=tuple(n for n in (accel.notice, vae_notice(pipe.vae, family, dtype)) if n),
+        notices=tuple(
+            n for n in (accel.notice, vae_notice(pipe.vae, family, dtype), *motion_notes) if n
+        ),
         warnings=tuple(w for w in (turbo_warning, accel.warning, *checkpoint) if w),
     )
+
+
+# --- motion modules (AnimateDiff; `stylekit video --motion-adapter`) ----------------------------
+
+# Scheduler settings the model cards of motion checkpoints give, keyed by a hub repo the adapter
+# or one of the LoRAs comes from: AnimateLCM samples with linear betas; MCM also with LCM's
+# boundary condition at timestep scaling 4.
+MOTION_SCHEDULER = {
+    "wangfuyun/animatelcm": {"beta_schedule": "linear"},
+    "yhzhai/mcm": {"beta_schedule": "linear", "timestep_scaling": 4.0},
+}
+PEFT_PREFIX = "base_model.model."  # a PEFT adapter's UNet keys (MCM), read as diffusers' "unet."
+
+
+def load_motion_adapter(pipe, source: str, dtype: torch.dtype, *, allow_pickle: bool) -> None:
+    """Turn the pipeline's 2-D UNet into diffusers' `UNetMotionModel` with `source`'s adapter."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    check_source(source, what="motion adapter", allow_pickle=allow_pickle)
+    path = Path(source).expanduser()
+    with hub_errors("motion adapter", source):
+        if path.is_file():
+            adapter = MotionAdapter.from_single_file(str(path))
+        else:
+            adapter = MotionAdapter.from_pretrained(str(path) if path.is_dir() else source)
+    try:
+        unet = UNetMotionModel.from_unet2d(pipe.unet, adapter)
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"motion adapter {source} does not fit this model's UNet: {first}") from exc
+    pipe.register_modules(unet=unet.to(dtype))
+
+
+def motion_scheduler(pipe, adapter: str, loras: list[str]) -> list[str]:
+    """Apply the model card's scheduler settings of a known motion checkpoint; say so."""
+    notes = []
+    for source in (adapter, *loras):
+        repo = split_hub_file(source)[0].lower()
+        settings = MOTION_SCHEDULER.get("/".join(repo.split("/")[:2]))
+        if settings and not is_local(source):
+            pipe.scheduler.register_to_config(**settings)
+            shown = ", ".join(f"{k} {v}" for k, v in settings.items())
+            notes.append(f"motion: {shown} (the model card of {repo})")
+    return notes
+
+
+def lora_unet_keys(state: dict) -> dict:
+    """A LoRA state dict's UNet part as `unet.`-prefixed diffusers keys (PEFT adapters renamed)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(PEFT_PREFIX):
+            key = "unet." + key[len(PEFT_PREFIX) :]
+        if key.startswith("unet."):
+            out[key] = value
+    return out
+
+
+def lora_module(key: str) -> str:
+    """The module a LoRA key adapts: 'unet.a.b.to_q.lora_A.weight' → 'a.b.to_q'."""
+    name = key[len("unet.") :]
+    return re.sub(r"\.(lora(_[AB])?|lora\.(up|down))(\.\w+)?\.weight$|\.alpha$", "", name)
+
+
+def split_lora(unet, state: dict) -> tuple[dict, list[str]]:
+    """(the keys whose module exists in `unet` as a linear/conv layer, the skipped modules)."""
+    modules = dict(unet.named_modules())
+    kept, skipped = {}, set()
+    for key, value in state.items():
+        name = lora_module(key)
+        if hasattr(modules.get(name), "weight"):
+            kept[key] = value
+        else:
+            skipped.add(name)
+    return kept, sorted(skipped)
+
+
+def load_motion_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> str:
+    """Load a LoRA's UNet keys into the motion UNet, skipping modules it lacks; return a report.
+
+    STD's video LoRAs were trained on a motion module that was not released: on another adapter
+    only the keys whose layers exist can load, and the report says how many did.
+    """
+    check_source(source, what="LoRA", allow_pickle=allow_pickle)
+    path = Path(source).expanduser()
+    with hub_errors("LoRA", source):
+        if path.is_file():
+            state, alphas = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
+        elif path.is_dir():
+            state, alphas = pipe.lora_state_dict(str(path))
+        else:
+            repo, weight = split_hub_file(source)
+            state, alphas = pipe.lora_state_dict(repo, **({"weight_name": weight} if weight else {}))
+        unet_state = lora_unet_keys(state)
+        kept, skipped = split_lora(pipe.unet, unet_state)
+        if not kept:
+            raise ModelError(f"LoRA {source}: none of its UNet keys fit the motion UNet")
+        pipe.load_lora_into_unet(kept, alphas, unet=pipe.unet, adapter_name=name, _pipeline=pipe)
+    matched = len({lora_module(k) for k in kept})
+    other = len(state) - len(unet_state)
+    text = f"LoRA {source}: {matched} layers loaded into the motion UNet"
+    if skipped:
+        text += f", {len(skipped)} skipped (no such layer: {', '.join(skipped[:3])}, ...)"
+    if other:
+        text += f", {other} text-encoder keys not loaded"
+    return text
