@@ -106,7 +106,7 @@ class ModelSpec:
     model_config: str | None = None  # diffusers config folder/repo for a single-file checkpoint
     variant: str | None = None  # hub weight variant to try first ("fp16"); full weights if absent
     turbo: bool | None = None  # None: the released turbo models only (see `detect_turbo`)
-    motion_adapter: str | None = None  # an AnimateDiff MotionAdapter: the UNet becomes a motion UNet
+    motion_adapter: str | None = None  # AnimateDiff MotionAdapter: a motion UNet (video)
 
 
 @dataclass
@@ -203,6 +203,8 @@ def check_local_sources(spec: ModelSpec) -> None:
         check_source(lora.source, what="LoRA", allow_pickle=allow)
     if spec.accelerator not in ("auto", "none"):
         check_source(spec.accelerator, what="accelerator", allow_pickle=allow)
+    if spec.motion_adapter:
+        check_source(spec.motion_adapter, what="motion adapter", allow_pickle=allow)
     if isinstance(spec.tiny_vae, str) and is_local(spec.tiny_vae):
         check_source(spec.tiny_vae, what="tiny VAE", allow_pickle=False)
     if spec.ip_adapter not in (None, "auto"):
@@ -872,7 +874,9 @@ def load_motion_adapter(pipe, source: str, dtype: torch.dtype, *, allow_pickle: 
         unet = UNetMotionModel.from_unet2d(pipe.unet, adapter)
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"motion adapter {source} does not fit this model's UNet: {first}") from exc
+        raise ModelError(
+            f"motion adapter {source} does not fit this model's UNet: {first}"
+        ) from exc
     pipe.register_modules(unet=unet.to(dtype))
 
 
@@ -934,7 +938,9 @@ def load_motion_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> str
             state, alphas = pipe.lora_state_dict(str(path))
         else:
             repo, weight = split_hub_file(source)
-            state, alphas = pipe.lora_state_dict(repo, **({"weight_name": weight} if weight else {}))
+            state, alphas = pipe.lora_state_dict(
+                repo, **({"weight_name": weight} if weight else {})
+            )
         unet_state = lora_unet_keys(state)
         kept, skipped = split_lora(pipe.unet, unet_state)
         if not kept:

@@ -369,9 +369,7 @@ def kl_vae(model: LoadedModel) -> bool:
 
 
 @torch.no_grad()
-def encode_frames(
-    model: LoadedModel, x: torch.Tensor, noise: torch.Tensor | None
-) -> torch.Tensor:
+def encode_frames(model: LoadedModel, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     """(n, 3, H, W) pixels → scaled latents, a KL VAE's posterior sampled with the given noise
     (mean + std · noise, as `latent_dist.sample` draws it); one frame at a time."""
     vae = model.vae

@@ -40,6 +40,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stylekit.engine.motion import (
+    CONTEXT_FRAMES,
+    CONTEXT_OVERLAP,
+    MotionOptions,
+    MotionStats,
+    MotionStream,
+)
 from stylekit.engine.stream import FrameStream, StreamOptions
 from stylekit.errors import StylekitError, UsageError
 from stylekit.media.batch import (
@@ -240,6 +247,7 @@ def stylize_one(
     events: Events,
     info: VideoInfo | None = None,
     tiled: Tiled | None = None,
+    motion: MotionOptions | None = None,
 ) -> dict:
     """Stylise one video into its output; returns the settings for its record."""
     info = info or probe(job.input)
@@ -255,14 +263,19 @@ def stylize_one(
         plan = tiled.plan(padded, session.native)
         windows = Windows.of(plan)
         extra = {k: v for k, v in tiled.settings(plan).items() if k != "upscale"}
-    stream = FrameStream(
-        session.model,
-        session.cond,
-        session.sampler,
-        replace(options, seed=seed),
-        guidance=session.guided,
-        windows=windows,
-    )
+    if motion is not None:  # frames denoised jointly in context windows (engine/motion.py)
+        stream = MotionStream(
+            session.model, session.cond, session.sampler, replace(options, seed=seed), motion
+        )
+    else:
+        stream = FrameStream(
+            session.model,
+            session.cond,
+            session.sampler,
+            replace(options, seed=seed),
+            guidance=session.guided,
+            windows=windows,
+        )
     done, size = 0, None
     with contextlib.ExitStack() as stack:
         sink = (
@@ -284,6 +297,8 @@ def stylize_one(
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
     settings["working_size"] = "{}x{}".format(*working)
+    if motion is not None:
+        extra = motion_settings(session, motion, stream.stats)
     return settings | video_settings(options, stream, selection, info.warnings) | extra
 
 
@@ -303,6 +318,45 @@ def video_settings(options: StreamOptions, stream, selection, warnings) -> dict:
         "unet_calls": stats.unet_calls,
         "warnings": list(warnings) or None,
     }
+
+
+def motion_settings(session: Session, motion: MotionOptions, stats: MotionStats) -> dict:
+    """The motion-mode knobs and what the windows cost, for the record (`--json`)."""
+    return {
+        "motion_adapter": session.settings.motion_adapter,
+        "context_frames": motion.context,
+        "context_overlap": motion.overlap,
+        "windows": len(stats.windows),
+        "unet_rows_per_frame": round(stats.unet_rows / max(stats.frames, 1), 3),
+        "peak_frames_held": stats.peak_frames,
+    }
+
+
+def refuse_with_motion(
+    consistency: str,
+    tiled: Tiled | None,
+    skip_similar: float | None,
+    stream_batch: bool | None,
+    settings: Settings,
+    style: Sequence[str],
+) -> None:
+    """What motion-module mode cannot combine with, as one usage error each."""
+    if tiled is not None:
+        raise UsageError("--motion-adapter has no --tiled (windows of frames, not of pixels)")
+    if consistency == "anchor":
+        raise UsageError(
+            "--consistency anchor has no --motion-adapter (the motion module mixes frames "
+            "itself); use noise or none"
+        )
+    if skip_similar is not None:
+        raise UsageError("--skip-similar has no --motion-adapter (every frame is in a window)")
+    if stream_batch:
+        raise UsageError("--stream-batch has no --motion-adapter (the windows are the batch)")
+    if style and settings.style_mode in ("ad", "both"):
+        raise UsageError(
+            f"--style-mode {settings.style_mode} has no --motion-adapter yet (AD refines "
+            "frames one by one); use --style-mode ipadapter"
+        )
 
 
 def warn(events: Events, message: str) -> None:
@@ -340,6 +394,8 @@ def stylize_video(
     max_pixels: int | None = None,
     keep_size: bool = True,
     tiled: Tiled | None = None,
+    context_frames: int = CONTEXT_FRAMES,
+    context_overlap: int = CONTEXT_OVERLAP,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
@@ -367,6 +423,10 @@ def stylize_video(
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
+    motion = None
+    if settings.motion_adapter:
+        refuse_with_motion(consistency, tiled, skip_similar, stream_batch, settings, style)
+        motion = MotionOptions(context_frames, context_overlap).check()
     output, events = with_seed(output or Output()), events or Events()
     frames_out = Path(frames_out) if frames_out is not None else None
     options = StreamOptions(
@@ -383,6 +443,8 @@ def stylize_video(
     check_encoding(jobs, clip, frames_out)
     runtime = runtime or Runtime()
     stages = settings.steps if stream_batch is not False else 1  # rows of one stream-batch call
+    if motion is not None:
+        stages = motion.context  # one window of frames per UNet call
 
     check_size = size_flag_check(settings, runtime, size, style, stages=stages)
     run = LazySession(
@@ -414,6 +476,7 @@ def stylize_video(
             events=events,
             info=info,
             tiled=tiled,
+            motion=motion,
         )
 
     return run_jobs(
