@@ -401,3 +401,37 @@ def test_api_records_the_motion_settings(clip, sd15_path, adapters, tmp_path):
     )
     assert report.exit_code() == 0
     assert probe(tmp_path / "moving.mp4").frame_count == 7
+
+
+def test_sdxl_motion_unet_streams_with_its_size_ids(sdxl_path, models_dir):
+    """The SDXL layout (3-block adapters without a mid block, like AnimateDiff's SDXL beta):
+    its added text/time embeddings reach the motion UNet, and frames come out."""
+    from stylekit.testing import build_motion_adapter
+
+    adapter = build_motion_adapter(models_dir / "motion-sdxl", family="sdxl")
+    model = load(sdxl_path, adapter)
+    outs = list(stream(model, cfg=2.0, motion=MotionOptions(4, 1)).run(frames_of(5, (32, 32))))
+    assert len(outs) == 5 and outs[0].shape == (32, 32, 3)
+
+
+def test_peft_adapter_folder_loads_with_its_alpha(sd15_path, sd15_lora, adapters, tmp_path):
+    """MCM ships a PEFT adapter folder (`base_model.model.` keys, alpha in adapter_config.json):
+    it loads like the same LoRA in diffusers' layout at scale lora_alpha / r."""
+    from safetensors.torch import load_file, save_file
+
+    peft = {}
+    for key, value in load_file(sd15_lora).items():
+        key = key.replace("unet.", "base_model.model.", 1)
+        peft[key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")] = value
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(peft, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    from stylekit.engine.models import LoraSpec
+
+    ours = load(sd15_path, adapters["noisy"], loras=(LoraSpec(str(folder), 1.0),))
+    ref = load(sd15_path, adapters["noisy"], loras=(LoraSpec(str(sd15_lora), 2.0),))
+    a, b = ours.unet.state_dict(), ref.unet.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    plain = load(sd15_path, adapters["noisy"]).unet.state_dict()
+    assert any(not torch.equal(a[k], plain[k]) for k in a)

@@ -923,6 +923,38 @@ def split_lora(unet, state: dict) -> tuple[dict, list[str]]:
     return kept, sorted(skipped)
 
 
+def lora_location(source: str) -> tuple[str, str | None]:
+    """(folder or hub repo, weight file in it or None) of a LoRA; a PEFT adapter folder's
+    `adapter_model.safetensors` is named, since diffusers looks for its own file name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return str(path.parent), path.name
+    if path.is_dir():
+        peft = path / "adapter_model.safetensors"
+        return str(path), peft.name if peft.is_file() else None
+    return split_hub_file(source)
+
+
+def peft_config(folder: str, weight: str | None) -> dict:
+    """The `adapter_config.json` beside a PEFT adapter's weights (local or on the hub), or {}."""
+    sub = str(Path(weight).parent) if weight else "."
+    local = Path(folder) / sub / "adapter_config.json"
+    if Path(folder).is_dir():
+        return json.loads(local.read_text()) if local.is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    name = "adapter_config.json" if sub == "." else f"{sub}/adapter_config.json"
+    return json.loads(Path(hf_hub_download(folder, name)).read_text())
+
+
+def peft_scaled(state: dict, config: dict) -> dict:
+    """PEFT scales a LoRA by lora_alpha / r, which its weights do not carry: fold it into B."""
+    scale = float(config.get("lora_alpha", 1)) / float(config.get("r", 1)) if config else 1.0
+    if scale == 1.0:
+        return state
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+
+
 def load_motion_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> str:
     """Load a LoRA's UNet keys into the motion UNet, skipping modules it lacks; return a report.
 
@@ -930,18 +962,12 @@ def load_motion_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> str
     only the keys whose layers exist can load, and the report says how many did.
     """
     check_source(source, what="LoRA", allow_pickle=allow_pickle)
-    path = Path(source).expanduser()
     with hub_errors("LoRA", source):
-        if path.is_file():
-            state, alphas = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
-        elif path.is_dir():
-            state, alphas = pipe.lora_state_dict(str(path))
-        else:
-            repo, weight = split_hub_file(source)
-            state, alphas = pipe.lora_state_dict(
-                repo, **({"weight_name": weight} if weight else {})
-            )
+        folder, weight = lora_location(source)
+        state, alphas = pipe.lora_state_dict(folder, **({"weight_name": weight} if weight else {}))
         unet_state = lora_unet_keys(state)
+        if any(k.startswith(PEFT_PREFIX) for k in state):
+            unet_state = peft_scaled(unet_state, peft_config(folder, weight))
         kept, skipped = split_lora(pipe.unet, unet_state)
         if not kept:
             raise ModelError(f"LoRA {source}: none of its UNet keys fit the motion UNet")
