@@ -20,6 +20,15 @@ talking head or a screen recording). Frames per second count every output frame,
 encode/decode included, file decode/encode excluded, after one warm-up frame per method.
 Goals: stylekit ≥ 1.3× naive on (a), ≥ 3× on (b). Also reports UNet calls and the warping error
 (benchmarks/warp_error.py) of each output. Random weights measure cost, not looks.
+
+`--motion` adds motion-module mode (`MotionStream`, `stylekit video --motion-adapter`): the same
+model turned into a motion UNet by a random MotionAdapter of AnimateDiff's SD1.5 layout
+(`stylekit.testing.build_motion_adapter(size="full")`), frames denoised jointly in windows of
+`--context-frames` overlapping by `--context-overlap`; and the memory one UNet call takes (peak
+resident memory over the call, Linux `VmHWM` reset through `clear_refs`): one window of frames
+through the motion UNet vs one frame through the 2-D UNet.
+
+    python benchmarks/bench_video.py --motion --clips moving --frames 40
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class Row:
     speedup: float
     unet_calls: int
     warp_error: float
+    unet_rows_per_frame: float = 0.0  # frame rows through the UNet per output frame
 
 
 # --- models and clips --------------------------------------------------------------------------
@@ -191,6 +201,85 @@ def run_stylekit(s, frames, *, args, stream_batch: bool | None):
     return [out.copy() for out in stream.run(frames)], stream
 
 
+def motion_adapter(root: Path, tiny: bool) -> Path:
+    """A random MotionAdapter for the SD1.5 UNet (AnimateDiff v1-5-2's layout at full size)."""
+    from stylekit.testing import build_motion_adapter
+
+    path = root / ("motion-tiny" if tiny else "motion-full")
+    if not (path / "config.json").exists():
+        print(f"building the random MotionAdapter in {path} …", file=sys.stderr)
+        size = "tiny" if tiny else "full"
+        build_motion_adapter(path, size=size, dtype=torch.bfloat16)
+    return path
+
+
+def motion_stylizer(model: Path, vae: Path, adapter: Path, args):
+    from stylekit.session import Runtime, open_session, resolve_settings
+
+    settings = resolve_settings(
+        None,
+        None,
+        dict(
+            model=str(model),
+            motion_adapter=str(adapter),
+            tiny_vae=True,
+            tiny_vae_model=str(vae),
+            accelerator="none",
+            scheduler="lcm",
+            steps=args.steps,
+            strength=args.strength,
+            cfg=1.0,
+            prompt=PROMPT,
+            style_mode="none",
+        ),
+    )
+    return open_session(settings, Runtime(device=args.device, dtype=args.dtype), task="video")
+
+
+def run_motion(s, frames, *, args):
+    from stylekit.engine.motion import MotionOptions, MotionStream
+    from stylekit.engine.stream import StreamOptions
+
+    options = StreamOptions(steps=args.steps, strength=args.strength, seed=args.seed)
+    motion = MotionOptions(args.context_frames, args.context_overlap)
+    stream = MotionStream(s.model, s.cond, s.sampler, options, motion)
+    return [out.copy() for out in stream.run(frames)], stream
+
+
+def peak_rss_during(fn) -> int:
+    """Bytes of resident memory `fn` added at its peak (Linux: VmHWM after resetting it)."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+
+    def field(name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {name} in /proc/self/status")
+
+    before = field("VmRSS:")
+    fn()
+    return field("VmHWM:") - before
+
+
+@torch.no_grad()
+def call_memory(flat_pipe, motion_session, size: int, frames: int) -> tuple[int, int]:
+    """Peak memory of one 2-D UNet call on one frame and one motion-UNet call on a window."""
+    unet2d, motion = flat_pipe.unet, motion_session.model.unet
+    h = size // 8
+    dtype, device = motion.dtype, motion_session.model.device
+    text = motion_session.cond.prompt_embeds  # (1, 77, 768)
+    one = torch.randn(1, 4, h, h, dtype=dtype, device=device)
+    window = torch.randn(1, 4, frames, h, h, dtype=dtype, device=device)
+    flat = peak_rss_during(lambda: unet2d(one, 500, encoder_hidden_states=text))
+    video = peak_rss_during(
+        lambda: motion(window, 500, encoder_hidden_states=text.repeat_interleave(frames, 0))
+    )
+    return flat, video
+
+
 def timed(fn, device: torch.device):
     start = time.perf_counter()
     result = fn()
@@ -202,7 +291,7 @@ def timed(fn, device: torch.device):
 # --- the run -----------------------------------------------------------------------------------
 
 
-def bench_clip(name, frames, pipe, s, args) -> list[Row]:
+def bench_clip(name, frames, pipe, s, args, motion=None) -> list[Row]:
     device = s.model.device
     rows = []
     run_naive(pipe, frames[:1], steps=args.steps, strength=args.strength, seed=args.seed)
@@ -211,9 +300,8 @@ def bench_clip(name, frames, pipe, s, args) -> list[Row]:
         device,
     )
     base_fps = len(frames) / seconds
-    rows.append(
-        row(name, "diffusers naive", frames, naive, seconds, base_fps, len(frames) * args.steps)
-    )
+    calls = len(frames) * args.steps
+    rows.append(row(name, "diffusers naive", frames, naive, seconds, base_fps, calls, calls))
     batch_default = device.type == "cuda"
     variants = [(None, "stylekit")]
     if args.compare_batch:
@@ -226,14 +314,35 @@ def bench_clip(name, frames, pipe, s, args) -> list[Row]:
             lambda sb=stream_batch: run_stylekit(s, frames, args=args, stream_batch=sb), device
         )
         label += f" ({'stream batch' if stream.batched else 'sequential'}, {stream.stats.skipped} skipped)"
-        rows.append(row(name, label, frames, outs, seconds, base_fps, stream.stats.unet_calls))
+        stats = stream.stats
+        rows.append(
+            row(
+                name,
+                label,
+                frames,
+                outs,
+                seconds,
+                base_fps,
+                stats.unet_calls,
+                stats.processed * args.steps,
+            )
+        )
+    if motion is not None:
+        run_motion(motion, frames[: args.context_frames], args=args)  # warm-up
+        (outs, stream), seconds = timed(lambda: run_motion(motion, frames, args=args), device)
+        stats = stream.stats
+        label = f"stylekit motion ({args.context_frames}/{args.context_overlap} windows, {len(stats.windows)} windows)"
+        rows.append(
+            row(name, label, frames, outs, seconds, base_fps, stats.unet_calls, stats.unet_rows)
+        )
     return rows
 
 
-def row(clip, method, frames, outs, seconds, base_fps, calls) -> Row:
+def row(clip, method, frames, outs, seconds, base_fps, calls, unet_rows) -> Row:
     fps = len(frames) / seconds
     error = warp_error(iter(frames), iter(outs)).warp_error
-    return Row(clip, method, len(frames), seconds, fps, fps / base_fps, calls, error)
+    per_frame = unet_rows / len(frames)
+    return Row(clip, method, len(frames), seconds, fps, fps / base_fps, calls, error, per_frame)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-batch", action="store_true", help="add a row with stream batch toggled"
     )
+    parser.add_argument("--motion", action="store_true", help="add motion-module mode rows")
+    parser.add_argument("--context-frames", type=int, default=16)
+    parser.add_argument("--context-overlap", type=int, default=4)
     parser.add_argument("--model-dir", type=Path, default=CACHE, help="where models are built")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -265,13 +377,23 @@ def main(argv: list[str] | None = None) -> int:
     model, vae = build_models(args.model_dir, args.tiny)
     pipe = naive_pipeline(model, vae, dtype, device)
     s = stylizer(model, vae, args)
+    motion = None
+    if args.motion:
+        motion = motion_stylizer(model, vae, motion_adapter(args.model_dir, args.tiny), args)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.clips.split(","):
             path = Path(work) / f"{name}.mp4"
             clip = encode_clip(clip_frames(name, frames, size), path)
-            rows += bench_clip(name, clip, pipe, s, args)
+            rows += bench_clip(name, clip, pipe, s, args, motion)
     report(rows, args, device, size)
+    if motion is not None and device.type == "cpu" and Path("/proc/self/clear_refs").exists():
+        flat, window = call_memory(pipe, motion, size, args.context_frames)
+        print(
+            f"peak memory of one UNet call: 2-D UNet, 1 frame {flat / 2**20:.0f} MiB; motion "
+            f"UNet, a window of {args.context_frames} frames {window / 2**20:.0f} MiB "
+            f"({window / max(flat, 1):.1f}×); the stream holds at most one window per call"
+        )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0
@@ -283,11 +405,14 @@ def report(rows: list[Row], args, device, size: int) -> None:
         f"{kind} random SD1.5, {args.dtype}, {size}px, LCM {args.steps} NFE at strength "
         f"{args.strength}, tiny VAE, {device} ({torch.get_num_threads()} threads)"
     )
-    print(f"{'clip':<8} {'method':<58} {'fps':>8} {'speedup':>8} {'UNet':>5} {'warp err':>9}")
+    print(
+        f"{'clip':<8} {'method':<58} {'fps':>8} {'speedup':>8} {'UNet':>5} {'rows/fr':>7} "
+        f"{'warp err':>9}"
+    )
     for r in rows:
         print(
             f"{r.clip:<8} {r.method:<58} {r.fps:>8.3f} {r.speedup:>7.2f}× {r.unet_calls:>5} "
-            f"{r.warp_error:>9.4f}"
+            f"{r.unet_rows_per_frame:>7.2f} {r.warp_error:>9.4f}"
         )
     for clip, goal in GOALS.items():
         ours = [r for r in rows if r.clip == clip and r.method.startswith("stylekit (")]

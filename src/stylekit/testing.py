@@ -815,6 +815,7 @@ def build_motion_adapter(
     size: Literal["tiny", "full"] = "tiny",
     seed: int = 0,
     zero_out: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write an AnimateDiff `MotionAdapter` folder matching the tiny (or full) UNet of `family`.
 
@@ -845,7 +846,7 @@ def build_motion_adapter(
             if ".proj_out." in name:
                 fill = torch.zeros_like(param) if zero_out else _proj_noise(param, generator)
                 param.copy_(fill)
-    adapter.save_pretrained(Path(path))
+    adapter.to(dtype).save_pretrained(Path(path))
     return Path(path)
 
 
