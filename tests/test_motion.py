@@ -435,3 +435,29 @@ def test_peft_adapter_folder_loads_with_its_alpha(sd15_path, sd15_lora, adapters
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     plain = load(sd15_path, adapters["noisy"]).unet.state_dict()
     assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_known_motion_checkpoints_set_their_model_cards_scheduler():
+    """AnimateLCM samples with linear betas, MCM also with LCM timestep scaling 4: loading them
+    by hub id sets the scheduler config the sampler is built from, once per repo."""
+    from types import SimpleNamespace
+
+    from diffusers import PNDMScheduler
+
+    from stylekit.engine.models import motion_scheduler
+    from stylekit.engine.sampling import make_sampler
+
+    sd15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = SimpleNamespace(scheduler=PNDMScheduler(**sd15))  # SD1.5's config
+    lora = "wangfuyun/AnimateLCM/AnimateLCM_sd15_t2v_lora.safetensors"
+    notes = motion_scheduler(pipe, "wangfuyun/AnimateLCM", [lora])
+    assert notes == ["motion: beta_schedule linear (the model card of wangfuyun/animatelcm)"]
+    sampler = make_sampler("lcm", dict(pipe.scheduler.config))
+    linear = torch.cumprod(1 - torch.linspace(0.00085, 0.012, 1000), 0)
+    assert torch.allclose(sampler.ac, linear) and sampler.timestep_scaling == 10.0
+
+    pipe = SimpleNamespace(scheduler=PNDMScheduler())
+    mcm = "yhzhai/mcm/animatediff-laion/adapter_model.safetensors"
+    motion_scheduler(pipe, "guoyww/animatediff-motion-adapter-v1-5-2", [mcm])
+    assert make_sampler("lcm", dict(pipe.scheduler.config)).timestep_scaling == 4.0
+    assert motion_scheduler(SimpleNamespace(scheduler=PNDMScheduler()), "/tmp/x", []) == []

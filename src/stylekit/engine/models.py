@@ -817,6 +817,8 @@ def load(spec: ModelSpec) -> LoadedModel:
     if spec.motion_adapter:
         load_motion_adapter(pipe, spec.motion_adapter, dtype, allow_pickle=spec.allow_pickle)
         motion_notes = motion_scheduler(pipe, spec.motion_adapter, [s for _, s, _ in adapters])
+        if family == "sdxl" and spec.accelerator == "auto":
+            motion_notes.append(STD_VIDEO_NOTE)
     for name, source, _ in adapters:
         if spec.motion_adapter:  # may skip keys the motion UNet lacks: report them
             report = load_motion_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle)
@@ -856,7 +858,12 @@ MOTION_SCHEDULER = {
     "wangfuyun/animatelcm": {"beta_schedule": "linear"},
     "yhzhai/mcm": {"beta_schedule": "linear", "timestep_scaling": 4.0},
 }
-PEFT_PREFIX = "base_model.model."  # a PEFT adapter's UNet keys (MCM), read as diffusers' "unet."
+PEFT_PREFIX = "base_model.model."
+STD_VIDEO_NOTE = (
+    "motion: STD's std_sdxl_v2v_eta* video LoRAs were trained with a motion module that was not "
+    "released; --accelerator auto keeps the image LoRA. Passing a v2v LoRA as --accelerator is "
+    "experimental: its layers are matched by name and the skipped ones reported"
+)  # a PEFT adapter's UNet keys (MCM), read as diffusers' "unet."
 
 
 def load_motion_adapter(pipe, source: str, dtype: torch.dtype, *, allow_pickle: bool) -> None:
@@ -882,14 +889,12 @@ def load_motion_adapter(pipe, source: str, dtype: torch.dtype, *, allow_pickle: 
 
 def motion_scheduler(pipe, adapter: str, loras: list[str]) -> list[str]:
     """Apply the model card's scheduler settings of a known motion checkpoint; say so."""
+    repos = {split_hub_file(s)[0].lower() for s in (adapter, *loras) if not is_local(s)}
     notes = []
-    for source in (adapter, *loras):
-        repo = split_hub_file(source)[0].lower()
-        settings = MOTION_SCHEDULER.get("/".join(repo.split("/")[:2]))
-        if settings and not is_local(source):
-            pipe.scheduler.register_to_config(**settings)
-            shown = ", ".join(f"{k} {v}" for k, v in settings.items())
-            notes.append(f"motion: {shown} (the model card of {repo})")
+    for repo in sorted(r for r in repos if r in MOTION_SCHEDULER):
+        pipe.scheduler.register_to_config(**MOTION_SCHEDULER[repo])
+        shown = ", ".join(f"{k} {v}" for k, v in MOTION_SCHEDULER[repo].items())
+        notes.append(f"motion: {shown} (the model card of {repo})")
     return notes
 
 
