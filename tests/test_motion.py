@@ -461,3 +461,18 @@ def test_known_motion_checkpoints_set_their_model_cards_scheduler():
     motion_scheduler(pipe, "guoyww/animatediff-motion-adapter-v1-5-2", [mcm])
     assert make_sampler("lcm", dict(pipe.scheduler.config)).timestep_scaling == 4.0
     assert motion_scheduler(SimpleNamespace(scheduler=PNDMScheduler()), "/tmp/x", []) == []
+
+
+def test_windows_longer_than_the_adapter_or_a_missing_adapter_stop_the_batch(
+    clip, sd15_path, adapters, tmp_path
+):
+    from stylekit import cli
+
+    base = [str(clip), "--model", str(sd15_path), "-o", str(tmp_path / "x.mp4"), "--device", "cpu"]
+    too_long = ["--motion-adapter", str(adapters["noisy"]), "--context-frames", "40"]
+    result = CliRunner().invoke(cli.app, ["video", *base, *too_long, "--accelerator", "none"])
+    assert result.exit_code == 2 and "motion_max_seq_length" in result.output
+    missing = ["--motion-adapter", str(tmp_path / "nowhere")]
+    result = CliRunner().invoke(cli.app, ["video", *base, *missing])
+    assert result.exit_code == 2 and "motion adapter" in result.output
+    assert not (tmp_path / "x.mp4").exists()

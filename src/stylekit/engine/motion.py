@@ -195,7 +195,10 @@ class MotionStream:
                 f"--consistency {options.consistency} has no motion mode; use noise or none"
             )
         self.model, self.cond, self.sampler, self.options = model, cond, sampler, options.check()
-        self.motion = motion.check(getattr(model.unet.config, "motion_max_seq_length", None))
+        positions = getattr(model.unet.config, "motion_max_seq_length", None)
+        if positions is None:
+            raise UsageError("the model's UNet has no motion module; load one (--motion-adapter)")
+        self.motion = motion.check(positions)
         _, self.ts = img2img_schedule(options.steps, options.strength, turbo=model.turbo)
         self.weights = window_weights(motion.context, motion.weighting)
         self.stats = MotionStats()

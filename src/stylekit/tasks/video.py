@@ -332,6 +332,11 @@ def motion_settings(session: Session, motion: MotionOptions, stats: MotionStats)
     }
 
 
+def motion_fits(session: Session, motion: MotionOptions) -> None:
+    """Refuse windows longer than the loaded motion module's positions, before any video runs."""
+    motion.check(getattr(session.model.unet.config, "motion_max_seq_length", None))
+
+
 def refuse_with_motion(
     consistency: str,
     tiled: Tiled | None,
@@ -456,6 +461,7 @@ def stylize_video(
         announce=size_notice(clip.sizing, "frames written") if tiled is None else tiled_notice,
         task="video",
         before=check_size,
+        check=None if motion is None else lambda session: motion_fits(session, motion),
     )
 
     def process(job: Job, seed: int) -> dict:
