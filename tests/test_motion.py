@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from stylekit.engine import motion as motion_module
 from stylekit.engine.motion import MotionOptions, MotionStream, window_spans, window_weights
 from stylekit.engine.stream import StreamOptions
-from stylekit.media.video import ffmpeg_exe, probe
+from stylekit.media.video import ffmpeg_exe, probe, read_frames
 from stylekit.runner import Output
 
 
@@ -352,6 +352,12 @@ def test_motion_video_through_the_cli_keeps_size_rate_timestamps_and_audio(
     assert meta["motion_adapter"] == str(adapters["noisy"]) and meta["windows"] == 4
     assert meta["context_frames"] == 4 and meta["unet_calls"] == 4 * 2
     assert meta["style"] == ["ref.png"] and meta["style_mode"] == "ipadapter"
+    plain = tmp_path / "plain.mp4"  # the same run without the style reference
+    args = args[: args.index("--style")] + args[args.index("--ip-adapter") + 2 :]
+    args[-1] = str(plain)
+    assert CliRunner().invoke(cli.app, ["video", *args]).exit_code == 0
+    styled, unstyled = np.stack(list(read_frames(out))), np.stack(list(read_frames(plain)))
+    assert styled.shape == unstyled.shape and np.abs(styled - unstyled.astype(int)).mean() > 2
 
 
 @pytest.mark.parametrize(
