@@ -35,7 +35,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from stylekit.engine.conditioning import Conditioning, added_kwargs
-from stylekit.engine.latents import decode, scale_latents, to_tensor, upcast_needed, vae_dtype
+from stylekit.engine.latents import decode, scale_latents, upcast_needed, vae_dtype
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import expand
 from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, trajectory
@@ -327,7 +327,7 @@ class MotionStream:
         if self.options.consistency == "noise":
             generator = torch.Generator("cpu").manual_seed(self.options.seed)
         h, w = pixels.shape[-2] // MULTIPLE, pixels.shape[-1] // MULTIPLE
-        channels = self.model.unet.config.in_channels
+        channels = self.model.vae.config.latent_channels
         dtype, device = self.model.dtype, self.model.device
 
         def randn(shape):
@@ -360,10 +360,9 @@ class WindowNoise:
 
 
 def to_tensor_np(frame: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 → (1, 3, H, W) float32 in [−1, 1]."""
-    from PIL import Image
-
-    return to_tensor(Image.fromarray(frame))
+    """(H, W, 3) uint8 → (1, 3, H, W) float32 in [−1, 1], as `latents.to_tensor` computes it."""
+    arr = frame.astype(np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0  # (1, 3, H, W)
 
 
 def kl_vae(model: LoadedModel) -> bool:
