@@ -21,6 +21,11 @@ With `tiled` (`--tiled`) every frame runs at its own size over MultiDiffusion wi
 model's native size with the tiled VAE (`FrameStream(windows=)`), one frame at a time (no
 stream batch) in memory bounded by the window batch; anchor consistency is refused then.
 
+With a motion adapter (`settings.motion_adapter`, `--motion-adapter`) the UNet is AnimateDiff's
+motion UNet and frames are denoised jointly in windows of `context_frames` overlapping by
+`context_overlap` (`stylekit.engine.motion.MotionStream`); anchor, the similarity filter, stream
+batch, `tiled` and AD guidance are refused there.
+
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
 frames: `events.step(done, total)` once per output frame, so a caller can show fps and an ETA;
