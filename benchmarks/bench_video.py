@@ -24,11 +24,13 @@ Goals: stylekit ≥ 1.3× naive on (a), ≥ 3× on (b). Also reports UNet calls 
 `--motion` adds motion-module mode (`MotionStream`, `stylekit video --motion-adapter`): the same
 model turned into a motion UNet by a random MotionAdapter of AnimateDiff's SD1.5 layout
 (`stylekit.testing.build_motion_adapter(size="full")`), frames denoised jointly in windows of
-`--context-frames` overlapping by `--context-overlap`; and the memory one UNet call takes (peak
-resident memory over the call, Linux `VmHWM` reset through `clear_refs`): one window of frames
-through the motion UNet vs one frame through the 2-D UNet.
+`--context-frames` overlapping by `--context-overlap`. `--call-memory` measures the memory one
+UNet call takes (peak resident memory over the call, Linux `VmHWM` reset through `clear_refs`): one window of frames
+through the motion UNet vs one frame through the 2-D UNet, each in a fresh process
+(`--call-memory`, Linux only).
 
     python benchmarks/bench_video.py --motion --clips moving --frames 40
+    python benchmarks/bench_video.py --call-memory
 """
 
 from __future__ import annotations
@@ -265,19 +267,41 @@ def peak_rss_during(fn) -> int:
 
 
 @torch.no_grad()
-def call_memory(flat_pipe, motion_session, size: int, frames: int) -> tuple[int, int]:
-    """Peak memory of one 2-D UNet call on one frame and one motion-UNet call on a window."""
-    unet2d, motion = flat_pipe.unet, motion_session.model.unet
-    h = size // 8
-    dtype, device = motion.dtype, motion_session.model.device
-    text = motion_session.cond.prompt_embeds  # (1, 77, 768)
-    one = torch.randn(1, 4, h, h, dtype=dtype, device=device)
-    window = torch.randn(1, 4, frames, h, h, dtype=dtype, device=device)
-    flat = peak_rss_during(lambda: unet2d(one, 500, encoder_hidden_states=text))
-    video = peak_rss_during(
-        lambda: motion(window, 500, encoder_hidden_states=text.repeat_interleave(frames, 0))
-    )
-    return flat, video
+def measure_call(which: str, adapter: Path, size: int, frames: int, tiny: bool = False) -> int:
+    """In this (fresh) process: the memory one UNet call adds at its peak, the 2-D UNet on one
+    frame (`flat`) or the motion UNet on a window of `frames` (`motion`); random weights, bf16."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    from stylekit.testing import random_unet
+
+    unet = random_unet("sd15", size="tiny" if tiny else "full")
+    width = unet.config.cross_attention_dim
+    h, text = size // 8, torch.randn(1, 77, width, dtype=torch.bfloat16)
+    if which == "flat":
+        z = torch.randn(1, 4, h, h, dtype=torch.bfloat16)
+        return peak_rss_during(lambda: unet(z, 500, encoder_hidden_states=text))
+    unet = UNetMotionModel.from_unet2d(unet, MotionAdapter.from_pretrained(adapter))
+    unet = unet.to(torch.bfloat16)
+    z = torch.randn(1, 4, frames, h, h, dtype=torch.bfloat16)
+    text = text.repeat_interleave(frames, 0)
+    return peak_rss_during(lambda: unet(z, 500, encoder_hidden_states=text))
+
+
+def call_memory(adapter: Path, size: int, frames: int, tiny: bool) -> tuple[int, int]:
+    """`measure_call` for both UNets, each in a fresh process (an allocator that already holds
+    freed memory would hide the peak); big allocations are mmapped so frees return to the OS."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    peaks = []
+    for which in ("flat", "motion"):
+        cmd = [sys.executable, __file__, "--measure-call", which, "--size", str(size)]
+        cmd += ["--adapter", str(adapter), "--context-frames", str(frames)]
+        cmd += ["--tiny"] if tiny else []
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        peaks.append(int(out.strip().splitlines()[-1]))
+    return peaks[0], peaks[1]
 
 
 def timed(fn, device: torch.device):
@@ -365,9 +389,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-overlap", type=int, default=4)
     parser.add_argument("--model-dir", type=Path, default=CACHE, help="where models are built")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--call-memory", action="store_true", help="only the call memory")
+    parser.add_argument("--measure-call", choices=("flat", "motion"), help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     frames = args.frames or (16 if args.tiny else 48)
     size = args.size or (64 if args.tiny else 256)
+    if args.measure_call:  # the child of `call_memory`
+        print(measure_call(args.measure_call, args.adapter, size, args.context_frames, args.tiny))
+        return 0
+    if args.call_memory:
+        adapter = motion_adapter(args.model_dir, args.tiny)
+        flat, window = call_memory(adapter, size, args.context_frames, args.tiny)
+        print(
+            f"peak memory of one UNet call, {size}px bf16: 2-D UNet, 1 frame "
+            f"{flat / 2**20:.0f} MiB; motion UNet, a window of {args.context_frames} frames "
+            f"{window / 2**20:.0f} MiB ({window / max(flat, 1):.1f}×)"
+        )
+        return 0
 
     from stylekit.engine.models import DTYPES, quiet_libraries, resolve_device
 
@@ -387,13 +426,6 @@ def main(argv: list[str] | None = None) -> int:
             clip = encode_clip(clip_frames(name, frames, size), path)
             rows += bench_clip(name, clip, pipe, s, args, motion)
     report(rows, args, device, size)
-    if motion is not None and device.type == "cpu" and Path("/proc/self/clear_refs").exists():
-        flat, window = call_memory(pipe, motion, size, args.context_frames)
-        print(
-            f"peak memory of one UNet call: 2-D UNet, 1 frame {flat / 2**20:.0f} MiB; motion "
-            f"UNet, a window of {args.context_frames} frames {window / 2**20:.0f} MiB "
-            f"({window / max(flat, 1):.1f}×); the stream holds at most one window per call"
-        )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0
