@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 bootstrap:
 	@scripts/bootstrap
 
-# The main job: stylise the example photos after the example style (downloads the default models once).
+# The main job: stylise the example photos after the example style (downloads the models once).
+# Without a CUDA GPU it runs the light lcm-sd15 preset and says so (scripts/demo; DEMO_PRESET=NAME).
 demo: bootstrap
-	$(BIN)/stylekit stylize examples/content --style examples/style/mosaic.jpg -o out/demo
+	@BIN=$(BIN) scripts/demo
 
 # The whole test suite, offline, on tiny random-weight models.
 test: bootstrap

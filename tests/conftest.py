@@ -132,3 +132,35 @@ def sd15_sample_path(models_dir):
     from stylekit.testing import build_sd15
 
     return build_sd15(models_dir / "sd15-sample", prediction_type="sample")
+
+
+@pytest.fixture(scope="session")
+def sd15_controlnet(sd15_path, models_dir):
+    """A ControlNet for `sd15_path` (from_unet) with its zero convolutions filled with noise."""
+    from stylekit.testing import build_controlnet
+
+    return build_controlnet(sd15_path, models_dir / "sd15-controlnet", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sd15_controlnet2(sd15_path, models_dir):
+    """A second, differently seeded ControlNet for `sd15_path`."""
+    from stylekit.testing import build_controlnet
+
+    return build_controlnet(sd15_path, models_dir / "sd15-controlnet2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet(sdxl_path, models_dir):
+    """A ControlNet for `sdxl_path` (from_unet) with its zero convolutions filled with noise."""
+    from stylekit.testing import build_controlnet
+
+    return build_controlnet(sdxl_path, models_dir / "sdxl-controlnet", seed=3)
+
+
+@pytest.fixture(scope="session")
+def depth_model_path(models_dir):
+    """A tiny random Depth Anything model with its image processor."""
+    from stylekit.testing import build_depth_model
+
+    return build_depth_model(models_dir / "depth")

@@ -187,7 +187,8 @@ def test_t2i_styled_cli_writes_each_image(sd15_path, tmp_path):
     assert files == ["a-red-house-000.png", "a-red-house-001.png"]
     meta = [read_metadata(out / f) for f in files]
     assert [m["seed"] for m in meta] == [7, 8]
-    assert meta[0]["style_mode"] == "ad" and meta[0]["style"] == ["ref.png"]
+    assert meta[0]["style_mode"] == "ad" and meta[0]["style"] == [str(tmp_path / "ref.png")]
+    assert meta[0]["strength"] is None  # from pure noise: no denoising strength
     with Image.open(out / files[0]) as im:
         assert im.size == (64, 64)
 
@@ -304,7 +305,10 @@ def test_several_references_change_the_result(sd15_path, tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         outputs[name] = np.asarray(Image.open(tmp_path / f"out-{name}.png"), dtype=np.int16)
-    assert read_metadata(tmp_path / "out-both.png")["style"] == ["a.png", "b.png"]
+    assert read_metadata(tmp_path / "out-both.png")["style"] == [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.png"),
+    ]
     for single in ("a", "b"):
         diff = np.abs(outputs["both"] - outputs[single])
         assert diff.mean() > 1.2, single

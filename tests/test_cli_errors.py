@@ -511,3 +511,25 @@ def test_an_uncached_hub_model_still_gets_the_offline_hint(tmp_path, inputs):
     args = ["stylize", inputs, "-o", tmp_path / "out", "--model", "nobody-here/not-cached"]
     line = one_error(cli(*args, "--device", "cpu", "--seed", "1"), 2)
     assert "nobody-here/not-cached" in line and "network access" in line
+
+
+def test_a_closed_stdout_pipe_is_a_quiet_exit(tmp_path):
+    """`stylekit presets --json | head -0`: the reader is gone before the first line; no error."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left: every write to the pipe fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from stylekit.cli import main; main()", "presets", "--json"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    assert done.stderr == ""

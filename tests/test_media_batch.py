@@ -149,8 +149,10 @@ def test_collisions_get_numbered_in_input_order(tmp_path):
 def test_single_output_file(tmp_path):
     touch(tmp_path, "a.png")
     items = collect_inputs([str(tmp_path / "a.png")])
-    jobs = plan_outputs(items, out=tmp_path / "res" / "final.webp", fmt="png", suffix="_x")
+    jobs = plan_outputs(items, out=tmp_path / "res" / "final.webp", fmt="webp", suffix="_x")
     assert jobs[0].output == tmp_path / "res" / "final.webp"
+    with pytest.raises(UsageError, match="is a webp file but --format is png"):
+        plan_outputs(items, out=tmp_path / "res" / "final.webp", fmt="png")
     with pytest.raises(UsageError, match="use one of"):
         plan_outputs(items, out=tmp_path / "final.bmp", fmt=None)
     with pytest.raises(UsageError, match="writes a folder"):

@@ -348,7 +348,7 @@ def test_motion_video_through_the_cli_keeps_size_rate_timestamps_and_audio(
     meta = record["settings"]
     assert meta["motion_adapter"] == str(adapters["noisy"]) and meta["windows"] == 4
     assert meta["context_frames"] == 4 and meta["unet_calls"] == 4 * 2
-    assert meta["style"] == ["ref.png"] and meta["style_mode"] == "ipadapter"
+    assert meta["style"] == [str(ref)] and meta["style_mode"] == "ipadapter"
     plain = tmp_path / "plain.mp4"  # the same run without the style reference
     args = args[: args.index("--style")] + args[args.index("--ip-adapter") + 2 :]
     args[-1] = str(plain)

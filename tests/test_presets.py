@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from stylekit.cli import app
 from stylekit.engine.models import IP_ADAPTER, ModelSpec, accelerator_source
 from stylekit.errors import PresetError, UsageError
 from stylekit.media.metadata import read_metadata
-from stylekit.presets import DEFAULT_PRESET, Settings, builtin_names, list_presets, load_preset
+from stylekit.presets import DEFAULT_PRESET, Settings, builtin_names, load_preset
 from stylekit.session import resolve_settings
 
 BUILTIN = ["lcm-sd15", "sd-turbo", "std-sdxl"]
@@ -38,6 +39,7 @@ def test_each_builtin_preset_loads_and_validates(name):
     settings = load_preset(name)
     assert isinstance(settings, Settings)
     assert settings.description and "\n" not in settings.description
+    assert settings.purpose and "\n" not in settings.purpose
     assert settings.model.count("/") == 1  # a hub id: presets never point at local files
     assert settings.accelerator == "auto"
     assert settings.with_overrides() == settings  # passes the same checks as command-line values
@@ -62,7 +64,7 @@ def test_default_preset_and_defaults_are_std():
     # the negative prompt is the preset's only: other presets and TOML files start from the
     # defaults, and STD's SDXL negative prompt is no default for them
     for f in fields(Settings):
-        if f.name not in ("description", "variant", "negative"):
+        if f.name not in ("description", "purpose", "variant", "negative"):
             assert getattr(defaults, f.name) == getattr(preset, f.name), f.name
     assert defaults.negative is None and load_preset("lcm-sd15").negative is None
 
@@ -191,10 +193,32 @@ def test_cli_flags_override_a_preset_file(tmp_path, sd15_path):
 # --- `stylekit presets` ----------------------------------------------------------------------
 
 
-def test_presets_command_lists_one_line_each():
-    result = CliRunner().invoke(app, ["presets"])
+def test_presets_command_marks_the_default_and_shows_model_steps_strength_and_purpose():
+    result = CliRunner().invoke(app, ["presets"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == BUILTIN
-    for line, (name, description) in zip(lines, list_presets(), strict=True):
-        assert line.startswith(name) and line.endswith(description)
+    assert all(len(line) <= 80 for line in lines)
+    rows = {line[2:].split()[0]: line for line in lines[1:-1] if line[2:3] != " "}
+    assert sorted(rows) == BUILTIN and "* the default" in lines[-1]
+    assert [name for name, line in rows.items() if line.startswith("*")] == [DEFAULT_PRESET]
+    text = " ".join(result.stdout.split())
+    for name, row in rows.items():
+        s = load_preset(name)
+        assert row[2:].split() == [name, s.model, str(s.steps), str(s.strength)]
+        assert " ".join(s.purpose.split()) in text
+
+
+def test_presets_command_json_is_one_record_per_preset():
+    result = CliRunner().invoke(app, ["presets", "--json"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["name"] for r in records] == BUILTIN
+    for record in records:
+        s = load_preset(record["name"])
+        assert record["default"] == (record["name"] == DEFAULT_PRESET)
+        assert (record["model"], record["steps"], record["strength"]) == (
+            s.model,
+            s.steps,
+            s.strength,
+        )
+        assert record["purpose"] == s.purpose and record["description"] == s.description

@@ -380,7 +380,7 @@ def test_styled_video_through_the_cli_in_stream_batch(
     assert len(styled) == len(plain) == 4 and styled[0].shape == (49, 65, 3)
     meta = record["settings"]
     assert meta["stream_batch"] is True and meta["unet_calls"] == 4 + 1  # 2 stages in 1 batch
-    assert meta["style_mode"] == style_mode and meta["style"] == ["ref.png"]
+    assert meta["style_mode"] == style_mode and meta["style"] == [str(ref)]
     # the style shows on every frame, over much of it (not a few stray pixels)
     for a, b in zip(styled, plain, strict=True):
         changed = np.abs(a.astype(int) - b.astype(int)).max(axis=-1) > 2

@@ -17,9 +17,10 @@ import typer
 from rich.console import Console
 
 from stylekit import __version__
+from stylekit.clihelp import App
 from stylekit.errors import StylekitError, UsageError, one_line
 
-app = typer.Typer(
+app = App(  # typer.Typer with help laid out for 80 columns (stylekit.clihelp)
     name="stylekit",
     help="Batch image and video stylization and texture synthesis with few-step diffusion models.",
     no_args_is_help=True,
@@ -378,7 +379,7 @@ AdStyleMode = Annotated[
     str | None,
     typer.Option(
         "--style-mode",
-        help="ad (default here) or none; with references, ipadapter and both too.",
+        help="ad or none; with --style references, ipadapter and both too.",
         rich_help_panel=STYLE,
     ),
 ]
@@ -645,6 +646,38 @@ CanvasSize = Annotated[
         rich_help_panel=CANVAS,
     ),
 ]
+# Help that differs where a command lacks what the shared text mentions (--mode, --style, inputs)
+SampleContentWeight = Annotated[
+    float | None,
+    typer.Option(
+        "--content-weight",
+        help="AD content-loss weight (keeps the input's structure); default 0.",
+        rich_help_panel=STYLE,
+    ),
+]
+TextureStyleMode = Annotated[
+    str | None,
+    typer.Option(
+        "--style-mode", help="ad (AD guidance by the exemplar) or none.", rich_help_panel=STYLE
+    ),
+]
+GenerateOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output folder (default ./stylized), or a file name when --count is 1.",
+        rich_help_panel=FILES,
+    ),
+]
+VideoSeed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        help="Base seed; video i gets seed+i, which fixes its noise. Random (and recorded) if omitted.",
+        rich_help_panel=SAMPLING,
+    ),
+]
 TextureMode = Annotated[
     str | None,
     typer.Option(
@@ -653,6 +686,162 @@ TextureMode = Annotated[
         rich_help_panel=STYLE,
     ),
 ]
+
+
+# --- structure control (ControlNet, docs/controlnet.md) ------------------------------------------
+CONTROL = "Structure control"
+Control = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--control",
+        help="ControlNet control TYPE[:SCALE]: canny, depth or tile; repeatable.",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlNet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--controlnet",
+        help="ControlNet hub id, folder or .safetensors replacing the family's default; one per --control, in order.",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlScale = Annotated[
+    float | None,
+    typer.Option(
+        "--control-scale",
+        help="Scale of controls given without :SCALE (default 0.8).",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlStart = Annotated[
+    float | None,
+    typer.Option(
+        "--control-start",
+        help="Fraction of the steps before the ControlNet residuals apply (default 0).",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlEnd = Annotated[
+    float | None,
+    typer.Option(
+        "--control-end",
+        help="Fraction of the steps after which the residuals stop (default 1).",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlImage = Annotated[
+    str | None,
+    typer.Option(
+        "--control-image",
+        help="Precomputed control map: a file, or a folder matched to the inputs by file stem.",
+        rich_help_panel=CONTROL,
+    ),
+]
+ControlType = Annotated[
+    str | None,
+    typer.Option(
+        "--control-type",
+        help="The control --control-image is for (default: the only --control).",
+        rich_help_panel=CONTROL,
+    ),
+]
+Canny = Annotated[
+    str | None,
+    typer.Option(
+        "--canny", help="Canny thresholds LOW,HIGH (default 100,200).", rich_help_panel=CONTROL
+    ),
+]
+DepthModel = Annotated[
+    str | None,
+    typer.Option(
+        "--depth-model",
+        help="Depth-estimation model for --control depth (default depth-anything/Depth-Anything-V2-Small-hf).",
+        rich_help_panel=CONTROL,
+    ),
+]
+CONTROL_FLAGS = {"control": "controls", "controlnet": "controlnets"}  # flag → Settings field
+
+
+# --- many machines: --engine ray and --shard (stylekit.distributed, stylekit.shards) --------------
+SCALE = "Many machines"
+EngineName = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local (this process) or ray (a pool of Ray workers, each loading the model once; needs stylekit's ray extra).",
+        rich_help_panel=SCALE,
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Ray cluster to run on (auto, or HOST:6379 of its head); default: a local Ray instance for this run.",
+        rich_help_panel=SCALE,
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Ray workers (default: one per GPU, or 1 without GPUs).",
+        rich_help_panel=SCALE,
+    ),
+]
+GpusPerWorker = Annotated[
+    float | None,
+    typer.Option(
+        "--gpus-per-worker",
+        help="GPUs per Ray worker (default 1 when the cluster has GPUs, else 0; 0.5 puts two on a GPU).",
+        rich_help_panel=SCALE,
+    ),
+]
+ShardFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Run only part K of N (K/N, 1-based): a stable split by input path, for Slurm arrays and other schedulers.",
+        rich_help_panel=SCALE,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """--engine, its Ray options and --shard, as a command got them."""
+
+    engine: str
+    ray_address: str | None
+    workers: int | None
+    gpus_per_worker: float | None
+    shard: str | None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Scale:
+        return cls(*(params[f.name] for f in fields(cls)))
+
+    def output(self, output):
+        """The command's Output with its --shard."""
+        from dataclasses import replace
+
+        from stylekit.shards import parse_shard
+
+        return replace(output, shard=parse_shard(self.shard) if self.shard else None)
+
+    def run(self, task, *args, **kwargs):
+        """Call `task` with its batch on the chosen engine (`stylekit.distributed.run`)."""
+        from stylekit.distributed import Ray, run
+
+        if self.engine not in ("local", "ray"):
+            raise UsageError(f"--engine {self.engine!r}; choose local or ray")
+        ray_flags = (self.ray_address, self.workers, self.gpus_per_worker)
+        if self.engine == "local" and any(flag is not None for flag in ray_flags):
+            raise UsageError("--ray-address, --workers and --gpus-per-worker need --engine ray")
+        engine = None
+        if self.engine == "ray":
+            engine = Ray(self.ray_address, self.workers, self.gpus_per_worker)
+        return run(task, *args, engine=engine, **kwargs)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -708,17 +897,31 @@ def stylize(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Stylise images with a few-step model, optionally after a style reference.
 
     Example: stylekit stylize photos/ --style ref.jpg --steps 4 -o styled/
     Full resolution: stylekit stylize big.jpg --tiled [--upscale 2]
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -731,11 +934,12 @@ def stylize(
             tiling = Tiled(1.0 if upscale is None else upscale, window, stride, view_batch)
 
         with common.events() as events:
-            report = api.stylize(
+            report = scale.run(
+                api.stylize,
                 inputs,
                 style=style_paths(style),
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
@@ -754,7 +958,7 @@ def t2i_styled(
     prompt_text: PromptText,
     count: Count = 1,
     style: Style = None,
-    out: Out = None,
+    out: GenerateOut = None,
     preset: Preset = None,
     model: Model = None,
     lora: Lora = None,
@@ -785,27 +989,42 @@ def t2i_styled(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Generate images from a prompt in the style of reference images (AD-guided, few steps).
 
     Example: stylekit t2i-styled "a lighthouse at dusk" --style ref.jpg -n 4 --steps 4
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh = parse_size_flag(size)
         from stylekit import api
 
         with common.events() as events:
-            report = api.t2i_styled(
+            report = scale.run(
+                api.t2i_styled,
                 prompt_text,
                 style=style_paths(style),
                 count=count,
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 size=wh,
                 events=events,
@@ -845,7 +1064,7 @@ def inpaint(
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
-    content_weight: ContentWeight = None,
+    content_weight: SampleContentWeight = None,
     ad_checkpointing: AdCheckpointing = None,
     seed: Seed = None,
     size: CropSize = None,
@@ -862,17 +1081,31 @@ def inpaint(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Repaint the white part of a mask with a few-step model; every other pixel stays as it was.
 
     Example: stylekit inpaint photo.jpg --mask mask.png -p "a red door" --steps 4 -o out/
     Full resolution: stylekit inpaint big.jpg --mask mask.png --tiled
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
@@ -883,7 +1116,8 @@ def inpaint(
         tiling = Tiled(1.0, window, stride, view_batch) if tiled else None
 
         with common.events() as events:
-            report = api.inpaint(
+            report = scale.run(
+                api.inpaint,
                 inputs,
                 mask=str(mask),
                 invert_mask=invert_mask,
@@ -891,7 +1125,7 @@ def inpaint(
                 mask_padding=mask_padding,
                 style=style_paths(style),
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 size=wh,
                 max_size=longest,
@@ -945,9 +1179,9 @@ def video(
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
-    content_weight: ContentWeight = None,
+    content_weight: SampleContentWeight = None,
     ad_checkpointing: AdCheckpointing = None,
-    seed: Seed = None,
+    seed: VideoSeed = None,
     size: Size = None,
     max_size: FrameMaxSize = None,
     max_pixels: MaxPixels = None,
@@ -967,6 +1201,15 @@ def video(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Stylise videos frame by frame; audio and the exact frame rate are kept.
 
@@ -1039,7 +1282,7 @@ def texture_expand(
     gamma: Gamma = None,
     prompt: Prompt = None,
     negative: Negative = None,
-    style_mode: AdStyleMode = None,
+    style_mode: TextureStyleMode = None,
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
@@ -1053,22 +1296,37 @@ def texture_expand(
     as_json: Json = False,
     quiet: Quiet = False,
     no_size_check: NoSizeCheck = False,
+    engine: EngineName = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    shard: ShardFlag = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
     model_config: ModelConfig = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_scale: ControlScale = None,
+    control_start: ControlStart = None,
+    control_end: ControlEnd = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    canny: Canny = None,
+    depth_model: DepthModel = None,
 ) -> None:
     """Expand exemplars into textures of any size (MultiDiffusion + AD guidance, few steps).
 
     Example: stylekit texture-expand brick.png --size 1536x512 --seamless x -o textures/
     """
-    common = CommonOptions.of(locals())
+    common, scale = CommonOptions.of(locals()), Scale.of(locals())
     with cli_errors():
         wh, longest = parse_size_flag(size), check_max_size(max_size)
         from stylekit import api
 
         with common.events() as events:
-            report = api.texture_expand(
+            report = scale.run(
+                api.texture_expand,
                 inputs,
                 size=wh,
                 window=window,
@@ -1076,7 +1334,7 @@ def texture_expand(
                 view_batch=view_batch,
                 seamless=seamless,
                 preset=common.preset,
-                output=common.output(),
+                output=scale.output(common.output()),
                 runtime=common.runtime(),
                 max_size=longest,
                 events=events,
@@ -1112,7 +1370,7 @@ def texture(
     gamma: Gamma = None,
     prompt: Prompt = None,
     negative: Negative = None,
-    style_mode: AdStyleMode = None,
+    style_mode: TextureStyleMode = None,
     ad_iters: AdIters = None,
     ad_lr: AdLr = None,
     adain: AdAdain = None,
@@ -1161,13 +1419,322 @@ def texture(
 
 
 @app.command()
-def presets() -> None:
-    """List the built-in presets, one line each."""
-    from stylekit.presets import list_presets
+def presets(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON record per preset on stdout.")
+    ] = False,
+) -> None:
+    """List the built-in presets: model, steps, strength and what each is for; * marks the default.
+
+    Example: stylekit stylize photo.jpg --style ref.jpg --preset lcm-sd15
+    """
+    import json
+    import textwrap
+
+    from stylekit.presets import builtin_names, preset_summary
 
     with cli_errors():
-        for name, description in list_presets():
-            print(f"{name:<12} {description}")
+        rows = [preset_summary(name) for name in builtin_names()]
+        if as_json:
+            for row in rows:
+                print(json.dumps(row))
+            return
+        print(f"  {'NAME':<10} {'MODEL':<44} {'STEPS':>5} {'STRENGTH':>8}")
+        for row in rows:
+            mark = "*" if row["default"] else " "
+            print(
+                f"{mark} {row['name']:<10} {row['model']:<44} {row['steps']:>5} {row['strength']:>8}"
+            )
+            for line in textwrap.wrap(row["purpose"] or row["description"], 66):
+                print(f"{'':13}{line}")
+        print("* the default, used without --preset")
+
+
+# --- models, doctor ------------------------------------------------------------------------------
+models_app = typer.Typer(
+    help="Fetch what a preset needs ahead of time (for offline machines) and see what is cached.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE / HF_HOME)."
+    ),
+]
+PullCommand = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--command",
+        help="Pull for these commands only (repeatable; default all): stylize, inpaint, video, t2i-styled, texture, texture-expand.",
+    ),
+]
+PullStrength = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--strength",
+        help="Pull the STD LoRA for these strengths only (repeatable; default: every released η).",
+    ),
+]
+Variant = Annotated[
+    str | None,
+    typer.Option(
+        "--variant", help="Hub weight variant to prefer, e.g. fp16.", rich_help_panel=MODEL
+    ),
+]
+
+
+@models_app.command("pull")
+def models_pull(
+    preset_name: Annotated[
+        str | None,
+        typer.Argument(metavar="PRESET", help="Built-in preset or .toml file (default std-sdxl)."),
+    ] = None,
+    model: Model = None,
+    variant: Variant = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    turbo: Turbo = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    style_mode: StyleMode = None,
+    control: Control = None,
+    controlnet: ControlNet = None,
+    control_image: ControlImage = None,
+    control_type: ControlType = None,
+    depth_model: DepthModel = None,
+    strength: PullStrength = None,
+    command: PullCommand = None,
+    cache_dir: CacheDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List files and sizes only.")] = False,
+) -> None:
+    """Download every file a preset (or flags) will load, so HF_HUB_OFFLINE=1 runs can find them.
+
+    Offline (HF_HUB_OFFLINE=1) it checks the cache instead: exit 0 when complete, 2 if not.
+    Example: stylekit models pull lcm-sd15 --command stylize --control canny
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("preset_name", "strength", "command")}
+    with cli_errors():
+        from stylekit import hubfiles
+
+        settings = hubfiles.settings_for(
+            preset_name,
+            **given_settings(
+                **{
+                    SETTINGS_FIELD.get(k, k): v
+                    for k, v in flags.items()
+                    if k not in ("cache_dir", "dry_run")
+                }
+            ),
+        )
+        hubfiles.pull(
+            settings,
+            commands=tuple(command or hubfiles.COMMANDS),
+            strengths=strength,
+            cache=cache_dir,
+            dry_run=dry_run,
+        )
+
+
+@models_app.command("list")
+def models_list(
+    cache_dir: CacheDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per preset.")] = False,
+) -> None:
+    """Show, per built-in preset, whether the cache holds every file it needs, and the disk used."""
+    with cli_errors():
+        import json
+
+        from stylekit import hubfiles
+        from stylekit.engine import hub
+        from stylekit.presets import builtin_names
+
+        for name in builtin_names():
+            st = hubfiles.preset_status(name, cache_dir)
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "preset": name,
+                            "model": st.model,
+                            "complete": st.complete,
+                            "missing": list(st.missing),
+                            "bytes": st.bytes,
+                        }
+                    )
+                )
+                continue
+            state = "complete" if st.complete else f"missing {len(st.missing)} file(s)"
+            state = state if st.model_cached else "model not cached"
+            print(f"{name:<12} {state:<20} {hubfiles.human(st.bytes):>9}  {st.model}")
+            for path in st.missing[:5]:
+                print(f"{'':<12}   missing {path}")
+            if len(st.missing) > 5:
+                print(f"{'':<12}   … and {len(st.missing) - 5} more")
+        if not as_json:
+            offline = "on" if hub.offline() else "off"
+            print(f"cache: {hub.cache_dir(cache_dir)} (offline mode {offline})")
+
+
+@app.command()
+def doctor(
+    preset: Preset = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder to check (default ./stylized)."),
+    ] = None,
+    cache_dir: CacheDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+) -> None:
+    """Check this machine: versions, devices and dtype, memory, ffmpeg, the model cache, the output folder.
+
+    Exit 0 when the preset (default std-sdxl) can run, 1 otherwise, saying what is missing.
+    """
+    with cli_errors():
+        import json
+
+        from stylekit import doctor as doc
+
+        report = doc.diagnose(preset=preset, out=out, cache_dir=cache_dir)
+        if as_json:
+            print(json.dumps(report.as_dict(), default=str))
+        else:
+            for line in doc.lines(report):
+                print(line)
+        raise typer.Exit(0 if report.ok else 1)
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+SweepSource = Annotated[
+    str,
+    typer.Argument(
+        metavar="INPUT",
+        help="The image (the exemplar for texture-expand; the prompt for t2i-styled).",
+        show_default=False,
+    ),
+]
+Vary = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--vary",
+        help="KEY=V1,V2,... (any setting, or seed; V1|V2 when values hold commas); 1st: columns, 2nd: rows, 3rd: one sheet per value.",
+        show_default=False,
+    ),
+]
+SweepCommand = Annotated[
+    str, typer.Option("--command", help="stylize, t2i-styled or texture-expand.")
+]
+SheetOut = Annotated[
+    Path,
+    typer.Option("--out", "-o", help="The contact sheet; its cells go to a folder beside it."),
+]
+SweepSize = Annotated[
+    str | None,
+    typer.Option(
+        "--size",
+        help="WxH: stylize's working size, t2i-styled's image, texture-expand's texture (required there).",
+        rich_help_panel=FILES,
+    ),
+]
+SweepMaxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--max-size",
+        help="Longer side at most N (stylize: the input; texture-expand: the exemplar).",
+        rich_help_panel=FILES,
+    ),
+]
+
+
+@app.command()
+def sweep(
+    source: SweepSource,
+    vary: Vary = None,
+    command: SweepCommand = "stylize",
+    out: SheetOut = Path("sweep.png"),
+    mode: Mode = None,
+    opt_steps: OptSteps = None,
+    style: Style = None,
+    preset: Preset = None,
+    model: Model = None,
+    lora: Lora = None,
+    accelerator: Accelerator = None,
+    turbo: Turbo = None,
+    tiny_vae: TinyVae = None,
+    tiny_vae_model: TinyVaeModel = None,
+    vae: Vae = None,
+    ip_adapter: IpAdapter = None,
+    image_encoder: ImageEncoder = None,
+    scheduler: Scheduler = None,
+    steps: Steps = None,
+    strength: Strength = None,
+    cfg: Cfg = None,
+    gamma: Gamma = None,
+    prompt: Prompt = None,
+    negative: Negative = None,
+    style_mode: StyleMode = None,
+    style_scale: StyleScale = None,
+    ad_iters: AdIters = None,
+    ad_lr: AdLr = None,
+    adain: AdAdain = None,
+    content_weight: ContentWeight = None,
+    ad_checkpointing: AdCheckpointing = None,
+    seed: Seed = None,
+    size: SweepSize = None,
+    max_size: SweepMaxSize = None,
+    max_pixels: MaxPixels = None,
+    seamless: Seamless = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    no_size_check: NoSizeCheck = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+    model_config: ModelConfig = None,
+) -> None:
+    """Run one input over a grid of settings with one model load; write a labelled contact sheet.
+
+    Example: stylekit sweep photo.jpg --vary strength=0.4,0.6,0.8 --vary style_scale=0.5,1.0 --style ref.jpg -o sheet.png
+    Cells (with their metadata) and cells.json go to sheet/; a rerun skips the cells already there.
+    """
+    params = locals()
+    with cli_errors():
+        from stylekit import sweep as sw
+        from stylekit.presets import Settings
+        from stylekit.progress import ConsoleEvents
+        from stylekit.session import Runtime
+
+        known = {f.name for f in fields(Settings)}
+        flags = {SETTINGS_FIELD.get(k, k): v for k, v in params.items()}
+        overrides = given_settings(**{k: v for k, v in flags.items() if k in known})
+        runtime = Runtime(device, dtype, allow_pickle, model_config, size_check=not no_size_check)
+        options = sw.Options(parse_size_flag(size), check_max_size(max_size), max_pixels, seamless)
+        events = ConsoleEvents(err, as_json=as_json, quiet=quiet, unit="cells", debug=debug_mode())
+        with events:
+            report = sw.sweep(
+                source,
+                axes=[sw.parse_axis(text) for text in vary or ()],
+                command=command,
+                sheet=out,
+                style=style_paths(style),
+                preset=preset,
+                seed=seed,
+                overwrite=overwrite,
+                runtime=runtime,
+                options=options,
+                events=events,
+                **overrides,
+            )
+        colour = "red" if report.exit_code() else "green"
+        err.print(f"[{colour}]{escape(report.summary())}[/{colour}]")
+        for path in report.sheets:
+            err.print(f"sheet: {escape(str(path))}  (cells in {escape(str(sw.cells_folder(out)))})")
+        raise typer.Exit(report.exit_code())
 
 
 # --- plumbing ----------------------------------------------------------------------------------
@@ -1222,14 +1789,19 @@ class CommonOptions:
         )
 
     def events(self, kind=None):
-        """Progress on stderr, `--json` records on stdout (`ConsoleEvents` unless `kind`)."""
+        """Progress on stderr, `--json` records on stdout (`ConsoleEvents` unless `kind`); on
+        --dry-run the plan on stdout (`dryrun.PlanEvents`)."""
         from stylekit.progress import ConsoleEvents
 
+        if self.dry_run:
+            from stylekit.dryrun import PlanEvents
+
+            kind = PlanEvents
         kind = kind or ConsoleEvents
         return kind(err, as_json=self.as_json, quiet=self.quiet, debug=debug_mode())
 
 
-SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain"}  # flag parameter → Settings field
+SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain", **CONTROL_FLAGS}  # flag → Settings field
 
 
 def given_settings(**flags) -> dict[str, Any]:
@@ -1281,6 +1853,9 @@ class cli_errors:
         if isinstance(exc, KeyboardInterrupt):
             err.print("[yellow]interrupted[/yellow]: finished outputs are kept; rerun to resume")
             raise typer.Exit(130)
+        if isinstance(exc, BrokenPipeError):  # stdout's reader left (`| head`): stop quietly
+            quiet_stdout()
+            raise typer.Exit(0)
         if debug_mode():
             from stylekit.progress import print_traceback
 
@@ -1299,6 +1874,14 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -1306,6 +1889,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+    except BrokenPipeError:  # printed outside a command (help, version) into a closed pipe
+        quiet_stdout()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

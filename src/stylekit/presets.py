@@ -15,6 +15,15 @@ from stylekit.errors import PresetError
 
 DEFAULT_PRESET = "std-sdxl"
 STYLE_MODES = ("ipadapter", "ad", "both", "none")
+# Settings a command fixes over any preset, unless a flag gives them: t2i-styled guides by AD;
+# the texture commands use the AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN;
+# see tasks/textures.py). `--help` shows these as the defaults of those commands.
+_EXPAND = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
+COMMAND_DEFAULTS = {
+    "t2i-styled": {"style_mode": "ad"},
+    "texture-expand": _EXPAND,
+    "texture": {**_EXPAND, "ad_iters": 3, "opt_steps": 300},
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,19 @@ class Settings:
     mode: str = "sample"  # sample: few-step sampling; optimize: AD's optimisation-based transfer
     opt_steps: int = 200  # optimisation timesteps (AD release: 200 style transfer, 300 texture)
     opt_lr: float = 0.05  # the AD release's optimisation learning rate
+    # ControlNet (docs/controlnet.md): controls as TYPE[:SCALE] (canny, depth, tile), the nets
+    # overriding the family's defaults (one per control, in order), and when the residuals apply
+    controls: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    control_scale: float = 0.8  # diffusers' ControlNet img2img default and its LCM-LoRA recipe
+    control_start: float = 0.0  # fraction of the steps run before the residuals start
+    control_end: float = 1.0  # fraction of the steps run after which they stop
+    control_image: str | None = None  # a precomputed map (file, or folder matched by stem)
+    control_type: str | None = None  # the control the map is for (default: the only one)
+    canny: str = "100,200"  # Canny's low,high hysteresis thresholds (diffusers' docs)
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # Apache-2.0, 99 MB
     description: str = ""
+    purpose: str = ""  # what the preset is for, for `stylekit presets` (one sentence)
 
     def with_overrides(self, **values) -> Settings:
         """Return a copy with every non-None value replaced (command-line flags over the preset).
@@ -81,6 +102,9 @@ RANGES = {
     "content_weight": (0.0, 100.0),
     "opt_steps": (1, 5000),
     "opt_lr": (0.0, 10.0),
+    "control_scale": (0.0, 5.0),
+    "control_start": (0.0, 1.0),
+    "control_end": (0.0, 1.0),
 }
 CHOICES = {"scheduler": ("tcd", "lcm"), "style_mode": STYLE_MODES, "mode": ("sample", "optimize")}
 
@@ -93,6 +117,11 @@ def check(settings: Settings, *, source: str) -> Settings:
             continue
         if not lo <= value <= hi or (key == "strength" and value == 0):
             raise PresetError(f"{source}: {key} = {value!r} is outside {lo}..{hi}")
+    if settings.control_start >= settings.control_end:
+        raise PresetError(
+            f"{source}: control_start = {settings.control_start!r} must be below "
+            f"control_end = {settings.control_end!r}"
+        )
     for key, allowed in CHOICES.items():
         if getattr(settings, key) not in allowed:
             raise PresetError(
@@ -173,3 +202,20 @@ def load_preset(name_or_path: str | None = None) -> Settings:
 def list_presets() -> list[tuple[str, str]]:
     """(name, one-line description) of every built-in preset."""
     return [(name, load_preset(name).description) for name in builtin_names()]
+
+
+def preset_summary(name: str) -> dict:
+    """What `stylekit presets` shows of a built-in preset: whether it is the default, its model,
+    steps, strength and what it is for."""
+    s = load_preset(name)
+    keys = (
+        "model",
+        "steps",
+        "strength",
+        "cfg",
+        "scheduler",
+        "style_mode",
+        "purpose",
+        "description",
+    )
+    return {"name": name, "default": name == DEFAULT_PRESET} | {k: getattr(s, k) for k in keys}

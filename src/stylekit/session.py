@@ -15,16 +15,18 @@ frames or windows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from stylekit import __version__
+from stylekit import __version__, control
 from stylekit.engine import ad, conditioning, memory, models, sampling
 from stylekit.engine import style as style_engine
 from stylekit.engine.ad_loss import LabelMaps
@@ -48,6 +50,58 @@ class Runtime:
     allow_pickle: bool = False
     model_config: str | None = None  # diffusers config for a single-file checkpoint
     size_check: bool = True  # refuse sizes that `engine.memory` says will not fit
+    models: ModelPool | None = None  # hands a loaded model on to the next run (`stylekit sweep`)
+
+
+class ModelPool:
+    """The last model loaded, handed to the next run that would load the very same one.
+
+    Runs differ in their sampling settings (steps, CFG, prompt, style scale, AD knobs, seed)
+    without a new load. What `models.load` builds from the spec (model, variant, LoRAs, VAEs,
+    IP-Adapter on or off, the accelerator) must match; the strength and the task only count
+    through the accelerator `choose_accelerator` picks for them. One model is held at a time:
+    the previous one is let go before the next loads.
+    """
+
+    def __init__(self) -> None:
+        self.spec: models.ModelSpec | None = None
+        self.model: models.LoadedModel | None = None
+        self.loads = 0
+
+    def load(self, spec: models.ModelSpec) -> models.LoadedModel:
+        held, model = self.spec, self.model
+        if model is not None and self.same_weights(held, spec, model):
+            before = models.choose_accelerator(held, model.family, model.turbo)
+            after = models.choose_accelerator(spec, model.family, model.turbo)
+            swap = {before.notice: after.notice, before.warning: after.warning}
+            return replace(
+                model,
+                notices=tuple(n for n in (swap.get(n, n) for n in model.notices) if n),
+                warnings=tuple(w for w in (swap.get(w, w) for w in model.warnings) if w),
+            )
+        self.spec = self.model = model = None
+        memory_release()
+        self.model, self.spec = models.load(spec), spec
+        self.loads += 1
+        return self.model
+
+    @staticmethod
+    def same_weights(held: models.ModelSpec, spec: models.ModelSpec, model) -> bool:
+        """Whether `spec` loads what `held` loaded: equal but for strength and task, and the
+        same accelerator for them."""
+        if replace(spec, strength=held.strength, task=held.task) != held:
+            return False
+        chosen = models.choose_accelerator(spec, model.family, model.turbo).source
+        return chosen == model.accelerator
+
+
+def memory_release() -> None:
+    """Give a dropped model's memory back before the next one loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def default_batch(runtime: Runtime) -> int:
@@ -65,7 +119,29 @@ def resolve_settings(settings: Settings | None, preset: str | None, overrides: d
 
 def with_seed(output: Output) -> Output:
     """Fix the batch's base seed up front (random if not given) so every part of the run shares it."""
-    return replace(output, seed=base_seed(output.seed))
+    if output.seed is not None:
+        return replace(output, seed=base_seed(output.seed))
+    return replace(output, seed=base_seed(None), seed_drawn=True)
+
+
+def check_schedule(settings: Settings, task: str) -> None:
+    """Refuse steps the strength's schedule cannot run (`--steps 8 --strength 0.1` needs a grid
+    of 80 of the 50 timesteps) before the model loads: a dry run refuses it as the run would."""
+    if task in ("img2img", "video") and settings.mode == "sample":
+        turbo, _ = models.detect_turbo(settings.model, settings.turbo)
+        sampling.img2img_schedule(settings.steps, settings.strength, turbo=turbo)
+
+
+@lru_cache(maxsize=4)
+def planned_native_px(settings: Settings) -> int | None:
+    """The model's native side in px (`native_px`) read off its configs before it loads, for a
+    dry run's sizes; None where only the load can tell (a single-file checkpoint, a hub id not
+    in the cache offline)."""
+    try:
+        unet, vae = models.read_configs(settings.model)
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (StylekitError, OSError, ValueError, KeyError, TypeError):  # TypeError: no config
+        return None
 
 
 def size_notice(sizing: Sizing, what: str = "outputs") -> Callable[[Session], str]:
@@ -90,6 +166,16 @@ def load_style_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     return images
 
 
+def content_hash(path: str | Path) -> str:
+    """A short content hash of a file (the first 12 hex digits of its SHA-256), recorded next to
+    a reference's path so that a changed or moved file can be told from the one that was used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) -> None:
     """Refuse a missing local model, LoRA, accelerator, tiny VAE or IP-Adapter, a bad LoRA
     scale or a pickle without --allow-pickle now, before anything loads (exit 2). Hub ids can
@@ -98,6 +184,7 @@ def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) ->
         settings, runtime, ip_adapter=wants_ip_adapter(settings, style), task="video"
     )  # the video task's spec: it names everything any task loads (the motion adapter too)
     models.check_local_sources(spec)
+    control.check_control_sources(settings, allow_pickle=runtime.allow_pickle)
 
 
 def cfg_rows(settings: Settings) -> int:
@@ -190,9 +277,17 @@ def wants_ip_adapter(settings: Settings, style: Sequence) -> bool:
 
 
 def check_references(settings: Settings, style: Sequence) -> None:
-    """Refuse optimize mode without a reference: there is nothing to optimise towards."""
+    """Refuse optimize mode without a reference (there is nothing to optimise towards), and
+    references with style mode none, which would ignore them: asking for a style and getting
+    none is not a choice to make silently (the sd-turbo preset's style mode is none)."""
     if settings.mode == "optimize" and not style:
         raise UsageError("--mode optimize needs at least one --style reference")
+    if style and settings.mode == "sample" and settings.style_mode == "none":
+        raise UsageError(
+            "--style is given but the style mode is none (the preset's, or --style-mode), so "
+            "the references would be ignored; add --style-mode ad, ipadapter or both, "
+            "or drop --style"
+        )
 
 
 def uses_ad(settings: Settings, style: Sequence) -> bool:
@@ -251,6 +346,13 @@ def tiny_vae(settings: Settings) -> str | bool | None:
     return True if settings.tiny_vae else None
 
 
+def tiny_vae_source(settings: Settings, family: str) -> str | None:
+    """The tiny VAE a run of `family` decodes with (the family's default for a bare
+    `--tiny-vae`), or None: what its outputs record."""
+    source = tiny_vae(settings)
+    return models.TINY_VAE[family] if source is True else source
+
+
 def ad_options(settings: Settings) -> ad.ADOptions:
     """AD knobs from the settings (the content weight defaults by mode)."""
     s = settings
@@ -275,6 +377,7 @@ def open_session(
     *,
     style: Sequence[Image.Image] = (),
     style_names: Sequence[str] = (),
+    style_hashes: Sequence[str] = (),
     seed: int = 0,
     task: str = "img2img",
 ) -> Session:
@@ -290,7 +393,8 @@ def open_session(
     own 224 px anyway, so this only bounds the memory a 12-megapixel reference takes.
     """
     use_ad, use_ip = uses_ad(settings, style), wants_ip_adapter(settings, style)
-    model = models.load(model_spec(settings, runtime, ip_adapter=use_ip, task=task))
+    spec = model_spec(settings, runtime, ip_adapter=use_ip, task=task)
+    model = runtime.models.load(spec) if runtime.models is not None else models.load(spec)
     config = dict(model.pipe.scheduler.config)
     sampler = sampling.make_sampler(settings.scheduler, config, gamma=settings.gamma)
     cond = conditioning.encode_text(model, settings.prompt, settings.negative, cfg=settings.cfg)
@@ -299,7 +403,17 @@ def open_session(
         native = native_px(model)
         capped = [resized(im, Sizing().working(im.size, native)) for im in style]
         cond = conditioning.with_style_images(model, cond, capped)
-    session = Session(settings, model, sampler, cond, style_names=list(style_names))
+    controls = control.load_controls(model, settings, allow_pickle=runtime.allow_pickle)
+    session = Session(
+        settings,
+        model,
+        sampler,
+        cond,
+        style_names=list(style_names),
+        style_hashes=list(style_hashes),
+        task=task,
+        controls=controls,
+    )
     if not use_ad:
         return session
     side = session.native_px
@@ -318,11 +432,18 @@ class Session:
         cond: conditioning.Conditioning,
         *,
         style_names: Sequence[str] = (),
+        style_hashes: Sequence[str] = (),
         references: ad.References | None = None,
         feature_cond: conditioning.Conditioning | None = None,
+        task: str = "img2img",
+        controls: Sequence[control.LoadedControl] = (),
     ):
         self.settings, self.model, self.sampler, self.cond = settings, model, sampler, cond
-        self.style_names = list(style_names)
+        self.style_names = list(style_names)  # the references' paths as given
+        self.style_hashes = list(style_hashes)  # and their `content_hash`es
+        self.task = task  # where sampling starts: img2img, noise or video (see `open_session`)
+        self.controls = list(controls)  # ControlNets loaded once for the run
+        self._depth = None  # the depth estimator, loaded on first use
         self.references = references
         self.features = ad.FeatureCache()  # the references' features per timestep, this run's
         self.feature_cond = feature_cond  # AD's empty-prompt conditioning, encoded once per run
@@ -358,9 +479,67 @@ class Session:
             self.sampler,
             self.cond,
             style_names=self.style_names,
+            style_hashes=self.style_hashes,
             references=refs,
             feature_cond=self.feature_cond,
+            task=self.task,
+            controls=self.controls,
         )
+
+    # --- structure control -------------------------------------------------------------------
+
+    @property
+    def control_given(self) -> str | None:
+        """The control type whose map comes from `--control-image` (None: all computed)."""
+        kinds = [c.spec.kind for c in self.controls]
+        return control.image_type(self.settings, kinds) if self.controls else None
+
+    def depth_estimator(self):
+        """The depth-estimation pipeline, loaded once per run on first use."""
+        if self._depth is None:
+            self._depth = models.load_depth_estimator(self.settings.depth_model, self.model.device)
+        return self._depth
+
+    def control_maps(self, image: Image.Image, given: Image.Image | None = None) -> list:
+        """Every control's map for a content image at its working size; the `--control-image`
+        type takes `given` (already at that size)."""
+        maps = []
+        for c in self.controls:
+            if c.spec.kind == self.control_given:
+                if given is None:
+                    raise InputError(f"no control image for the {c.spec.kind} control")
+                maps.append(given)
+            else:
+                maps.append(
+                    control.control_map(c.spec.kind, image, self.settings, self.depth_estimator)
+                )
+        return maps
+
+    def control_for(self, maps: Sequence[Sequence[Image.Image]]):
+        """The engine's `Control` for rows of maps (one list per image), or None without controls."""
+        from stylekit.engine.controlnet import Control, image_tensor
+
+        if not self.controls:
+            return None
+        images = tuple(
+            image_tensor([row[k] for row in maps]).to(self.model.device)
+            for k in range(len(self.controls))
+        )
+        s = self.settings
+        return Control(
+            tuple(c.net for c in self.controls),
+            images,
+            tuple(c.spec.scale for c in self.controls),
+            s.control_start,
+            s.control_end,
+        )
+
+    def control_metadata(self) -> list[dict] | None:
+        """What every output records of the run's controls (None without)."""
+        if not self.controls:
+            return None
+        given = self.control_given
+        return [control.describe(c.spec, c.source, self.settings, given) for c in self.controls]
 
     # --- hooks of the sampling loop ------------------------------------------------------------
 
@@ -372,9 +551,11 @@ class Session:
         noise: torch.Tensor | None = None,
         windows: Sequence[View] | None = None,
         view_batch: int = 4,
+        control=None,
     ) -> AfterStep:
         """AD refinement after every step of a trajectory over `ts` (see `ad.guidance`); over
-        MultiDiffusion `windows`, of each window (`ad.windowed_guidance`)."""
+        MultiDiffusion `windows`, of each window (`ad.windowed_guidance`); with `control`'s
+        ControlNet residuals in its passes."""
         refs, ac = self.references, self.sampler.ac
         if windows is not None:
             return ad.windowed_guidance(
@@ -387,8 +568,11 @@ class Session:
                 view_batch=view_batch,
                 z0=z0,
                 noise=noise,
+                control=control,
             )
-        return ad.guidance(self.model, refs, self.features, ts, ac, z0=z0, noise=noise)
+        return ad.guidance(
+            self.model, refs, self.features, ts, ac, z0=z0, noise=noise, control=control
+        )
 
     @property
     def guided(self) -> Callable[..., AfterStep] | None:
@@ -398,11 +582,17 @@ class Session:
     # --- images ----------------------------------------------------------------------------------
 
     def img2img(
-        self, images: Sequence[Image.Image], seeds: Sequence[int], *, callback: Callback = None
+        self,
+        images: Sequence[Image.Image],
+        seeds: Sequence[int],
+        *,
+        callback: Callback = None,
+        given: Sequence[Image.Image | None] | None = None,
     ) -> list[Image.Image]:
         """Stylise same-size images in one UNet batch; image i is what it would be alone with seed i.
 
         Each image gets a CPU generator seeded once, so results match diffusers' pipelines.
+        `given[i]` is image i's precomputed control map (`--control-image`), if any.
         """
         from stylekit.engine.img2img import img2img
 
@@ -419,11 +609,36 @@ class Session:
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             guidance=self.guided,
             callback=callback,
+            control=self.control_of(images, given),
         )
         return [to_pil(a) for a in arr]
 
+    def control_of(self, images: Sequence[Image.Image], given=None):
+        """The engine `Control` of content images (their maps computed or given), or None."""
+        if not self.controls:
+            return None
+        given = given or [None] * len(images)
+        return self.control_for(
+            [self.control_maps(im, g) for im, g in zip(images, given, strict=True)]
+        )
+
+    def frame_control(self, given: Image.Image | None = None):
+        """A video frame → its `Control` (maps computed per frame; `given` one precomputed map
+        for every frame, resized to the frame)."""
+
+        def of(frame: Image.Image):
+            return self.control_of([frame], [given and resized(given, frame.size)])
+
+        return of
+
     def img2img_tiled(
-        self, image: Image.Image, seed: int, plan, *, callback: Callback = None
+        self,
+        image: Image.Image,
+        seed: int,
+        plan,
+        *,
+        callback: Callback = None,
+        given: Image.Image | None = None,
     ) -> Image.Image:
         """Stylise one image at its own size over the MultiDiffusion windows of `plan` (a
         `tasks.textures.CanvasPlan` of the image's latent size), tiled VAE in and out."""
@@ -446,13 +661,21 @@ class Session:
             guidance=self.guided,
             callback=callback,
             windows=Windows.of(plan),
+            control=self.control_of([image], [given]),
         )
         return to_pil(arr[0])
 
     def generate(
-        self, width: int, height: int, *, seed: int, callback: Callback = None
+        self,
+        width: int,
+        height: int,
+        *,
+        seed: int,
+        callback: Callback = None,
+        given: Image.Image | None = None,
     ) -> Image.Image:
-        """Text-to-image from pure noise in `steps` evaluations (AD-guided when references are set)."""
+        """Text-to-image from pure noise in `steps` evaluations (AD-guided when references are
+        set); with controls, `given` is the control map at (width, height)."""
         from stylekit.engine.txt2img import txt2img
 
         if width % 8 or height % 8:
@@ -467,6 +690,7 @@ class Session:
             generator=torch.Generator("cpu").manual_seed(seed),
             guidance=self.guided,
             callback=callback,
+            control=self.control_for([[given] * len(self.controls)]) if self.controls else None,
         )
         return to_pil(arr)
 
@@ -496,32 +720,44 @@ class Session:
     # --- what every output records ---------------------------------------------------------------
 
     def metadata(self, *, seed: int, size: tuple[int, int], source: str | None = None) -> dict:
-        """Everything needed to reproduce an output, for the PNG/EXIF settings chunk."""
+        """Everything needed to reproduce an output, for the PNG/EXIF settings chunk.
+
+        Only what the run used is recorded: no prompt, negative prompt or CFG for optimisation
+        (it reads none of them), no negative prompt where CFG does not run, no strength or
+        content weight from pure noise; the tiny VAE by the model it loaded; style references
+        by their path as given and a short content hash."""
         s, m = self.settings, self.model
         sample = s.mode == "sample"
         ad_on = self.references is not None
         return {
-            "prompt": s.prompt,
-            "negative_prompt": s.negative,
+            "prompt": s.prompt if sample else None,
+            "negative_prompt": s.negative if sample and conditioning.uses_cfg(m, s.cfg) else None,
             "steps": s.steps if sample else s.opt_steps,
             "sampler": s.scheduler.upper() if sample else "AD-optimize",
-            "cfg_scale": s.cfg,
+            "cfg_scale": s.cfg if sample else None,
             "seed": seed,
             "size": f"{size[0]}x{size[1]}",
             "model": s.model,
-            "strength": s.strength if sample else None,
+            "strength": s.strength if sample and self.task != "noise" else None,
             "gamma": s.gamma if s.scheduler == "tcd" and sample else None,
             "accelerator": m.accelerator or "none",
             "loras": list(s.loras) or None,
             "style": self.style_names or None,
+            "style_sha256": self.style_hashes or None,
             "style_mode": ("ad" if not sample else s.style_mode) if self.style_names else None,
             "style_scale": s.style_scale if self.cond.image_embeds is not None else None,
             "ad_iters": s.ad_iters if ad_on and sample else None,
             "ad_lr": (s.ad_lr if sample else s.opt_lr) if ad_on else None,
             "ad_adain": s.ad_adain if ad_on and sample else None,
-            "content_weight": self.references.options.content_weight if ad_on else None,
-            "tiny_vae": tiny_vae(s),
+            "content_weight": (
+                self.references.options.content_weight
+                if ad_on and self.task != "noise"  # from noise there is no content to keep
+                else None
+            ),
+            "tiny_vae": True if tiny_vae(s) else None,
+            "tiny_vae_model": tiny_vae_source(s, m.family),
             "vae": s.vae,
+            "controls": self.control_metadata(),
             "dtype": str(m.dtype).removeprefix("torch."),
             "input": source,
             "stylekit": __version__,
@@ -558,11 +794,12 @@ def announce(model: models.LoadedModel, events: Events) -> None:
 class LazySession:
     """The run's session, opened once and only when there is work (`prepare` of the batch loop).
 
-    Style references are loaded and local model paths checked by the constructor, so a bad one
-    stops the run before any model loads; `before()` runs first in `prepare` (a size check that
-    needs the model's family); `check(session)` may refuse a combination only the loaded model
-    reveals, and `announce(session)` returns a line for `events.notice` once the model is known
-    (the working size, which depends on the model).
+    Style references are loaded, local model paths and the schedule checked by the constructor,
+    so a bad one stops the run before any model loads; `before()` is the runner's `check` (a
+    size check that needs the model's family, not the model: it runs on --dry-run too);
+    `check(session)` may refuse a combination only the loaded model reveals, and
+    `announce(session)` returns a line for `events.notice` once the model is known (the working
+    size, which depends on the model).
     """
 
     def __init__(
@@ -581,21 +818,22 @@ class LazySession:
         self.settings, self.runtime = settings, runtime or Runtime()
         self.seed, self.events, self.check, self.task = seed, events, check, task
         self.announce, self.before = announce, before
-        self.style_names = [Path(p).name for p in style]
+        self.style_names = [str(p) for p in style]  # recorded as given, with a content hash
         self.style_images = load_style_images(style)
+        self.style_hashes = [content_hash(p) for p in style]
         check_references(settings, self.style_images)
         check_sources(settings, self.runtime, self.style_images)
+        check_schedule(settings, task)
         self.session: Session | None = None
 
     def prepare(self) -> None:
-        if self.before is not None:
-            self.before()
         self.events.loading(self.settings.model)
         session = open_session(
             self.settings,
             self.runtime,
             style=self.style_images,
             style_names=self.style_names,
+            style_hashes=self.style_hashes,
             seed=self.seed,
             task=self.task,
         )

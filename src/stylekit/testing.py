@@ -856,3 +856,84 @@ def _proj_noise(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor
         bound = param[0].numel() ** -0.5
         return (torch.rand(param.shape, generator=generator) * 2 - 1) * bound
     return torch.randn(param.shape, generator=generator) * 0.01
+
+
+# --- ControlNet and depth estimation --------------------------------------------------------
+
+CONTROLNET_ZERO_LAYERS = ("controlnet_down_blocks", "controlnet_mid_block", "conv_out")
+
+
+@torch.no_grad()
+def build_controlnet(
+    model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    std: float = 0.3,
+    embedding_channels: tuple[int, ...] = (8, 8, 8, 8),
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random `ControlNetModel` for the UNet at `model_path` into `out_dir`; return it.
+
+    `ControlNetModel.from_unet` copies the UNet's config and encoder, but its zero convolutions
+    (`controlnet_down_blocks`, `controlnet_mid_block` and the conditioning embedding's
+    `conv_out`) start at exactly zero: such a net changes nothing and every test passes
+    whatever the code does. They are filled with seeded noise of `std` here.
+    `embedding_channels` are the conditioning embedding's (SD1.5's nets: 16, 32, 96, 256).
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", dtype=dtype)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
+    net.to(dtype)
+    del unet
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in net.named_parameters():
+        zero = name.startswith(CONTROLNET_ZERO_LAYERS[:2]) or ".conv_out." in name
+        if zero:
+            param.copy_(torch.randn(param.shape, generator=generator) * std)  # cast to dtype
+    net.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_depth_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random `DepthAnythingForDepthEstimation` with its `DPTImageProcessor` into
+    `out_dir`: it loads through `pipeline("depth-estimation", model=out_dir)` as a real one does."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=56,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        reassemble_hidden_size=32,
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        DepthAnythingForDepthEstimation(config).save_pretrained(out_dir)
+    DPTImageProcessor(
+        do_resize=True,
+        size={"height": 56, "width": 56},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out_dir)
+    return Path(out_dir)

@@ -27,6 +27,7 @@ from PIL import Image
 from stylekit.engine import conditioning, memory
 from stylekit.engine.ad_loss import LabelMaps, ad_loss, content_loss
 from stylekit.engine.attention import Features, FeatureStore, record_attention, select_layers
+from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import encode_pixels, to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import AfterStep, add_noise
@@ -534,8 +535,13 @@ def refine_at(
     t: int,
     ac: torch.Tensor,
     content: torch.Tensor | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
-    """One AD refinement of z at timestep t (AdaIN first when on, and a content term when given)."""
+    """One AD refinement of z at timestep t (AdaIN first when on, and a content term when given).
+
+    With `control` the refined latent's UNet passes get the ControlNets' residuals at t, as the
+    sampling passes do (otherwise the guidance would pull against the control); they are
+    computed once from the latent entering the refinement and held over its iterations."""
     o = refs.options
     if o.adain:
         z = adain_to(refs, z, t, ac)
@@ -544,13 +550,47 @@ def refine_at(
     plan = plan_for(model, refs, cache, z)
     if content is None or not o.content_weight:
         content = None
+    residuals = control_residuals(model, refs, control, z, t)
     rows = z.split(plan.micro_batch)
     contents = content.split(plan.micro_batch) if content is not None else [None] * len(rows)
     refined = [
-        _refine_rows(model, refs, cache, zi, t, ac, ci, checkpointing=plan.checkpointing)
-        for zi, ci in zip(rows, contents, strict=True)
+        _refine_rows(
+            model,
+            refs,
+            cache,
+            zi,
+            t,
+            ac,
+            ci,
+            checkpointing=plan.checkpointing,
+            residuals=rows_of_residuals(residuals, k * plan.micro_batch, zi.shape[0]),
+        )
+        for k, (zi, ci) in enumerate(zip(rows, contents, strict=True))
     ]
     return torch.cat(refined)
+
+
+@torch.no_grad()
+def control_residuals(
+    model: LoadedModel, refs: References, control: Control | None, z: torch.Tensor, t: int
+) -> dict:
+    """The ControlNets' residual keywords for latent z at t under the feature passes' text."""
+    if control is None:
+        return {}
+    inputs = _unet_kwargs(unet_inputs(model, refs, z), z.shape[0])
+    hidden, added = inputs["encoder_hidden_states"], inputs.get("added_cond_kwargs")
+    return control.residuals(z, t, hidden, added)
+
+
+def rows_of_residuals(residuals: dict, start: int, count: int) -> dict:
+    """Rows start..start+count of every residual (a micro-batch's share)."""
+
+    def part(x: torch.Tensor) -> torch.Tensor:
+        return x[start : start + count]
+
+    return {
+        k: [part(x) for x in v] if isinstance(v, list) else part(v) for k, v in residuals.items()
+    }
 
 
 def _refine_rows(
@@ -563,6 +603,7 @@ def _refine_rows(
     content: torch.Tensor | None,
     *,
     checkpointing: bool,
+    residuals: dict | None = None,
 ) -> torch.Tensor:
     """`refine` rows of z against the noised references (and their content latents when given)."""
     o = refs.options
@@ -574,7 +615,7 @@ def _refine_rows(
         model.unet,
         z,
         t,
-        unet_inputs(model, refs, z),
+        unet_inputs(model, refs, z) | (residuals or {}),
         noised_features(model, refs, cache, t, ac),
         layers=refs.layers,
         iters=o.iters,
@@ -600,16 +641,18 @@ def guidance(
     *,
     z0: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    control: Control | None = None,
 ) -> AfterStep:
     """The sampling loop's `after_step`: refine after step i at t' = ts[i+1] (0 after the last).
 
     With `z0` and `noise` (image-to-image) the content term compares with z0 noised to t'.
+    With `control` the refinement's passes get the ControlNets' residuals (`refine_at`).
     """
 
     def after_step(i: int, z: torch.Tensor) -> torch.Tensor:
         t = next_timestep(ts, i)
         content = add_noise(z0, noise, t, ac) if z0 is not None else None
-        return refine_at(model, refs, cache, z, t, ac, content)
+        return refine_at(model, refs, cache, z, t, ac, content, control)
 
     return after_step
 
@@ -625,12 +668,14 @@ def windowed_guidance(
     view_batch: int,
     z0: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    control: Control | None = None,
 ) -> AfterStep:
     """`guidance` for a MultiDiffusion canvas: refine each window, average where they overlap.
 
     With label maps the windows refine one at a time, each with its crop of the target map (the
     references' maps stay whole), so the AD mask pairs that window's tokens with the references'.
     With `z0` and `noise` (image-to-image) a window's content term is its crop of z0 noised to t'.
+    With `control` each window's passes get the residuals of its crop of the control images.
     """
     masks = refs.masks
 
@@ -642,10 +687,11 @@ def windowed_guidance(
 
         def refine_windows(crops: torch.Tensor, batch: Sequence[View]) -> torch.Tensor:
             own = refs if masks is None else replace(refs, masks=window_masks(masks, batch[0], z))
+            ctl = control.crop(batch) if control is not None else None
             if content is None:
-                return refine_at(model, own, cache, crops, t, ac)
+                return refine_at(model, own, cache, crops, t, ac, control=ctl)
             part = crops[:, c:].contiguous()  # (B, C, h, w) each
-            refined = refine_at(model, own, cache, crops[:, :c].contiguous(), t, ac, part)
+            refined = refine_at(model, own, cache, crops[:, :c].contiguous(), t, ac, part, ctl)
             return torch.cat([refined, part], 1)
 
         out = map_windows(

@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from stylekit.engine.conditioning import Conditioning
+from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import noise_predictor
@@ -44,6 +45,7 @@ def img2img(
     guidance: Guidance | None = None,
     callback: Callable[[int, int], None] | None = None,
     windows: Windows | None = None,
+    control: Control | None = None,
 ) -> np.ndarray:
     """Stylise images in `steps` UNet evaluations at `strength`: (B, H, W, 3) floats in [0, 1].
 
@@ -56,6 +58,9 @@ def img2img(
     (MultiDiffusion, `predict.window_averaged`) and AD, when on, refining each window
     (`guidance(..., windows=, view_batch=)`). Start noise and posterior draw come from the
     generator for the whole latent as above, so a canvas of one window is the untiled run.
+
+    `control` (ControlNets and their images at the images' size) adds residuals to every UNet
+    call over the steps actually run, AD's refinement passes included.
     """
     if windows is not None:
         _check_one(images, generator)
@@ -63,12 +68,15 @@ def img2img(
     _, ts = img2img_schedule(steps, strength, turbo=model.turbo)
     encoder = encode if windows is None else windows.encode
     z, z0, noise = start_latent(model, images, ts[0], sampler, generator, encoder=encoder)
+    control = control.scheduled(ts) if control is not None else None
     if windows is None:
-        eps, tiles = noise_predictor(model, cond, first.height, first.width), {}
+        eps = noise_predictor(model, cond, first.height, first.width, control=control)
+        tiles = {}
     else:  # progress counts windows, from the predictor
-        eps = windows.predictor(model, cond, callback=callback, steps=len(ts))
+        eps = windows.predictor(model, cond, callback=callback, steps=len(ts), control=control)
         tiles, callback = windows.guidance_args, None
-    hook = guidance(ts, z0=z0, noise=noise, **tiles) if guidance is not None else None
+    more = {"control": control} if control is not None else {}
+    hook = guidance(ts, z0=z0, noise=noise, **tiles, **more) if guidance is not None else None
     z = sample(eps, z, ts, sampler, generator=generator, after_step=hook, callback=callback)
     return decode(model, z) if windows is None else windows.decode(model, z)
 

@@ -22,6 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter
 
 from stylekit.engine.conditioning import Conditioning
+from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import decode, encode_pixels, to_tensor, upcast_needed
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import noise_predictor
@@ -129,6 +130,7 @@ def inpaint(
     guidance: Guidance | None = None,
     callback: Callable[[int, int], None] | None = None,
     windows: Windows | None = None,
+    control: Control | None = None,
 ) -> np.ndarray:
     """Repaint where `mask` (from `binarize`) is 1 in `steps` UNet evaluations; (H, W, 3) floats in [0, 1].
 
@@ -139,6 +141,9 @@ def inpaint(
     VAE encode and decode, ε averaged over the windows (a 9-channel UNet gets each window's crop
     of the mask and masked-image latent), AD refining each window; the known region is put back
     on the whole latent after every step as above. A canvas of one window is the untiled run.
+
+    `control` (ControlNets with their maps at the image's size) adds residuals to every UNet call,
+    AD's refinement passes included; the nets read the 4-channel latent, as diffusers' do.
     """
     if guidance is not None and model.inpainting_unet:
         raise UsageError("AD style guidance needs a plain 4-channel UNet, not an inpainting UNet")
@@ -146,11 +151,17 @@ def inpaint(
     t0 = None if strength >= 1.0 else ts[0]
     lat = prepare_latents(model, image, mask, t0, sampler, generator, windows=windows)
     extra = None if lat.masked is None else torch.cat([lat.mask, lat.masked], dim=1)  # (1, 5, h, w)
+    control = control.scheduled(ts) if control is not None else None
     if windows is None:
-        eps, tiles = noise_predictor(model, cond, image.height, image.width, extra=extra), {}
+        eps = noise_predictor(model, cond, image.height, image.width, extra=extra, control=control)
+        tiles = {}
     else:  # progress counts windows, from the predictor
-        eps = windows.predictor(model, cond, extra=extra, callback=callback, steps=len(ts))
+        eps = windows.predictor(
+            model, cond, extra=extra, callback=callback, steps=len(ts), control=control
+        )
         tiles, callback = windows.guidance_args, None
+    if control is not None:
+        tiles = tiles | {"control": control}
     after = None
     if not model.inpainting_unet:  # a 9-channel UNet is told the mask instead
         after = keep_known(lat, ts, sampler.ac)

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import torch
 
+from stylekit.engine import hub
 from stylekit.errors import ModelError, UsageError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -175,6 +176,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def auto_dtype_reason(device: torch.device) -> str:
+    """Why `resolve_dtype("auto", device)` picks what it picks, in a few words."""
+    if device.type in ("cuda", "mps"):
+        return f"half precision on {device.type}"
+    if cpu_has_bf16():
+        return "this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)"
+    return "this CPU has no native bf16 matrix instructions (AVX512-BF16 or AMX)"
+
+
 def is_local(source: str) -> bool:
     """Whether `source` names something on disk rather than a hub id or hub file `owner/repo/file`."""
     path = Path(source)
@@ -321,6 +331,25 @@ def detect_family(source: str, *, allow_pickle: bool = False) -> str:
         if "XL" in str(index.get("_class_name", "")):
             return "sdxl"
         return family_of_config(index, UNet2DConditionModel.load_config(source, subfolder="unet"))
+
+
+def read_configs(source: str) -> tuple[dict | None, dict | None]:
+    """The UNet's and VAE's configs of a diffusers folder or hub id, read without loading any
+    weights (a hub id from the cache, or fetched like the load would); (None, None) for a
+    single-file checkpoint, whose configs come with the load."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return None, None
+    if path.is_dir():
+        parts = [path / part / "config.json" for part in ("unet", "vae")]
+        unet, vae = (json.loads(p.read_text()) if p.is_file() else None for p in parts)
+        return unet, vae
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with hub_errors("model", source):
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+    return dict(unet), dict(vae)
 
 
 def is_turbo(source: str) -> bool:
@@ -521,6 +550,8 @@ def load_lora(
             pipe.load_lora_weights(str(path), adapter_name=name)
         else:
             repo, weight = split_hub_file(source)
+            if weight is None and hub.offline():  # diffusers cannot list the repo to guess it
+                weight = hub.cached_lora_weight(repo)
             kwargs = {"weight_name": weight} if weight else {}
             pipe.load_lora_weights(repo, adapter_name=name, **kwargs)
 
@@ -985,3 +1016,98 @@ def load_motion_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> str
     if other:
         text += f", {other} text-encoder keys not loaded"
     return text
+
+
+# --- ControlNet and depth estimation (docs/controlnet.md) ----------------------------------------
+# The default ControlNet per family and control type: (hub id, revision). The SD1.5 tile net keeps
+# only a pickled `.bin` on main; its safetensors conversion lives in the repo's PR ref.
+CONTROLNETS = {
+    "sd15": {
+        "canny": ("lllyasviel/control_v11p_sd15_canny", None),
+        "depth": ("lllyasviel/control_v11f1p_sd15_depth", None),
+        "tile": ("lllyasviel/control_v11f1e_sd15_tile", "refs/pr/4"),
+    },
+    "sdxl": {
+        "canny": ("diffusers/controlnet-canny-sdxl-1.0", None),
+        "depth": ("diffusers/controlnet-depth-sdxl-1.0", None),
+        "tile": ("xinsir/controlnet-tile-sdxl-1.0", None),
+    },
+}
+DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # Apache-2.0, 99 MB
+
+
+def controlnet_source(kind: str, family: str, source: str | None) -> tuple[str, str | None]:
+    """(source, revision) of the ControlNet for control `kind`: `source` when given, else the
+    family's default; SD 2.x has none released here, so it needs `--controlnet`."""
+    if source:
+        return source, None
+    defaults = CONTROLNETS.get(family)
+    if defaults is None:
+        raise UsageError(
+            f"no default {kind} ControlNet for SD 2.x models; pass one with --controlnet"
+        )
+    return defaults[kind]
+
+
+def load_controlnet(
+    model: LoadedModel,
+    source: str,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+):
+    """Load a `ControlNetModel` (hub id, diffusers folder or `.safetensors` file) on the model's
+    device and dtype. A net built for another family (its cross-attention width or SDXL's
+    added conditioning differ from the UNet's) is a usage error naming both."""
+    from diffusers import ControlNetModel
+
+    check_source(source, what="ControlNet", allow_pickle=allow_pickle)
+    path = Path(source).expanduser()
+    where = str(path) if path.is_dir() else source
+    kwargs = dict(dtype=model.dtype, use_safetensors=not allow_pickle, revision=revision)
+    with hub_errors("ControlNet", source, family=model.family):
+        if not path.is_file():  # the config first: a wrong family stops before the weights
+            config = ControlNetModel.load_config(where, revision=revision)
+            check_controlnet_family(config, model, source)
+        if path.is_file():
+            net = ControlNetModel.from_single_file(str(path), dtype=model.dtype)
+        elif path.is_dir() or not variant:
+            net = ControlNetModel.from_pretrained(where, **kwargs)
+        else:
+            try:
+                net = ControlNetModel.from_pretrained(source, variant=variant, **kwargs)
+            except (ValueError, OSError):  # no such variant: the full weights
+                net = ControlNetModel.from_pretrained(source, **kwargs)
+    check_controlnet_family(net.config, model, source)
+    return net.to(model.device).eval().requires_grad_(False)
+
+
+def check_controlnet_family(config, model: LoadedModel, source: str) -> None:
+    """Refuse a ControlNet (its config, a mapping) whose conditioning does not fit the UNet: its
+    cross-attention width or SDXL's added conditioning differ (an SD1.5 net on SDXL)."""
+    check_controlnet_config(config, model.unet.config, model.family, source)
+
+
+def check_controlnet_config(config, unet_config, family: str, source: str) -> None:
+    """`check_controlnet_family` from the two configs alone (what `models pull` has at hand)."""
+    config, unet = dict(config), dict(unet_config)
+    keys = ("cross_attention_dim", "addition_embed_type")
+    if all(config.get(k) == unet.get(k) for k in keys):
+        return
+    raise UsageError(
+        f"ControlNet {source} is for {family_of_unet(config)} models (cross-attention "
+        f"{config.get('cross_attention_dim')}), but the model is {family} (cross-attention "
+        f"{unet.get('cross_attention_dim')}); pass a {family} ControlNet with --controlnet"
+    )
+
+
+def load_depth_estimator(source: str, device: torch.device):
+    """A transformers `depth-estimation` pipeline (hub id or local folder) on `device`."""
+    from transformers import pipeline
+
+    if is_local(source):
+        check_source(source, what="depth model", allow_pickle=False)
+        source = str(Path(source).expanduser())
+    with hub_errors("depth model", source):
+        return pipeline("depth-estimation", model=source, device=device)

@@ -1,6 +1,6 @@
 """ε-prediction callables `eps(z, t)`: the hook of the one sampling loop where everything that
 changes how the noise is predicted composes: classifier-free guidance, extra input channels
-(inpainting UNets), and MultiDiffusion's window averaging. See docs/sampling.md and
+(inpainting UNets), ControlNet residuals, and MultiDiffusion's window averaging. See docs/sampling.md and
 docs/multidiffusion.md. "ε" stands for whatever the UNet outputs (ε, v or x0 by its prediction type):
 everything composed here is linear in that output, so it is the same for all three.
 """
@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from stylekit.engine.conditioning import Conditioning, added_kwargs
+from stylekit.engine.controlnet import Control
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.sampling import AfterStep, Sampler, sample
 from stylekit.engine.tiling import View, map_windows, views
@@ -26,30 +27,37 @@ def noise_predictor(
     width: int,
     *,
     extra: torch.Tensor | None = None,
+    control: Control | None = None,
 ) -> Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]:
     """Return eps(z, t): one UNet call on [z, z] under CFG, combined as e_u + g (e_c − e_u).
 
     `t` is one timestep or one per latent row (stream batch). `extra` (1, C, h, w) is concatenated
     to every latent as more input channels (an inpainting UNet's mask and masked-image latent).
+    `control` (ControlNets with one conditioning image per latent row, or one for all) adds its
+    residuals to the UNet's skips; the nets see the same rows, timesteps and text as the UNet.
     """
     added = added_kwargs(model, cond, height, width)
     unet = model.unet
 
     def eps(z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         batch = z.shape[0]
+        latent = torch.cat([z, z]) if cond.do_cfg else z  # (2B, 4, h, w): the ControlNets' rows
         if extra is not None:
             z = torch.cat([z, extra.expand(batch, -1, -1, -1)], dim=1)  # (B, 4 + C, h, w)
         rows = torch.cat([z, z]) if cond.do_cfg else z  # (2B, ·, h, w) under CFG, uncond first
         t = torch.as_tensor(t, device=z.device)
         if t.ndim and cond.do_cfg:
             t = torch.cat([t, t])  # (2B,) per-row timesteps follow their rows
+        hidden, more = expand(cond.prompt_embeds, batch), expand_added(added, batch)
+        residuals = {} if control is None else control.residuals(latent, t, hidden, more)
         out = unet(
             rows,
             t,
-            encoder_hidden_states=expand(cond.prompt_embeds, batch),
+            encoder_hidden_states=hidden,
             timestep_cond=cond.timestep_cond,
-            added_cond_kwargs=expand_added(added, batch),
+            added_cond_kwargs=more,
             return_dict=False,
+            **residuals,
         )[0]
         if not cond.do_cfg:
             return out

@@ -32,6 +32,8 @@ Decisions:
 - AD guidance (style mode ad/both) refines each frame after each step, as for a still image
   (`guidance` gives each frame its hook); the run caches the reference features per
   timestep, so they are computed once per run.
+- ControlNet (`control`): each frame's maps are computed as it arrives and travel with it
+  through the stages, so a stream-batch call stacks its rows' maps (docs/controlnet.md).
 - Full resolution (`windows`, `--tiled`): every frame runs at its own size over MultiDiffusion
   windows (ε averaged over them, AD refining each) with the tiled VAE in and out, as tiled
   img2img does for a still image. Frames then go one at a time (no stream batch: the windows
@@ -42,8 +44,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +61,7 @@ from stylekit.engine.attention import (
     select_layers,
 )
 from stylekit.engine.conditioning import Conditioning
+from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import decode, encode
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import noise_predictor
@@ -182,6 +185,7 @@ class _Item:
     stage: int = 0
     anchor: Anchor | None = None
     records: bool = False  # this frame is the anchor: record, do not read
+    control: Control | None = None  # its ControlNet maps (`FrameStream(control=)`)
 
     def send(self, eps: torch.Tensor) -> None:
         """Give the trajectory its model output; it steps to the next call or ends."""
@@ -221,8 +225,10 @@ class FrameStream:
         *,
         guidance: Guidance | None = None,
         windows: Windows | None = None,
+        control: Callable[[Image.Image], Control] | None = None,
     ):
         self.model, self.cond, self.sampler, self.options = model, cond, sampler, options.check()
+        self.control = control  # a frame's ControlNet maps, computed per frame as it arrives
         self.guidance = guidance  # AD: each frame's after_step, from its z0 and start noise
         self.windows = windows  # full resolution: the (padded) frame's MultiDiffusion windows
         _, self.ts = img2img_schedule(options.steps, options.strength, turbo=model.turbo)
@@ -282,9 +288,11 @@ class FrameStream:
         if self._eps is None:
             self._eps = self._predictor(image)
         z0, noises = self._encode(image)
+        control = self.control(image).scheduled(self.ts) if self.control is not None else None
         after = None
         if self.guidance is not None:
             tiles = {} if self.windows is None else self.windows.guidance_args
+            tiles |= {"control": control} if control is not None else {}
             after = self.guidance(self.ts, z0=z0, noise=noises[0], **tiles)
         run = trajectory(
             add_noise(z0, noises[0], self.ts[0], self.sampler.ac),
@@ -293,7 +301,7 @@ class FrameStream:
             noise=lambda i, eps: noises[i + 1],  # the stage noises, fixed or fresh
             after_step=after,
         )
-        item = _Item(index, run=run, pending=next(run))
+        item = _Item(index, run=run, pending=next(run), control=control)
         self._assign_anchor(item)
         return item
 
@@ -312,6 +320,20 @@ class FrameStream:
         if self.windows is None:
             return noise_predictor(self.model, self.cond, image.height, image.width)
         return self.windows.predictor(self.model, self.cond, callback=self._count_window_batch)
+
+    def _eps_of(self, rows: Sequence[_Item]):
+        """ε for these frames' rows: the stream's predictor, with their ControlNet maps stacked
+        in row order when the stream has controls."""
+        if rows[0].control is None:
+            return self._eps
+        stacked = zip(*[r.control.images for r in rows], strict=True)  # per net: each row's map
+        control = replace(rows[0].control, images=tuple(torch.cat(ims) for ims in stacked))
+        h, w = (8 * side for side in rows[0].pending[0].shape[-2:])
+        if self.windows is None:
+            return noise_predictor(self.model, self.cond, h, w, control=control)
+        return self.windows.predictor(
+            self.model, self.cond, callback=self._count_window_batch, control=control
+        )
 
     def _count_window_batch(self, done: int, total: int) -> None:
         self.stats.unet_calls += 1  # one UNet call per window batch
@@ -387,7 +409,7 @@ class FrameStream:
         while item.pending is not None:
             z, t = item.pending
             with self._attention([item]) as recorded:
-                eps = self._eps(z, t)
+                eps = self._eps_of([item])(z, t)
             if item.records:
                 item.anchor.stages[item.stage] = anchor_kv(recorded.features)
             if self.windows is None:  # tiled: counted per window batch (`_predictor`)
@@ -403,7 +425,7 @@ class FrameStream:
         z = torch.cat([it.pending[0] for it in rows])  # (B, 4, h, w): one latent per frame
         t = torch.tensor([it.pending[1] for it in rows], device=z.device)  # (B,)
         with self._attention(rows):
-            eps = self._eps(z, t)
+            eps = self._eps_of(rows)(z, t)
         self.stats.unet_calls += 1
         for j, item in enumerate(rows):
             item.send(eps[j : j + 1])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from stylekit.engine.conditioning import Conditioning
+from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import to_tensor
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import EpsFn, Progress, noise_predictor
@@ -61,10 +62,11 @@ class Windows:
         extra: torch.Tensor | None = None,
         callback: Callable[[int, int], None] | None = None,
         steps: int = 1,
+        control: Control | None = None,
     ) -> EpsFn:
         """ε over the whole latent: the UNet on ≤ `view_batch` windows a call, averaged where
         they overlap (MultiDiffusion). `extra` (1, C, h, w) extra input channels (an inpainting
-        UNet's mask and masked latent) are cropped like the windows. `callback(done, total)`
+        UNet's mask and masked latent) and `control`'s images are cropped like the windows. `callback(done, total)`
         counts window batches' windows over `steps` steps."""
         first = self.views[0]
         height, width = 8 * first.height, 8 * first.width
@@ -72,7 +74,8 @@ class Windows:
 
         def one_batch(crops: torch.Tensor, batch: Sequence[View], t) -> torch.Tensor:
             rows = None if extra is None else torch.cat([crop(extra, v) for v in batch])
-            return noise_predictor(model, cond, height, width, extra=rows)(crops, t)
+            own = None if control is None else control.crop(batch)
+            return noise_predictor(model, cond, height, width, extra=rows, control=own)(crops, t)
 
         def eps(z: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
             return map_windows(

@@ -9,7 +9,7 @@ Naming rules, shared by every command that writes images:
   (`photos/x/a.jpg` -> `OUT/x/a.png`); a glob mirrors the tree under its fixed leading folder
   (`photos/**/*.jpg` -> relative to `photos`); a single file lands at the top of OUT.
 - With exactly one input and `-o` ending in .png/.jpg/.jpeg/.webp, the output is exactly that
-  file, in the format its extension names.
+  file, in the format its extension names; a `--format` naming another format is refused.
 - Two inputs that would get the same output name never overwrite each other: the first in input
   order keeps `name.ext`, each later one gets the first free `name-1.ext`, `name-2.ext`, ...
   Names are compared case-insensitively, so the rule also holds on macOS and Windows.
@@ -270,7 +270,7 @@ def plan_outputs(
             raise UsageError(f"-o {out}: this command writes a folder; give a folder name")
         if len(items) != 1:
             raise UsageError(f"-o {out} names one file but there are {len(items)} inputs")
-        output_format(out.suffix)  # rejects .bmp, .gif, ...
+        check_file_format(out, fmt)
         jobs = [Job(items[0].path, out, items[0].rel, 0)]
     else:
         if out.exists() and not out.is_dir():
@@ -280,6 +280,18 @@ def plan_outputs(
         jobs = [Job(i.path, p, i.rel, n) for n, (i, p) in enumerate(zip(items, paths, strict=True))]
     refuse_overwriting_inputs(jobs)
     return jobs
+
+
+def check_file_format(out: Path, fmt: str | None) -> str:
+    """The format of `-o FILE` (rejects .bmp, .gif, ...); a `--format` naming another one is a
+    UsageError, not a silent choice between them."""
+    named = output_format(out.suffix)
+    if fmt is not None and output_format(fmt) != named:
+        raise UsageError(
+            f"-o {out} is a {named} file but --format is {fmt}; "
+            "drop --format or give -o the extension you want"
+        )
+    return named
 
 
 def output_root(out: Path | None) -> Path | None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from stylekit.media.metadata import save_options
 
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+ORIENTATION = 0x0112  # EXIF tag: its values 5 to 8 turn the image by 90 degrees
 _SIZE = re.compile(r"\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?")
 
 
@@ -83,10 +86,27 @@ def open_rgb(path: Path) -> Image.Image:
 
 def _open(path: Path) -> Image.Image:
     """Decode the whole file and apply its EXIF orientation; errors name the file."""
-    try:
+    with _read_errors(path):
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and not later
             return ImageOps.exif_transpose(img)  # a copy: valid after the file closes
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """An image's upright (W, H), read from its header without decoding it (a dry run's plan,
+    the notice of a rounded size); errors name the file."""
+    with _read_errors(path):
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(ORIENTATION)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+@contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Turn what reading an image raises into one InputError that names the file."""
+    try:
+        yield
     except UnidentifiedImageError as exc:
         raise InputError(f"{path}: not an image (cannot identify image file)") from exc
     except Image.DecompressionBombError as exc:
@@ -232,6 +252,20 @@ class Sizing:
             raise InputError(f"too thin to scale within the working size ({size[0]}x{size[1]})")
         return width, height
 
+    def rounded(self, size: tuple[int, int], native: int) -> str | None:
+        """The notice for an output that comes out smaller than its input only because sides are
+        rounded down to multiples of 8 (75x53 → 72x48), or None (scaled, or no rounding)."""
+        if self.size is not None or self.keep_size or self.scale(size, native) < 1.0:
+            return None
+        working = self.working(size, native)
+        if working == tuple(size):
+            return None
+        return (
+            f"sizes are rounded down to multiples of 8 ({size[0]}x{size[1]} → "
+            f"{working[0]}x{working[1]}); outputs record their input's size, and --keep-size "
+            "writes them at it"
+        )
+
     def describe(self, native: int, *, fill: bool = False) -> str:
         """The rule in words, for the run's notice."""
         if self.size is not None:
@@ -249,6 +283,11 @@ class Sizing:
             return "the input's size, rounded down to multiples of 8 (no cap)"
         verb = "scaled to fill" if fill else "at most"
         return f"{verb} {' and '.join(bounds)}, aspect ratio kept"
+
+
+def fitted_size(path: Path, *, max_size: int | None, multiple: int = 8) -> tuple[int, int]:
+    """The size `load_image(path, max_size=...)` gives, read from the file's header only."""
+    return _fit(image_size(path), max_size=max_size, multiple=multiple, name=str(path))
 
 
 def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:

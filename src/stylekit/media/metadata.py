@@ -7,6 +7,9 @@ Where the settings go, per format:
 - JPEG and WebP: EXIF UserComment (0x9286, in the Exif IFD) holds the A1111 text, encoded as
   `UNICODE\\0` + UTF-16BE like A1111 writes it; EXIF ImageDescription (0x010E) holds the
   stylekit JSON (ASCII, non-ASCII characters escaped).
+- Videos (mp4, m4v, mov, mkv, webm): the container's `comment` tag holds the stylekit JSON (what
+  `ffprobe` shows as `comment`); PNG frames (`--frames-out`) carry the PNG chunks above, plus
+  their `frame` number.
 
 Nothing time-dependent is written, so the same settings always give the same bytes.
 """
@@ -114,8 +117,15 @@ def _exif(settings: dict[str, Any]) -> Image.Exif:
     return exif
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Read the stylekit settings back from a png, jpg or webp file; {} when it has none."""
+    """Read the stylekit settings back from a png, jpg, webp or video file; {} when it has none."""
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        from stylekit.media.video import read_video_settings
+
+        return read_video_settings(path)
     text = _read_fields(path)[1]
     if not text:
         return {}

@@ -22,6 +22,7 @@ Decisions:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -39,8 +40,8 @@ import numpy as np
 from PIL import Image
 
 from stylekit.errors import InputError, StylekitError, UsageError
+from stylekit.media.metadata import VIDEO_SUFFIXES, save_options, settings_json
 
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")
 # Encoders with a constant-quality -crf option, and the default each gets (visually lossless-ish).
 CRF_DEFAULTS = {"libx264": 18, "libx265": 20, "libvpx-vp9": 30, "libaom-av1": 30, "libsvtav1": 30}
 WEBM_CODECS = ("libvpx-vp9", "libvpx", "libaom-av1", "libsvtav1", "librav1e")
@@ -421,8 +422,10 @@ class VideoWriter:
         codec: str | None = None,
         crf: int | None = None,
         audio: AudioSpan | None = None,
+        metadata: dict | None = None,
     ):
         self.path = Path(path)
+        self.metadata = metadata
         self.suffix = self.path.suffix.lower()
         if self.suffix not in VIDEO_SUFFIXES:
             raise UsageError(
@@ -512,7 +515,12 @@ class VideoWriter:
             quality=None,
             macro_block_size=1,  # never rescale to a multiple of 16
             ffmpeg_log_level="error",
-            output_params=[*self._quality_args(), *_bt709_args(), *container],
+            output_params=[
+                *self._quality_args(),
+                *_bt709_args(),
+                *self._metadata_args(),
+                *container,
+            ],
         )
         self._encoder.send(None)
 
@@ -521,6 +529,12 @@ class VideoWriter:
             return []
         zero_bitrate = ["-b:v", "0"] if self.codec in ("libvpx-vp9", "libaom-av1") else []
         return ["-crf", str(self.crf), *zero_bitrate]
+
+    def _metadata_args(self) -> list[str]:
+        """The settings as the container's `comment` tag (JSON; `read_video_settings` reads it)."""
+        if not self.metadata:
+            return []
+        return ["-metadata", f"comment={settings_json(self.metadata)}"]
 
     def _container_args(self) -> list[str]:
         return ["-movflags", "+faststart"] if self.suffix in (".mp4", ".m4v", ".mov") else []
@@ -535,7 +549,8 @@ class VideoWriter:
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
         cmd += ["-i", str(self._video_part), *span, "-i", str(audio.path)]
         cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy"]
-        cmd += [*_audio_args(self.suffix, audio.codec, cut), *self._container_args()]
+        cmd += [*_audio_args(self.suffix, audio.codec, cut), *self._metadata_args()]
+        cmd += self._container_args()
         proc = subprocess.run([*cmd, str(self._part)], capture_output=True)
         if proc.returncode != 0:
             reason = _ffmpeg_reason(proc.stderr.decode("utf-8", "replace"))
@@ -615,15 +630,75 @@ def _audio_args(suffix: str, codec: str, cut: bool) -> list[str]:
 # ------------------------------------------------------------------------------------ frames dir
 
 
-def write_frame_png(frame: np.ndarray, out_dir: str | os.PathLike, stem: str, index: int) -> Path:
-    """Write `<stem>_<index:06d>.png` atomically (hidden temp file, then rename)."""
+def write_frame_png(
+    frame: np.ndarray,
+    out_dir: str | os.PathLike,
+    stem: str,
+    index: int,
+    *,
+    metadata: dict | None = None,
+) -> Path:
+    """Write `<stem>_<index:06d>.png` atomically (hidden temp file, then rename), with
+    `metadata` and the frame's number (`frame`) in the chunks an image output has."""
     out_dir = Path(out_dir)
     target = out_dir / f"{stem}_{index:0{PNG_DIGITS}d}.png"
     part = out_dir / f".{target.name}.part"
+    options = save_options("png", metadata | {"frame": index}) if metadata else {}
     try:
-        Image.fromarray(_check_frame(frame, None)).save(part, format="PNG", compress_level=1)
+        image = Image.fromarray(_check_frame(frame, None))
+        image.save(part, format="PNG", compress_level=1, **options)
         os.replace(part, target)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     return target
+
+
+# ------------------------------------------------------------------------------------- settings
+
+
+def read_video_settings(path: str | os.PathLike) -> dict:
+    """The stylekit settings a video carries in its `comment` tag; {} when it has none."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
+    proc = subprocess.run([*cmd, "-f", "ffmetadata", "-"], capture_output=True)
+    if proc.returncode != 0:
+        reason = _ffmpeg_reason(proc.stderr.decode("utf-8", "replace"))
+        raise InputError(f"{path}: cannot read metadata ({reason})")
+    text = ffmetadata_tags(proc.stdout.decode("utf-8", "replace")).get("comment")
+    try:
+        settings = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def ffmetadata_tags(text: str) -> dict[str, str]:
+    """The global tags of ffmpeg's `ffmetadata` text, keys lowercased: `key=value` lines, where
+    a backslash escapes the next character (a newline too) and `;`/`#` lines are comments."""
+    tags: dict[str, str] = {}
+    for line in _ffmetadata_lines(text):
+        if not line or line[0] in (";", "#"):
+            continue
+        if line[0] == "[":
+            break  # a [STREAM] or [CHAPTER] section: the global tags are over
+        if "=" in line:
+            cut = line.index("=")
+            key = "".join(ch[-1] for ch in line[:cut]).lower()
+            tags[key] = "".join(ch[-1] for ch in line[cut + 1 :])
+    return tags
+
+
+def _ffmetadata_lines(text: str) -> Iterator[list[str]]:
+    """Lines as lists of characters; an escaped one is kept as backslash + it, so that it never
+    counts as a separator."""
+    line: list[str] = []
+    chars = iter(text)
+    for c in chars:
+        if c == "\\":
+            line.append(c + next(chars, ""))
+        elif c == "\n":
+            yield line
+            line = []
+        else:
+            line.append(c)
+    yield line

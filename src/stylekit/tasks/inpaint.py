@@ -31,11 +31,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from stylekit.control import control_image_finder, read_control_image
 from stylekit.engine import inpaint as engine
+from stylekit.engine import models
 from stylekit.engine.latents import to_pil
-from stylekit.errors import InputError, UsageError
+from stylekit.errors import InputError, StylekitError, UsageError
 from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwriting_files
-from stylekit.media.images import Sizing, open_rgb, read_image, resized, with_alpha
+from stylekit.media.images import Sizing, image_size, open_rgb, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
 from stylekit.session import (
@@ -45,6 +47,7 @@ from stylekit.session import (
     image_work,
     resolve_settings,
     size_flag_check,
+    uses_ad,
     with_seed,
 )
 from stylekit.tasks.stylize import Tiled
@@ -70,17 +73,20 @@ def check_mask_padding(padding: int) -> int:
     return padding
 
 
-def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
-    """Return (job → its mask file, every mask file) for a mask file or a folder of masks."""
+def mask_finder(
+    mask: str | Path, *, flag: str = "--mask", what: str = "mask"
+) -> tuple[Callable[[Job], Path], set[Path]]:
+    """Return (job → its mask file, every mask file) for a mask file or a folder of masks
+    (`flag` and `what` name them in errors: control images are matched the same way)."""
     path = Path(mask).expanduser()
     if path.is_file():
         return (lambda job: path), {Path(os.path.realpath(path))}
     if not path.is_dir():
-        raise UsageError(f"--mask {mask}: no such file or folder")
+        raise UsageError(f"{flag} {mask}: no such file or folder")
     try:
         items = collect_inputs([str(path)])
     except UsageError as exc:
-        raise UsageError(f"--mask {mask}: folder holds no mask images") from exc
+        raise UsageError(f"{flag} {mask}: folder holds no {what} images") from exc
     by_rel: dict[str, list[Path]] = {}
     by_stem: dict[str, list[Path]] = {}
     for item in items:
@@ -90,10 +96,10 @@ def mask_finder(mask: str | Path) -> tuple[Callable[[Job], Path], set[Path]]:
     def find(job: Job) -> Path:
         found = by_rel.get(job.rel.with_suffix("").as_posix()) or by_stem.get(job.rel.stem, [])
         if not found:
-            raise InputError(f"{job.input}: no mask named {job.rel.stem}.* in {path}")
+            raise InputError(f"{job.input}: no {what} named {job.rel.stem}.* in {path}")
         if len(found) > 1:
             names = ", ".join(str(p) for p in found)
-            raise InputError(f"{job.input}: more than one mask matches ({names})")
+            raise InputError(f"{job.input}: more than one {what} matches ({names})")
         return found[0]
 
     return find, {Path(os.path.realpath(item.path)) for item in items}
@@ -109,12 +115,26 @@ def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image
     return (ImageOps.invert(grey) if invert else grey), resized
 
 
+AD_ON_9CH = "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
+
+
 def refuse_ad_on_9ch(session: Session) -> None:
     """AD guidance needs a plain UNet: an inpainting UNet's inputs are not what AD records."""
     if session.references is not None and session.model.inpainting_unet:
-        raise UsageError(
-            "--style-mode ad/both needs a plain (4-channel) model, not an inpainting UNet"
-        )
+        raise UsageError(AD_ON_9CH)
+
+
+def refuse_ad_on_9ch_config(settings: Settings, style: Sequence[str]) -> None:
+    """`refuse_ad_on_9ch` before the model loads (on --dry-run too), where its UNet config can
+    be read (a diffusers folder, or a hub id in the cache); the loaded model is checked anyway."""
+    if not uses_ad(settings, style):
+        return
+    try:
+        unet, _ = models.read_configs(settings.model)
+    except StylekitError:
+        return
+    if unet is not None and unet.get("in_channels") == 9:
+        raise UsageError(AD_ON_9CH)
 
 
 def inpaint(
@@ -166,6 +186,8 @@ def inpaint(
         raise UsageError("every input is one of the masks; put the masks in another folder")
     refuse_overwriting_files(jobs, style, "--style")
     refuse_overwriting_files(jobs, mask_files, "--mask")
+    find_control, control_files = control_image_finder(settings)
+    refuse_overwriting_files(jobs, control_files, "--control-image")
     events = events or Events()
     runtime = runtime or Runtime()
 
@@ -200,6 +222,7 @@ def inpaint(
 
         mask_path = find_mask(job)
         grey, mask_resized = load_mask(mask_path, source.size, invert=invert_mask)
+        given = read_control_image(find_control(job), source.size) if find_control else None
         out, crop = repaint(
             run(),
             source.rgb,
@@ -211,8 +234,10 @@ def inpaint(
             callback=events.step,
             fits=None if tiled is not None else fits,
             tiled=tiled,
+            given=given.image if given else None,
         )
         meta = run().metadata(seed=seed, size=out.size, source=job.input.name)
+        meta |= given.settings() if given else {}
         meta |= crop | {
             "mask": mask_path.name,
             "mask_blur": mask_blur,
@@ -222,7 +247,25 @@ def inpaint(
         }
         return with_alpha(out, source.alpha), meta
 
-    return run_jobs(jobs, output, process, prepare=run.prepare, events=events)
+    def check() -> None:
+        """What the run refuses before the model loads (on --dry-run too)."""
+        check_size()
+        refuse_ad_on_9ch_config(settings, style)
+
+    def plan_size(job: Job) -> tuple[int, int]:
+        """The output's size on --dry-run: the input's; an input without its mask fails."""
+        find_mask(job)
+        return image_size(job.input)
+
+    return run_jobs(
+        jobs,
+        output,
+        process,
+        prepare=run.prepare,
+        check=check,
+        plan_size=plan_size,
+        events=events,
+    )
 
 
 def repaint(
@@ -237,12 +280,15 @@ def repaint(
     callback: Callable[[int, int], None] | None = None,
     fits: Callable[[tuple[int, int]], None] | None = None,
     tiled: Tiled | None = None,
+    given: Image.Image | None = None,
 ) -> tuple[Image.Image, dict]:
     """Inpaint one image with a loaded session's model and conditioning; (output, crop settings).
 
     The crop around the mask runs at its working size (`fits(size)` may refuse it first), or
     with `tiled` at its own size over MultiDiffusion windows; the output is `image` with the
-    repainted pixels pasted back at full resolution (see the module docstring).
+    repainted pixels pasted back at full resolution (see the module docstring). The session's
+    controls read the crop's maps: computed from it, or cropped from `given` (a precomputed map
+    at the image's size).
     """
     binary = engine.binarize(mask)
     if not binary.any():
@@ -270,11 +316,13 @@ def repaint(
         fits(working)
     hole = working_mask(binary[0, 0, top:bottom, left:right].numpy(), working)
     s = session.settings
+    content = resized(crop, working)
+    given_crop = resized(given.crop(box), working) if given is not None else None
     arr = engine.inpaint(
         session.model,
         session.cond,
         session.sampler,
-        resized(crop, working),
+        content,
         hole,
         steps=s.steps,
         strength=s.strength,
@@ -282,6 +330,7 @@ def repaint(
         guidance=session.guided,
         callback=callback,
         windows=windows,
+        control=session.control_of([content], [given_crop]),
     )
     if working != crop.size:
         arr = np.asarray(resized(to_pil(arr), crop.size), dtype=np.float32) / 255.0

@@ -11,16 +11,26 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from stylekit.control import ControlImage, control_image_finder, read_control_image
 from stylekit.errors import UsageError
 from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
-from stylekit.media.images import Sizing, SourceImage, finish, read_image, resized, with_alpha
+from stylekit.media.images import (
+    Sizing,
+    SourceImage,
+    finish,
+    image_size,
+    read_image,
+    resized,
+    with_alpha,
+)
 from stylekit.presets import Settings
-from stylekit.runner import Events, Output, plan_files, run_batched
+from stylekit.runner import Events, Output, SayOnce, plan_files, run_batched
 from stylekit.session import (
     LazySession,
     Runtime,
     default_batch,
     image_work,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     size_notice,
@@ -89,10 +99,17 @@ class Loaded:
 
     source: SourceImage  # as read: its size and alpha are given back to the output
     image: Image.Image  # RGB at the working size
+    control: ControlImage | None = None  # its `--control-image` map, at the working size
 
     def settings(self) -> dict:
         (w, h), (iw, ih) = self.image.size, self.source.size
-        return {"working_size": f"{w}x{h}", "input_size": f"{iw}x{ih}"}
+        sizes = {"working_size": f"{w}x{h}", "input_size": f"{iw}x{ih}"}
+        return sizes | (self.control.settings() if self.control else {})
+
+    @property
+    def given(self) -> Image.Image | None:
+        """The precomputed control map, if any."""
+        return self.control.image if self.control else None
 
 
 def stylize(
@@ -137,7 +154,10 @@ def stylize(
     output = with_seed(output or Output())
     jobs = plan_files(list(inputs), output)
     refuse_overwriting_files(jobs, style, "--style")
+    find_control, control_files = control_image_finder(settings)
+    refuse_overwriting_files(jobs, control_files, "--control-image")
     events = events or Events()
+    say_once = SayOnce(events)
     batch = batch_size or default_batch(runtime)
     rows = min(batch, len(jobs)) or 1  # same-size images per UNet call, at most
 
@@ -156,19 +176,39 @@ def stylize(
     def load(job: Job) -> Loaded:
         source = read_image(job.input)
         if tiled is not None:
-            return Loaded(source, resized(source.rgb, tiled.working(source.size)))
-        working = sizing.working(source.size, run().native_px)
-        what = f"{job.input}: {working[0]}x{working[1]}"
-        work = image_work(settings, working, style, batch=rows)
-        run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
-        return Loaded(source, resized(source.rgb, working))
+            working = tiled.working(source.size)
+        else:
+            working = sizing.working(source.size, run().native_px)
+            say_once("rounded", sizing.rounded(source.size, run().native_px))
+            what = f"{job.input}: {working[0]}x{working[1]}"
+            work = image_work(settings, working, style, batch=rows)
+            run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
+        given = read_control_image(find_control(job), working) if find_control else None
+        return Loaded(source, resized(source.rgb, working), given)
+
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The output's size on --dry-run, from the input's header and the model's config."""
+        own = image_size(job.input)
+        if tiled is not None:
+            return tiled.target(own)
+        if sizing.keep_size:
+            return own
+        if sizing.size is not None:
+            return sizing.size
+        native = planned_native_px(settings)
+        if native is None:
+            return None
+        say_once("rounded", sizing.rounded(own, native))
+        return sizing.working(own, native)
 
     def process_tiled(batch: list[tuple[Job, int, Loaded]]):
         session = run()
         results = []
         for job, seed, item in batch:
             plan = tiled.plan(item.image.size, session.native)
-            out = session.img2img_tiled(item.image, seed, plan, callback=events.step)
+            out = session.img2img_tiled(
+                item.image, seed, plan, callback=events.step, given=item.given
+            )
             out = with_alpha(resized(out, tiled.target(item.source.size)), item.source.alpha)
             meta = session.metadata(seed=seed, size=out.size, source=job.input.name)
             results.append((out, meta | item.settings() | tiled.settings(plan)))
@@ -177,7 +217,8 @@ def stylize(
     def process(batch: list[tuple[Job, int, Loaded]]):
         session = run()
         images, seeds = [b[2].image for b in batch], [b[1] for b in batch]
-        outs = session.img2img(images, seeds, callback=events.step)
+        given = [b[2].given for b in batch]
+        outs = session.img2img(images, seeds, callback=events.step, given=given)
         results = []
         for out, (job, seed, item) in zip(outs, batch, strict=True):
             out = finish(out, item.source, keep_size=sizing.keep_size)
@@ -193,6 +234,8 @@ def stylize(
         batch_size=1 if tiled is not None else batch,
         key=lambda item: item.image.size,
         prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
         events=events,
     )
 

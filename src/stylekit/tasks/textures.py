@@ -57,17 +57,21 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from stylekit.control import control_image_finder, map_only_controls, read_control_image
 from stylekit.engine import ad, memory
 from stylekit.engine.ad_loss import LabelMaps
+from stylekit.engine.controlnet import Control
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import multidiffusion, noise_predictor
+from stylekit.engine.sampling import sample
 from stylekit.engine.tiling import circular_padding, decode_tiled, views
 from stylekit.engine.txt2img import schedule
+from stylekit.engine.windows import Windows
 from stylekit.errors import InputError, UsageError
-from stylekit.media.batch import BatchReport, Job
-from stylekit.media.images import load_image, open_rgb
-from stylekit.presets import Settings
-from stylekit.runner import Events, Output, plan_files, run_jobs
+from stylekit.media.batch import BatchReport, Job, refuse_overwriting_files
+from stylekit.media.images import fitted_size, image_size, load_image, open_rgb
+from stylekit.presets import COMMAND_DEFAULTS, Settings
+from stylekit.runner import Events, Output, SayOnce, plan_files, run_jobs
 from stylekit.session import (
     Runtime,
     Session,
@@ -76,6 +80,7 @@ from stylekit.session import (
     check_fits,
     check_sources,
     open_session,
+    planned_native_px,
     resolve_settings,
     with_seed,
 )
@@ -85,8 +90,8 @@ DEFAULT_VIEW_BATCH = 4  # windows per UNet call: small for CPUs, raise it on a G
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latents: 512 px tiles with 128 px of context
 STYLE_MODES = ("ad", "none")
 # The AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN); see the module docstring.
-EXPAND_DEFAULTS = {"style_mode": "ad", "cfg": 1.0, "ad_lr": 0.05, "ad_iters": 2, "ad_adain": True}
-TEXTURE_DEFAULTS = {**EXPAND_DEFAULTS, "ad_iters": 3, "opt_steps": 300}
+EXPAND_DEFAULTS = COMMAND_DEFAULTS["texture-expand"]
+TEXTURE_DEFAULTS = COMMAND_DEFAULTS["texture"]
 
 
 # --- the canvas plan ---------------------------------------------------------------------------
@@ -202,9 +207,11 @@ def sample_canvas(
     *,
     generator: torch.Generator,
     callback: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """MultiDiffusion from noise `z`: the one sampling loop with window-averaged ε and, when the
-    session has references, AD refinement of every window after every step.
+    session has references, AD refinement of every window after every step. With `control`
+    (ControlNets with their maps at the canvas's size) each window reads its crop of the maps.
 
     The reference features are computed before the UNet's padding turns circular (the exemplar
     does not tile); `callback(done, total)` counts windows over all steps.
@@ -212,17 +219,32 @@ def sample_canvas(
     ts, windows = schedule(session.model, session.settings.steps), plan.windows()
     first = windows[0]
     eps = noise_predictor(session.model, session.cond, 8 * first.height, 8 * first.width)
+    if control is not None:  # the windows' crops of the maps: `Windows`' predictor
+        control = control.scheduled(ts)
+        eps = Windows(windows, view_batch=plan.view_batch).predictor(
+            session.model, session.cond, callback=callback, steps=len(ts), control=control
+        )
     after = None
     refs, ac = session.references, session.sampler.ac
     if refs is not None:
         for i in range(len(ts)):
             ad.noised_features(session.model, refs, session.features, ad.next_timestep(ts, i), ac)
         after = ad.windowed_guidance(
-            session.model, refs, session.features, ts, ac, windows, view_batch=plan.view_batch
+            session.model,
+            refs,
+            session.features,
+            ts,
+            ac,
+            windows,
+            view_batch=plan.view_batch,
+            control=control,
         )
     unet_x, unet_y = plan.unet_wrap
     wrap_x, wrap_y = plan.wrap
     with circular_padding(session.model.unet, x=unet_x, y=unet_y):
+        if control is not None:  # eps is window-averaged already
+            with torch.no_grad():
+                return sample(eps, z, ts, session.sampler, generator=generator, after_step=after)
         return multidiffusion(
             eps,
             z,
@@ -286,6 +308,7 @@ def synthesize(
     masks: LabelMaps | None = None,
     noise: torch.Tensor | None = None,
     callback: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> np.ndarray:
     """One texture: noise (from `seed` unless given) → guided canvas → tiled decode, (H, W, 3).
 
@@ -300,7 +323,7 @@ def synthesize(
     if s.mode == "optimize":
         z = optimize_canvas(session, plan, z, callback=callback)
     else:
-        z = sample_canvas(session, plan, z, generator=generator, callback=callback)
+        z = sample_canvas(session, plan, z, generator=generator, callback=callback, control=control)
     return decode_canvas(session.model, z, plan)
 
 
@@ -354,6 +377,18 @@ def read_label_map(path: str | Path, flag: str) -> Image.Image:
 
 
 # --- the batch tasks ---------------------------------------------------------------------------
+
+
+def rounded_notice(own: tuple[int, int], exemplar: tuple[int, int]) -> str | None:
+    """The notice for a texture at its exemplar's size that is smaller only by the rounding of
+    its sides to multiples of 8 (an exemplar scaled down by --max-size is not this case)."""
+    if own == exemplar or (own[0] // 8 * 8, own[1] // 8 * 8) != exemplar:
+        return None
+    return (
+        f"sizes are rounded down to multiples of 8 ({own[0]}x{own[1]} → "
+        f"{exemplar[0]}x{exemplar[1]}); outputs record their exemplar's size, and --size sets "
+        "the texture's"
+    )
 
 
 def texture_settings(
@@ -453,11 +488,16 @@ def run_textures(
     size = canvas.size or (multiple_of_8(maps[1].size, "--target-mask") if maps else None)
     state: dict[str, Session] = {}
     events = events or Events()
+    say_once = SayOnce(events)
     runtime = runtime or Runtime()
     check_sources(settings, runtime)
+    find_control, control_files = control_image_finder(settings)
+    if map_only_controls(settings, task):
+        refuse_overwriting_files(jobs, control_files, "--control-image")
 
-    def prepare() -> None:
-        if size is not None:  # the canvas, before the model loads (its window: the family's)
+    def check() -> None:
+        """The canvas, before the model loads (its window: the family's); on --dry-run too."""
+        if size is not None:
 
             def work(family: str) -> memory.Work:
                 native = memory.NATIVE_LATENT.get(family, 128)
@@ -465,6 +505,18 @@ def run_textures(
 
             what, hint = f"texture {size[0]}x{size[1]}", "choose a smaller --size"
             check_fits(settings, runtime, work, what=what, hint=hint)
+
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The texture's size on --dry-run, from the exemplar's header and the model's config."""
+        native = planned_native_px(settings)
+        if native is None:
+            return size
+        own = fitted_size(job.input, max_size=max_size or native)
+        if size is None:
+            say_once("rounded", rounded_notice(image_size(job.input), own))
+        return canvas.plan(size or own, native // 8).size
+
+    def prepare() -> None:
         events.loading(settings.model)
         session = open_session(settings, runtime, task="noise")
         announce(session.model, events)
@@ -476,7 +528,9 @@ def run_textures(
         session = state["session"]
         exemplar = load_image(job.input, max_size=max_size or 8 * session.native)
         plan = canvas.plan(size or exemplar.size, session.native)
+        own = image_size(job.input)
         if size is None:  # a canvas the exemplar's size (an explicit one was checked up front)
+            say_once("rounded", rounded_notice(own, exemplar.size))
             what = f"{job.input}: texture {plan.size[0]}x{plan.size[1]}"
             work = canvas_work(plan, settings)
             hint = "give a smaller --size or --max-size"
@@ -484,7 +538,11 @@ def run_textures(
                 settings, runtime, work, what=what, hint=hint, model=session.model, error=InputError
             )
         lm = label_maps(*maps, exemplar.size, plan.size) if maps else None
-        arr = synthesize(session, exemplar, plan, seed=seed, masks=lm, callback=events.step)
+        given = read_control_image(find_control(job), plan.size) if find_control else None
+        control = session.control_for([[given.image] * len(session.controls)]) if given else None
+        arr = synthesize(
+            session, exemplar, plan, seed=seed, masks=lm, callback=events.step, control=control
+        )
         names = (Path(masks[0]).name, Path(masks[1]).name) if masks else None
         meta = texture_metadata(
             session,
@@ -495,9 +553,12 @@ def run_textures(
             exemplar_size=exemplar.size,
             masks=names,
         )
-        return to_image(arr), meta
+        meta["input_size"] = f"{own[0]}x{own[1]}" if own != exemplar.size else None
+        return to_image(arr), meta | (given.settings() if given else {})
 
-    return run_jobs(jobs, output, process, prepare=prepare, events=events)
+    return run_jobs(
+        jobs, output, process, prepare=prepare, check=check, plan_size=plan_size, events=events
+    )
 
 
 def texture_expand(
@@ -566,6 +627,8 @@ def texture(
     if (source_mask is None) != (target_mask is None):
         raise UsageError("controlled synthesis needs both --source-mask and --target-mask")
     settings = texture_settings(settings, preset, overrides, TEXTURE_DEFAULTS)
+    if settings.controls or settings.control_image:
+        raise UsageError("texture takes no ControlNet; texture-expand does (--control-image)")
     masks = (source_mask, target_mask) if source_mask is not None else None
     canvas = Canvas(size, window, stride, view_batch, seamless)
     return run_textures(

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stylekit.control import ControlImage, control_image_finder, read_control_image
 from stylekit.engine.motion import (
     CONTEXT_FRAMES,
     CONTEXT_OVERLAP,
@@ -83,6 +84,7 @@ from stylekit.session import (
     Runtime,
     Session,
     image_work,
+    planned_native_px,
     resolve_settings,
     size_flag_check,
     size_notice,
@@ -158,6 +160,11 @@ def plan_videos(inputs: Sequence[str], output: Output, frames_out: Path | None =
         if root.suffix.lower() in VIDEO_SUFFIXES and not root.is_dir():
             if len(items) != 1:
                 raise UsageError(f"-o {root} names one file but there are {len(items)} inputs")
+            if output.fmt is not None and video_extension(output.fmt) != root.suffix.lower():
+                raise UsageError(
+                    f"-o {root} is a {root.suffix.lower()[1:]} file but --format is "
+                    f"{output.fmt}; drop --format or give -o the extension you want"
+                )
             jobs = [Job(items[0].path, root, items[0].rel, 0)]
             refuse_overwriting_inputs(jobs)
             return jobs
@@ -188,17 +195,28 @@ def check_encoding(jobs: Sequence[Job], clip: Clip, frames_out: Path | None) -> 
 
 
 @contextlib.contextmanager
-def video_sink(job: Job, selection, clip: Clip) -> Iterator[Callable[[np.ndarray], None]]:
-    """Yield `write(frame)` into a video that appears at `job.output` only when complete."""
+def video_sink(
+    job: Job, selection, clip: Clip, settings: dict | None = None
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `write(frame)` into a video that appears at `job.output` only when complete, with
+    `settings` in its container's `comment` tag."""
     with VideoWriter(
-        job.output, fps=selection.fps, codec=clip.codec, crf=clip.crf, audio=selection.audio
+        job.output,
+        fps=selection.fps,
+        codec=clip.codec,
+        crf=clip.crf,
+        audio=selection.audio,
+        metadata=settings,
     ) as writer:
         yield writer.write
 
 
 @contextlib.contextmanager
-def frames_sink(target: Path) -> Iterator[Callable[[np.ndarray], None]]:
-    """Yield `write(frame)` into a hidden part folder renamed to `target` when complete."""
+def frames_sink(
+    target: Path, settings: dict | None = None
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yield `write(frame)` into a hidden part folder renamed to `target` when complete; every
+    frame carries `settings` (and its `frame` number) as an image output does."""
     part = target.with_name(f".{target.name}.part")
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
@@ -206,7 +224,7 @@ def frames_sink(target: Path) -> Iterator[Callable[[np.ndarray], None]]:
 
     def write(frame: np.ndarray) -> None:
         nonlocal count
-        write_frame_png(frame, part, target.name, count)
+        write_frame_png(frame, part, target.name, count, metadata=settings)
         count += 1
 
     try:
@@ -252,9 +270,11 @@ def stylize_one(
     events: Events,
     info: VideoInfo | None = None,
     tiled: Tiled | None = None,
+    given: ControlImage | None = None,
     motion: MotionOptions | None = None,
 ) -> dict:
-    """Stylise one video into its output; returns the settings for its record."""
+    """Stylise one video into its output; returns the settings for its record. With controls
+    each frame's maps are computed as it streams in (`given`: one precomputed map for all)."""
     info = info or probe(job.input)
     selection = select_frames(info, **clip.selection_args())
     for message in info.warnings:
@@ -272,6 +292,7 @@ def stylize_one(
         stream = MotionStream(
             session.model, session.cond, session.sampler, replace(options, seed=seed), motion
         )
+        extra = motion_settings(session, motion)
     else:
         stream = FrameStream(
             session.model,
@@ -280,11 +301,19 @@ def stylize_one(
             replace(options, seed=seed),
             guidance=session.guided,
             windows=windows,
+            control=session.frame_control(given and given.image) if session.controls else None,
         )
-    done, size = 0, None
+    size = info.size if clip.keep_size else working
+    settings = session.metadata(seed=seed, size=size, source=job.input.name)
+    settings |= {"working_size": "{}x{}".format(*working), "input_size": "{}x{}".format(*info.size)}
+    settings |= given.settings() if given else {}
+    settings |= video_settings(options, stream, selection, clip) | extra  # in the file too
+    done = 0
     with contextlib.ExitStack() as stack:
         sink = (
-            frames_sink(job.output) if frames_out is not None else video_sink(job, selection, clip)
+            frames_sink(job.output, settings)
+            if frames_out is not None
+            else video_sink(job, selection, clip, settings)
         )
         write = stack.enter_context(sink)
         source = stack.enter_context(
@@ -296,28 +325,34 @@ def stylize_one(
         for frame in outputs:
             write(frame)
             done += 1
-            size = size or (frame.shape[1], frame.shape[0])
             events.step(done, selection.count)
         if done != selection.count:
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
-    settings = session.metadata(seed=seed, size=size, source=job.input.name)
-    settings["working_size"] = "{}x{}".format(*working)
-    if motion is not None:
-        extra = motion_settings(session, motion, stream.stats)
-    return settings | video_settings(options, stream, selection, info.warnings) | extra
+    stats = motion_stats(stream.stats) if motion is not None else {}
+    return settings | stream_stats(stream, info.warnings) | stats
 
 
-def video_settings(options: StreamOptions, stream, selection, warnings) -> dict:
-    """The video knobs and what the stream did, for the record (`--json`)."""
-    stats = stream.stats
+def video_settings(options: StreamOptions, stream, selection, clip: Clip) -> dict:
+    """The video knobs: what a rerun needs besides the session's settings (the file has them)."""
     return {
         "frames": selection.count,
         "fps": str(selection.fps),
+        "start": clip.start,
+        "end": clip.end,
+        "every": clip.every if clip.every != 1 else None,
+        "max_frames": clip.max_frames,
         "consistency": options.consistency,
         "anchor_every": options.anchor_every if options.consistency == "anchor" else None,
         "skip_similar": options.skip_similar,
         "max_skip": options.max_skip if options.skip_similar is not None else None,
         "stream_batch": stream.batched,
+    }
+
+
+def stream_stats(stream, warnings) -> dict:
+    """What the stream did, for the record (`--json`), known once the video is written."""
+    stats = stream.stats
+    return {
         "frames_processed": stats.processed,
         "frames_skipped": stats.skipped,
         "unet_calls": stats.unet_calls,
@@ -325,12 +360,18 @@ def video_settings(options: StreamOptions, stream, selection, warnings) -> dict:
     }
 
 
-def motion_settings(session: Session, motion: MotionOptions, stats: MotionStats) -> dict:
-    """The motion-mode knobs and what the windows cost, for the record (`--json`)."""
+def motion_settings(session: Session, motion: MotionOptions) -> dict:
+    """The motion-mode knobs, for the file and the record."""
     return {
         "motion_adapter": session.settings.motion_adapter,
         "context_frames": motion.context,
         "context_overlap": motion.overlap,
+    }
+
+
+def motion_stats(stats: MotionStats) -> dict:
+    """What the windows cost, for the record (`--json`), known once the video is written."""
+    return {
         "windows": len(stats.windows),
         "unet_rows_per_frame": round(stats.unet_rows / max(stats.frames, 1), 3),
         "peak_frames_held": stats.peak_frames,
@@ -362,6 +403,10 @@ def refuse_with_motion(
         raise UsageError("--skip-similar has no --motion-adapter (every frame is in a window)")
     if stream_batch:
         raise UsageError("--stream-batch has no --motion-adapter (the windows are the batch)")
+    if settings.controls:
+        raise UsageError(
+            "--control has no --motion-adapter yet (ControlNet residuals are per frame)"
+        )
     if style and settings.style_mode in ("ad", "both"):
         raise UsageError(
             f"--style-mode {settings.style_mode} has no --motion-adapter yet (AD refines "
@@ -469,6 +514,19 @@ def stylize_video(
         check=None if motion is None else lambda session: motion_fits(session, motion),
     )
 
+    find_control, _ = control_image_finder(settings)
+
+    def plan_size(job: Job) -> tuple[int, int] | None:
+        """The frames' output size on --dry-run; a video the run would fail fails here too."""
+        info = probe(job.input)
+        select_frames(info, **clip.selection_args())
+        if tiled is not None or clip.keep_size:
+            return info.size
+        if clip.size is not None:
+            return clip.size
+        native = planned_native_px(settings)
+        return None if native is None else clip.working(info.size, native)
+
     def process(job: Job, seed: int) -> dict:
         info = probe(job.input)
         if tiled is None:
@@ -477,6 +535,7 @@ def stylize_video(
             what = f"{job.input}: frames of {width}x{height}"
             run.check_input(work, what=what, hint="lower --max-pixels or --max-size")
         session = run()
+        given = read_control_image(find_control(job), None) if find_control else None
         return stylize_one(
             job,
             seed,
@@ -487,6 +546,7 @@ def stylize_video(
             events=events,
             info=info,
             tiled=tiled,
+            given=given,
             motion=motion,
         )
 
@@ -495,6 +555,8 @@ def stylize_video(
         output,
         process,
         prepare=run.prepare,
+        check=run.before,
+        plan_size=plan_size,
         events=events,
         write=lambda job, settings, output: settings,  # the video is written while it streams
     )
@@ -512,17 +574,9 @@ def tiled_notice(session) -> str:
 
 
 class VideoConsoleEvents(ConsoleEvents):
-    """`ConsoleEvents` counting videos, with a per-video frames bar showing fps and an ETA."""
+    """`ConsoleEvents` counting videos, with a per-video frames bar showing frames/s and an ETA."""
 
     def __init__(self, console, *, as_json: bool = False, quiet: bool = False, debug: bool = False):
-        super().__init__(console, as_json=as_json, quiet=quiet, unit="videos", debug=debug)
-
-    def started(self, job) -> None:
-        super().started(job)
-        self.progress.reset(self.steps, total=1, rate="")  # fresh speed estimate per video
-
-    def step(self, done: int, total: int) -> None:
-        super().step(done, total)
-        task = self.progress.tasks[self.steps]
-        if task.elapsed:
-            self.progress.update(self.steps, rate=f"{done / task.elapsed:.2f} fps")
+        super().__init__(
+            console, as_json=as_json, quiet=quiet, unit="videos", step_unit="frames", debug=debug
+        )
