@@ -21,6 +21,17 @@ talking head or a screen recording). Frames per second count every output frame,
 encode/decode included, file decode/encode excluded, after one warm-up frame per method.
 Goals: stylekit ≥ 1.3× naive on (a), ≥ 3× on (b). Also reports UNet calls and the warping error
 (benchmarks/warp_error.py) of each output. Random weights measure cost, not looks.
+
+`--motion` adds motion-module mode (`MotionStream`, `stylekit video --motion-adapter`): the same
+model turned into a motion UNet by a random MotionAdapter of AnimateDiff's SD1.5 layout
+(`stylekit.testing.build_motion_adapter(size="full")`), frames denoised jointly in windows of
+`--context-frames` overlapping by `--context-overlap`. `--call-memory` measures the memory one
+UNet call takes (peak resident memory over the call, Linux `VmHWM` reset through `clear_refs`): one window of frames
+through the motion UNet vs one frame through the 2-D UNet, each in a fresh process
+(`--call-memory`, Linux only).
+
+    python benchmarks/bench_video.py --motion --clips moving --frames 40
+    python benchmarks/bench_video.py --call-memory
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ class Row:
     speedup: float
     unet_calls: int
     warp_error: float
+    unet_rows_per_frame: float = 0.0  # frame rows through the UNet per output frame
 
 
 # --- models and clips --------------------------------------------------------------------------
@@ -194,6 +206,107 @@ def run_stylekit(s, frames, *, args, stream_batch: bool | None):
     return [out.copy() for out in stream.run(frames)], stream
 
 
+def motion_adapter(root: Path, tiny: bool) -> Path:
+    """A random MotionAdapter for the SD1.5 UNet (AnimateDiff v1-5-2's layout at full size)."""
+    from stylekit.testing import build_motion_adapter
+
+    path = root / ("motion-tiny" if tiny else "motion-full")
+    if not (path / "config.json").exists():
+        print(f"building the random MotionAdapter in {path} …", file=sys.stderr)
+        size = "tiny" if tiny else "full"
+        build_motion_adapter(path, size=size, dtype=torch.bfloat16)
+    return path
+
+
+def motion_stylizer(model: Path, vae: Path, adapter: Path, args):
+    from stylekit.session import Runtime, open_session, resolve_settings
+
+    settings = resolve_settings(
+        None,
+        None,
+        dict(
+            model=str(model),
+            motion_adapter=str(adapter),
+            tiny_vae=True,
+            tiny_vae_model=str(vae),
+            accelerator="none",
+            scheduler="lcm",
+            steps=args.steps,
+            strength=args.strength,
+            cfg=1.0,
+            prompt=PROMPT,
+            style_mode="none",
+        ),
+    )
+    return open_session(settings, Runtime(device=args.device, dtype=args.dtype), task="video")
+
+
+def run_motion(s, frames, *, args):
+    from stylekit.engine.motion import MotionOptions, MotionStream
+    from stylekit.engine.stream import StreamOptions
+
+    options = StreamOptions(steps=args.steps, strength=args.strength, seed=args.seed)
+    motion = MotionOptions(args.context_frames, args.context_overlap)
+    stream = MotionStream(s.model, s.cond, s.sampler, options, motion)
+    return [out.copy() for out in stream.run(frames)], stream
+
+
+def peak_rss_during(fn) -> int:
+    """Bytes of resident memory `fn` added at its peak (Linux: VmHWM after resetting it)."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+
+    def field(name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {name} in /proc/self/status")
+
+    before = field("VmRSS:")
+    fn()
+    return field("VmHWM:") - before
+
+
+@torch.no_grad()
+def measure_call(which: str, adapter: Path, size: int, frames: int, tiny: bool = False) -> int:
+    """In this (fresh) process: the memory one UNet call adds at its peak, the 2-D UNet on one
+    frame (`flat`) or the motion UNet on a window of `frames` (`motion`); random weights, bf16."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    from stylekit.testing import random_unet
+
+    unet = random_unet("sd15", size="tiny" if tiny else "full")
+    width = unet.config.cross_attention_dim
+    h, text = size // 8, torch.randn(1, 77, width, dtype=torch.bfloat16)
+    if which == "flat":
+        z = torch.randn(1, 4, h, h, dtype=torch.bfloat16)
+        return peak_rss_during(lambda: unet(z, 500, encoder_hidden_states=text))
+    unet = UNetMotionModel.from_unet2d(unet, MotionAdapter.from_pretrained(adapter))
+    unet = unet.to(torch.bfloat16)
+    z = torch.randn(1, 4, frames, h, h, dtype=torch.bfloat16)
+    text = text.repeat_interleave(frames, 0)
+    return peak_rss_during(lambda: unet(z, 500, encoder_hidden_states=text))
+
+
+def call_memory(adapter: Path, size: int, frames: int, tiny: bool) -> tuple[int, int]:
+    """`measure_call` for both UNets, each in a fresh process (an allocator that already holds
+    freed memory would hide the peak); big allocations are mmapped so frees return to the OS."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    peaks = []
+    for which in ("flat", "motion"):
+        cmd = [sys.executable, __file__, "--measure-call", which, "--size", str(size)]
+        cmd += ["--adapter", str(adapter), "--context-frames", str(frames)]
+        cmd += ["--tiny"] if tiny else []
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        peaks.append(int(out.strip().splitlines()[-1]))
+    return peaks[0], peaks[1]
+
+
 def timed(fn, device: torch.device):
     start = time.perf_counter()
     result = fn()
@@ -205,7 +318,7 @@ def timed(fn, device: torch.device):
 # --- the run -----------------------------------------------------------------------------------
 
 
-def bench_clip(name, frames, pipe, s, args) -> list[Row]:
+def bench_clip(name, frames, pipe, s, args, motion=None) -> list[Row]:
     device = s.model.device
     rows = []
     run_naive(pipe, frames[:1], steps=args.steps, strength=args.strength, seed=args.seed)
@@ -214,9 +327,8 @@ def bench_clip(name, frames, pipe, s, args) -> list[Row]:
         device,
     )
     base_fps = len(frames) / seconds
-    rows.append(
-        row(name, "diffusers naive", frames, naive, seconds, base_fps, len(frames) * args.steps)
-    )
+    calls = len(frames) * args.steps
+    rows.append(row(name, "diffusers naive", frames, naive, seconds, base_fps, calls, calls))
     batch_default = device.type == "cuda"
     variants = [(None, "stylekit")]
     if args.compare_batch:
@@ -229,7 +341,27 @@ def bench_clip(name, frames, pipe, s, args) -> list[Row]:
             lambda sb=stream_batch: run_stylekit(s, frames, args=args, stream_batch=sb), device
         )
         label += f" ({'stream batch' if stream.batched else 'sequential'}, {stream.stats.skipped} skipped)"
-        rows.append(row(name, label, frames, outs, seconds, base_fps, stream.stats.unet_calls))
+        stats = stream.stats
+        rows.append(
+            row(
+                name,
+                label,
+                frames,
+                outs,
+                seconds,
+                base_fps,
+                stats.unet_calls,
+                stats.processed * args.steps,
+            )
+        )
+    if motion is not None:
+        run_motion(motion, frames[: args.context_frames], args=args)  # warm-up
+        (outs, stream), seconds = timed(lambda: run_motion(motion, frames, args=args), device)
+        stats = stream.stats
+        label = f"stylekit motion ({args.context_frames}/{args.context_overlap} windows, {len(stats.windows)} windows)"
+        rows.append(
+            row(name, label, frames, outs, seconds, base_fps, stats.unet_calls, stats.unet_rows)
+        )
     return rows
 
 
@@ -256,7 +388,8 @@ def bench_bank(name, frames, pipe, s, args) -> list[Row]:
     base = len(frames) / seconds
     per_step = 2 if cond.do_cfg else 1
     label = f"diffusers naive, CFG {g} ({args.steps * per_step} UNet rows/frame)"
-    rows = [row(name, label, frames, naive, seconds, base, len(frames) * args.steps)]
+    calls = len(frames) * args.steps
+    rows = [row(name, label, frames, naive, seconds, base, calls, calls * per_step)]
     for consistency, mode in BANK_VARIANTS:
         options = StreamOptions(consistency=consistency, cfg_mode=mode, **opts)
 
@@ -268,14 +401,26 @@ def bench_bank(name, frames, pipe, s, args) -> list[Row]:
         (outs, stream), seconds = timed(lambda go=go: go(frames), device)
         per_frame = stream.stats.unet_rows / len(frames)
         label = f"stylekit {consistency}, cfg-mode {mode} ({per_frame:.2f} UNet rows/frame)"
-        rows.append(row(name, label, frames, outs, seconds, base, stream.stats.unet_calls))
+        rows.append(
+            row(
+                name,
+                label,
+                frames,
+                outs,
+                seconds,
+                base,
+                stream.stats.unet_calls,
+                stream.stats.unet_rows,
+            )
+        )
     return rows
 
 
-def row(clip, method, frames, outs, seconds, base_fps, calls) -> Row:
+def row(clip, method, frames, outs, seconds, base_fps, calls, unet_rows) -> Row:
     fps = len(frames) / seconds
     error = warp_error(iter(frames), iter(outs)).warp_error
-    return Row(clip, method, len(frames), seconds, fps, fps / base_fps, calls, error)
+    per_frame = unet_rows / len(frames)
+    return Row(clip, method, len(frames), seconds, fps, fps / base_fps, calls, error, per_frame)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,11 +442,29 @@ def main(argv: list[str] | None = None) -> int:
         "--bank", action="store_true", help="bank mode and residual CFG rows (`bench_bank`)"
     )
     parser.add_argument("--bank-cfg", type=float, default=1.5, help="CFG scale of --bank rows")
+    parser.add_argument("--motion", action="store_true", help="add motion-module mode rows")
+    parser.add_argument("--context-frames", type=int, default=16)
+    parser.add_argument("--context-overlap", type=int, default=4)
     parser.add_argument("--model-dir", type=Path, default=CACHE, help="where models are built")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--call-memory", action="store_true", help="only the call memory")
+    parser.add_argument("--measure-call", choices=("flat", "motion"), help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     frames = args.frames or (16 if args.tiny else 48)
     size = args.size or (64 if args.tiny else 256)
+    if args.measure_call:  # the child of `call_memory`
+        print(measure_call(args.measure_call, args.adapter, size, args.context_frames, args.tiny))
+        return 0
+    if args.call_memory:
+        adapter = motion_adapter(args.model_dir, args.tiny)
+        flat, window = call_memory(adapter, size, args.context_frames, args.tiny)
+        print(
+            f"peak memory of one UNet call, {size}px bf16: 2-D UNet, 1 frame "
+            f"{flat / 2**20:.0f} MiB; motion UNet, a window of {args.context_frames} frames "
+            f"{window / 2**20:.0f} MiB ({window / max(flat, 1):.1f}×)"
+        )
+        return 0
 
     from stylekit.engine.models import DTYPES, quiet_libraries, resolve_device
 
@@ -311,13 +474,18 @@ def main(argv: list[str] | None = None) -> int:
     model, vae = build_models(args.model_dir, args.tiny)
     pipe = naive_pipeline(model, vae, dtype, device)
     s = stylizer(model, vae, args)
+    motion = None
+    if args.motion:
+        motion = motion_stylizer(model, vae, motion_adapter(args.model_dir, args.tiny), args)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.clips.split(","):
             path = Path(work) / f"{name}.mp4"
             clip = encode_clip(clip_frames(name, frames, size), path)
-            bench = bench_bank if args.bank else bench_clip
-            rows += bench(name, clip, pipe, s, args)
+            if args.bank:
+                rows += bench_bank(name, clip, pipe, s, args)
+            else:
+                rows += bench_clip(name, clip, pipe, s, args, motion)
     report(rows, args, device, size)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -330,11 +498,14 @@ def report(rows: list[Row], args, device, size: int) -> None:
         f"{kind} random SD1.5, {args.dtype}, {size}px, LCM {args.steps} NFE at strength "
         f"{args.strength}, tiny VAE, {device} ({torch.get_num_threads()} threads)"
     )
-    print(f"{'clip':<8} {'method':<64} {'fps':>8} {'speedup':>8} {'UNet':>5} {'warp err':>9}")
+    print(
+        f"{'clip':<8} {'method':<58} {'fps':>8} {'speedup':>8} {'UNet':>5} {'rows/fr':>7} "
+        f"{'warp err':>9}"
+    )
     for r in rows:
         print(
-            f"{r.clip:<8} {r.method:<64} {r.fps:>8.3f} {r.speedup:>7.2f}× {r.unet_calls:>5} "
-            f"{r.warp_error:>9.4f}"
+            f"{r.clip:<8} {r.method:<58} {r.fps:>8.3f} {r.speedup:>7.2f}× {r.unet_calls:>5} "
+            f"{r.unet_rows_per_frame:>7.2f} {r.warp_error:>9.4f}"
         )
     for clip, goal in GOALS.items():
         ours = [r for r in rows if r.clip == clip and r.method.startswith("stylekit (")]

@@ -523,6 +523,29 @@ MaxSkip = Annotated[
     int,
     typer.Option("--max-skip", help="At most N skipped frames in a row.", rich_help_panel=VIDEO),
 ]
+MotionAdapter = Annotated[
+    str | None,
+    typer.Option(
+        "--motion-adapter",
+        help="AnimateDiff MotionAdapter (hub id or folder, e.g. wangfuyun/AnimateLCM): frames are denoised jointly in context windows.",
+        rich_help_panel=VIDEO,
+    ),
+]
+ContextFrames = Annotated[
+    int,
+    typer.Option(
+        "--context-frames", help="Frames per motion window.", rich_help_panel=VIDEO, min=1
+    ),
+]
+ContextOverlap = Annotated[
+    int,
+    typer.Option(
+        "--context-overlap",
+        help="Frames each motion window shares with the next (outputs averaged there).",
+        rich_help_panel=VIDEO,
+        min=0,
+    ),
+]
 StreamBatch = Annotated[
     bool | None,
     typer.Option(
@@ -1151,6 +1174,9 @@ def video(
     skip_similar: SkipSimilar = None,
     max_skip: MaxSkip = 10,
     stream_batch: StreamBatch = None,
+    motion_adapter: MotionAdapter = None,
+    context_frames: ContextFrames = 16,
+    context_overlap: ContextOverlap = 4,
     start: Start = None,
     end: End = None,
     max_frames: MaxFrames = None,
@@ -1256,6 +1282,8 @@ def video(
                 max_pixels=max_pixels,
                 keep_size=keep_size,
                 tiled=tiling,
+                context_frames=context_frames,
+                context_overlap=context_overlap,
                 events=events,
                 **common.settings,
             )

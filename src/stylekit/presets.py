@@ -58,6 +58,7 @@ class Settings:
     # gradient checkpointing in AD refinement (less memory, slower); None: on, with one image per
     # refinement, only where the estimate exceeds free device memory (ad.memory_plan)
     ad_checkpointing: bool | None = None
+    motion_adapter: str | None = None  # AnimateDiff MotionAdapter for `video` (motion-module mode)
     mode: str = "sample"  # sample: few-step sampling; optimize: AD's optimisation-based transfer
     opt_steps: int = 200  # optimisation timesteps (AD release: 200 style transfer, 300 texture)
     opt_lr: float = 0.05  # the AD release's optimisation learning rate

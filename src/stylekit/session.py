@@ -180,7 +180,9 @@ def check_sources(settings: Settings, runtime: Runtime, style: Sequence = ()) ->
     """Refuse a missing local model, LoRA, accelerator, tiny VAE or IP-Adapter, a bad LoRA
     scale or a pickle without --allow-pickle now, before anything loads (exit 2). Hub ids can
     only be checked when they load."""
-    spec = model_spec(settings, runtime, ip_adapter=wants_ip_adapter(settings, style))
+    spec = model_spec(
+        settings, runtime, ip_adapter=wants_ip_adapter(settings, style), task="video"
+    )  # the video task's spec: it names everything any task loads (the motion adapter too)
     models.check_local_sources(spec)
     control.check_control_sources(settings, allow_pickle=runtime.allow_pickle)
 
@@ -330,6 +332,7 @@ def model_spec(
         model_config=runtime.model_config,
         variant=settings.variant,
         turbo=settings.turbo,
+        motion_adapter=settings.motion_adapter if task == "video" else None,
     )
 
 

@@ -808,6 +808,56 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def build_motion_adapter(
+    path: str | Path,
+    *,
+    family: Literal["sd15", "sdxl"] = "sd15",
+    size: Literal["tiny", "full"] = "tiny",
+    seed: int = 0,
+    zero_out: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write an AnimateDiff `MotionAdapter` folder matching the tiny (or full) UNet of `family`.
+
+    A fresh adapter's temporal transformers end in `proj_out` layers with small random weights;
+    here they are filled with seeded noise of the default scale so that frames visibly mix (a test
+    against the per-frame UNet then checks something), or zeroed (`zero_out`): then the motion
+    UNet must equal the per-frame UNet, a structural check.
+    """
+    from diffusers import MotionAdapter
+
+    if size == "full":  # diffusers' defaults are AnimateDiff's SD1.5 adapter (v1-5-2 layout)
+        config = {} if family == "sd15" else {"block_out_channels": (320, 640, 1280)}
+    else:
+        config = {
+            "block_out_channels": (32, 64),
+            "motion_layers_per_block": 1 if family == "sd15" else 2,
+            "motion_num_attention_heads": 2,
+            "motion_max_seq_length": 32,
+        }
+    if family == "sdxl":
+        config["use_motion_mid_block"] = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = MotionAdapter(**config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if ".proj_out." in name:
+                fill = torch.zeros_like(param) if zero_out else _proj_noise(param, generator)
+                param.copy_(fill)
+    adapter.to(dtype).save_pretrained(Path(path))
+    return Path(path)
+
+
+def _proj_noise(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform ±1/√fan_in (PyTorch's linear default) for weights, small noise for biases."""
+    if param.ndim >= 2:
+        bound = param[0].numel() ** -0.5
+        return (torch.rand(param.shape, generator=generator) * 2 - 1) * bound
+    return torch.randn(param.shape, generator=generator) * 0.01
+
+
 # --- ControlNet and depth estimation --------------------------------------------------------
 
 CONTROLNET_ZERO_LAYERS = ("controlnet_down_blocks", "controlnet_mid_block", "conv_out")

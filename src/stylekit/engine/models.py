@@ -107,6 +107,7 @@ class ModelSpec:
     model_config: str | None = None  # diffusers config folder/repo for a single-file checkpoint
     variant: str | None = None  # hub weight variant to try first ("fp16"); full weights if absent
     turbo: bool | None = None  # None: the released turbo models only (see `detect_turbo`)
+    motion_adapter: str | None = None  # AnimateDiff MotionAdapter: a motion UNet (video)
 
 
 @dataclass
@@ -212,6 +213,8 @@ def check_local_sources(spec: ModelSpec) -> None:
         check_source(lora.source, what="LoRA", allow_pickle=allow)
     if spec.accelerator not in ("auto", "none"):
         check_source(spec.accelerator, what="accelerator", allow_pickle=allow)
+    if spec.motion_adapter:
+        check_source(spec.motion_adapter, what="motion adapter", allow_pickle=allow)
     if isinstance(spec.tiny_vae, str) and is_local(spec.tiny_vae):
         check_source(spec.tiny_vae, what="tiny VAE", allow_pickle=False)
     if spec.ip_adapter not in (None, "auto"):
@@ -841,8 +844,18 @@ def load(spec: ModelSpec) -> LoadedModel:
     adapters = [(f"lora{i}", lora.source, lora.scale) for i, lora in enumerate(spec.loras)]
     if accel.source:
         adapters.insert(0, ("accelerator", accel.source, 1.0))
+    motion_notes: list[str] = []
+    if spec.motion_adapter:
+        load_motion_adapter(pipe, spec.motion_adapter, dtype, allow_pickle=spec.allow_pickle)
+        motion_notes = motion_scheduler(pipe, spec.motion_adapter, [s for _, s, _ in adapters])
+        if family == "sdxl" and spec.accelerator == "auto":
+            motion_notes.append(STD_VIDEO_NOTE)
     for name, source, _ in adapters:
-        load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle, family=family)
+        if spec.motion_adapter:  # may skip keys the motion UNet lacks: report them
+            report = load_motion_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle)
+            motion_notes.append(report)
+        else:
+            load_lora(pipe, source, name=name, allow_pickle=spec.allow_pickle, family=family)
     fuse_loras(pipe, [(name, scale) for name, _, scale in adapters])
     if spec.vae:
         load_vae(pipe, spec.vae, dtype, allow_pickle=spec.allow_pickle)
@@ -860,9 +873,149 @@ def load(spec: ModelSpec) -> LoadedModel:
         device,
         dtype,
         accel.source,
-        notices=tuple(n for n in (accel.notice, vae_notice(pipe.vae, family, dtype)) if n),
+        notices=tuple(
+            n for n in (accel.notice, vae_notice(pipe.vae, family, dtype), *motion_notes) if n
+        ),
         warnings=tuple(w for w in (turbo_warning, accel.warning, *checkpoint) if w),
     )
+
+
+# --- motion modules (AnimateDiff; `stylekit video --motion-adapter`) ----------------------------
+
+# Scheduler settings the model cards of motion checkpoints give, keyed by a hub repo the adapter
+# or one of the LoRAs comes from: AnimateLCM samples with linear betas; MCM also with LCM's
+# boundary condition at timestep scaling 4.
+MOTION_SCHEDULER = {
+    "wangfuyun/animatelcm": {"beta_schedule": "linear"},
+    "yhzhai/mcm": {"beta_schedule": "linear", "timestep_scaling": 4.0},
+}
+PEFT_PREFIX = "base_model.model."
+STD_VIDEO_NOTE = (
+    "motion: STD's std_sdxl_v2v_eta* video LoRAs were trained with a motion module that was not "
+    "released; --accelerator auto keeps the image LoRA. Passing a v2v LoRA as --accelerator is "
+    "experimental: its layers are matched by name and the skipped ones reported"
+)  # a PEFT adapter's UNet keys (MCM), read as diffusers' "unet."
+
+
+def load_motion_adapter(pipe, source: str, dtype: torch.dtype, *, allow_pickle: bool) -> None:
+    """Turn the pipeline's 2-D UNet into diffusers' `UNetMotionModel` with `source`'s adapter."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    check_source(source, what="motion adapter", allow_pickle=allow_pickle)
+    path = Path(source).expanduser()
+    with hub_errors("motion adapter", source):
+        if path.is_file():
+            adapter = MotionAdapter.from_single_file(str(path))
+        else:
+            adapter = MotionAdapter.from_pretrained(str(path) if path.is_dir() else source)
+    try:
+        unet = UNetMotionModel.from_unet2d(pipe.unet, adapter)
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(
+            f"motion adapter {source} does not fit this model's UNet: {first}"
+        ) from exc
+    pipe.register_modules(unet=unet.to(dtype))
+
+
+def motion_scheduler(pipe, adapter: str, loras: list[str]) -> list[str]:
+    """Apply the model card's scheduler settings of a known motion checkpoint; say so."""
+    repos = {split_hub_file(s)[0].lower() for s in (adapter, *loras) if not is_local(s)}
+    notes = []
+    for repo in sorted(r for r in repos if r in MOTION_SCHEDULER):
+        pipe.scheduler.register_to_config(**MOTION_SCHEDULER[repo])
+        shown = ", ".join(f"{k} {v}" for k, v in MOTION_SCHEDULER[repo].items())
+        notes.append(f"motion: {shown} (the model card of {repo})")
+    return notes
+
+
+def lora_unet_keys(state: dict) -> dict:
+    """A LoRA state dict's UNet part as `unet.`-prefixed diffusers keys (PEFT adapters renamed)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(PEFT_PREFIX):
+            key = "unet." + key[len(PEFT_PREFIX) :]
+        if key.startswith("unet."):
+            out[key] = value
+    return out
+
+
+def lora_module(key: str) -> str:
+    """The module a LoRA key adapts: 'unet.a.b.to_q.lora_A.weight' → 'a.b.to_q'."""
+    name = key[len("unet.") :]
+    return re.sub(r"\.(lora(_[AB])?|lora\.(up|down))(\.\w+)?\.weight$|\.alpha$", "", name)
+
+
+def split_lora(unet, state: dict) -> tuple[dict, list[str]]:
+    """(the keys whose module exists in `unet` as a linear/conv layer, the skipped modules)."""
+    modules = dict(unet.named_modules())
+    kept, skipped = {}, set()
+    for key, value in state.items():
+        name = lora_module(key)
+        if hasattr(modules.get(name), "weight"):
+            kept[key] = value
+        else:
+            skipped.add(name)
+    return kept, sorted(skipped)
+
+
+def lora_location(source: str) -> tuple[str, str | None]:
+    """(folder or hub repo, weight file in it or None) of a LoRA; a PEFT adapter folder's
+    `adapter_model.safetensors` is named, since diffusers looks for its own file name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return str(path.parent), path.name
+    if path.is_dir():
+        peft = path / "adapter_model.safetensors"
+        return str(path), peft.name if peft.is_file() else None
+    return split_hub_file(source)
+
+
+def peft_config(folder: str, weight: str | None) -> dict:
+    """The `adapter_config.json` beside a PEFT adapter's weights (local or on the hub), or {}."""
+    sub = str(Path(weight).parent) if weight else "."
+    local = Path(folder) / sub / "adapter_config.json"
+    if Path(folder).is_dir():
+        return json.loads(local.read_text()) if local.is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    name = "adapter_config.json" if sub == "." else f"{sub}/adapter_config.json"
+    return json.loads(Path(hf_hub_download(folder, name)).read_text())
+
+
+def peft_scaled(state: dict, config: dict) -> dict:
+    """PEFT scales a LoRA by lora_alpha / r, which its weights do not carry: fold it into B."""
+    scale = float(config.get("lora_alpha", 1)) / float(config.get("r", 1)) if config else 1.0
+    if scale == 1.0:
+        return state
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+
+
+def load_motion_lora(pipe, source: str, *, name: str, allow_pickle: bool) -> str:
+    """Load a LoRA's UNet keys into the motion UNet, skipping modules it lacks; return a report.
+
+    STD's video LoRAs were trained on a motion module that was not released: on another adapter
+    only the keys whose layers exist can load, and the report says how many did.
+    """
+    check_source(source, what="LoRA", allow_pickle=allow_pickle)
+    with hub_errors("LoRA", source):
+        folder, weight = lora_location(source)
+        state, alphas = pipe.lora_state_dict(folder, **({"weight_name": weight} if weight else {}))
+        unet_state = lora_unet_keys(state)
+        if any(k.startswith(PEFT_PREFIX) for k in state):
+            unet_state = peft_scaled(unet_state, peft_config(folder, weight))
+        kept, skipped = split_lora(pipe.unet, unet_state)
+        if not kept:
+            raise ModelError(f"LoRA {source}: none of its UNet keys fit the motion UNet")
+        pipe.load_lora_into_unet(kept, alphas, unet=pipe.unet, adapter_name=name, _pipeline=pipe)
+    matched = len({lora_module(k) for k in kept})
+    other = len(state) - len(unet_state)
+    text = f"LoRA {source}: {matched} layers loaded into the motion UNet"
+    if skipped:
+        text += f", {len(skipped)} skipped (no such layer: {', '.join(skipped[:3])}, ...)"
+    if other:
+        text += f", {other} text-encoder keys not loaded"
+    return text
 
 
 # --- ControlNet and depth estimation (docs/controlnet.md) ----------------------------------------

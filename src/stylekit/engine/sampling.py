@@ -204,6 +204,7 @@ class Sampler:
     ac: torch.Tensor
     gamma: float = 0.0
     prediction: str = "epsilon"  # what the UNet outputs: epsilon | v_prediction | sample
+    timestep_scaling: float = TIMESTEP_SCALING  # LCM's boundary condition (MCM's card: 4)
 
     def needs_noise(self, i: int, n: int) -> bool:
         """Whether step i of n draws fresh noise (never on the last step)."""
@@ -220,7 +221,16 @@ class Sampler:
                 out, ts[i], t_next, z, self.ac, gamma=self.gamma, noise=noise, prediction=p
             )
         last = i + 1 == len(ts)
-        return lcm_step(out, ts[i], None if last else t_next, z, self.ac, noise=noise, prediction=p)
+        return lcm_step(
+            out,
+            ts[i],
+            None if last else t_next,
+            z,
+            self.ac,
+            noise=noise,
+            timestep_scaling=self.timestep_scaling,
+            prediction=p,
+        )
 
 
 def make_sampler(kind: str, scheduler_config: dict, *, gamma: float = 0.0) -> Sampler:
@@ -235,7 +245,8 @@ def make_sampler(kind: str, scheduler_config: dict, *, gamma: float = 0.0) -> Sa
             f"the model's scheduler config has prediction_type {prediction!r}; "
             f"stylekit samples {', '.join(PREDICTIONS)}"
         )
-    return Sampler(kind, alphas_cumprod(scheduler_config), gamma, prediction)
+    scaling = float(scheduler_config.get("timestep_scaling", TIMESTEP_SCALING))
+    return Sampler(kind, alphas_cumprod(scheduler_config), gamma, prediction, scaling)
 
 
 NoiseFn = Callable[

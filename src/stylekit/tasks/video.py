@@ -22,6 +22,11 @@ model's native size with the tiled VAE (`FrameStream(windows=)`), one frame at a
 stream batch) in memory bounded by the window batch; anchor and bank consistency and residual CFG
 (`cfg_mode` self, initialize) are refused then.
 
+With a motion adapter (`settings.motion_adapter`, `--motion-adapter`) the UNet is AnimateDiff's
+motion UNet and frames are denoised jointly in windows of `context_frames` overlapping by
+`context_overlap` (`stylekit.engine.motion.MotionStream`); anchor, the similarity filter, stream
+batch, `tiled` and AD guidance are refused there.
+
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
 frames: `events.step(done, total)` once per output frame, so a caller can show fps and an ETA;
@@ -42,6 +47,13 @@ import numpy as np
 from PIL import Image
 
 from stylekit.control import ControlImage, control_image_finder, read_control_image
+from stylekit.engine.motion import (
+    CONTEXT_FRAMES,
+    CONTEXT_OVERLAP,
+    MotionOptions,
+    MotionStats,
+    MotionStream,
+)
 from stylekit.engine.stream import FrameStream, StreamOptions
 from stylekit.errors import StylekitError, UsageError
 from stylekit.media.batch import (
@@ -260,6 +272,7 @@ def stylize_one(
     info: VideoInfo | None = None,
     tiled: Tiled | None = None,
     given: ControlImage | None = None,
+    motion: MotionOptions | None = None,
 ) -> dict:
     """Stylise one video into its output; returns the settings for its record. With controls
     each frame's maps are computed as it streams in (`given`: one precomputed map for all)."""
@@ -276,15 +289,21 @@ def stylize_one(
         plan = tiled.plan(padded, session.native)
         windows = Windows.of(plan)
         extra = {k: v for k, v in tiled.settings(plan).items() if k != "upscale"}
-    stream = FrameStream(
-        session.model,
-        session.cond,
-        session.sampler,
-        replace(options, seed=seed),
-        guidance=session.guided,
-        windows=windows,
-        control=session.frame_control(given and given.image) if session.controls else None,
-    )
+    if motion is not None:  # frames denoised jointly in context windows (engine/motion.py)
+        stream = MotionStream(
+            session.model, session.cond, session.sampler, replace(options, seed=seed), motion
+        )
+        extra = motion_settings(session, motion)
+    else:
+        stream = FrameStream(
+            session.model,
+            session.cond,
+            session.sampler,
+            replace(options, seed=seed),
+            guidance=session.guided,
+            windows=windows,
+            control=session.frame_control(given and given.image) if session.controls else None,
+        )
     size = info.size if clip.keep_size else working
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
     settings |= {"working_size": "{}x{}".format(*working), "input_size": "{}x{}".format(*info.size)}
@@ -310,7 +329,8 @@ def stylize_one(
             events.step(done, selection.count)
         if done != selection.count:
             raise StylekitError(f"{job.input}: decoded {done} of {selection.count} frames")
-    return settings | stream_stats(stream, info.warnings)
+    stats = motion_stats(stream.stats) if motion is not None else {}
+    return settings | stream_stats(stream, info.warnings) | stats
 
 
 def video_settings(options: StreamOptions, stream, selection, clip: Clip) -> dict:
@@ -344,6 +364,60 @@ def stream_stats(stream, warnings) -> dict:
         "unet_rows": stats.unet_rows or None,  # latent rows through the UNet (tiled: not counted)
         "warnings": list(warnings) or None,
     }
+
+
+def motion_settings(session: Session, motion: MotionOptions) -> dict:
+    """The motion-mode knobs, for the file and the record."""
+    return {
+        "motion_adapter": session.settings.motion_adapter,
+        "context_frames": motion.context,
+        "context_overlap": motion.overlap,
+    }
+
+
+def motion_stats(stats: MotionStats) -> dict:
+    """What the windows cost, for the record (`--json`), known once the video is written."""
+    return {
+        "windows": len(stats.windows),
+        "unet_rows_per_frame": round(stats.unet_rows / max(stats.frames, 1), 3),
+        "peak_frames_held": stats.peak_frames,
+    }
+
+
+def motion_fits(session: Session, motion: MotionOptions) -> None:
+    """Refuse windows longer than the loaded motion module's positions, before any video runs."""
+    motion.check(getattr(session.model.unet.config, "motion_max_seq_length", None))
+
+
+def refuse_with_motion(
+    consistency: str,
+    tiled: Tiled | None,
+    skip_similar: float | None,
+    stream_batch: bool | None,
+    settings: Settings,
+    style: Sequence[str],
+) -> None:
+    """What motion-module mode cannot combine with, as one usage error each."""
+    if tiled is not None:
+        raise UsageError("--motion-adapter has no --tiled (windows of frames, not of pixels)")
+    if consistency == "anchor":
+        raise UsageError(
+            "--consistency anchor has no --motion-adapter (the motion module mixes frames "
+            "itself); use noise or none"
+        )
+    if skip_similar is not None:
+        raise UsageError("--skip-similar has no --motion-adapter (every frame is in a window)")
+    if stream_batch:
+        raise UsageError("--stream-batch has no --motion-adapter (the windows are the batch)")
+    if settings.controls:
+        raise UsageError(
+            "--control has no --motion-adapter yet (ControlNet residuals are per frame)"
+        )
+    if style and settings.style_mode in ("ad", "both"):
+        raise UsageError(
+            f"--style-mode {settings.style_mode} has no --motion-adapter yet (AD refines "
+            "frames one by one); use --style-mode ipadapter"
+        )
 
 
 def warn(events: Events, message: str) -> None:
@@ -384,6 +458,8 @@ def stylize_video(
     max_pixels: int | None = None,
     keep_size: bool = True,
     tiled: Tiled | None = None,
+    context_frames: int = CONTEXT_FRAMES,
+    context_overlap: int = CONTEXT_OVERLAP,
     events: Events | None = None,
     **overrides,
 ) -> BatchReport:
@@ -413,6 +489,10 @@ def stylize_video(
     settings = resolve_settings(settings, preset, overrides)
     if settings.mode != "sample":
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
+    motion = None
+    if settings.motion_adapter:
+        refuse_with_motion(consistency, tiled, skip_similar, stream_batch, settings, style)
+        motion = MotionOptions(context_frames, context_overlap).check()
     output, events = with_seed(output or Output()), events or Events()
     frames_out = Path(frames_out) if frames_out is not None else None
     options = StreamOptions(
@@ -432,6 +512,8 @@ def stylize_video(
     check_encoding(jobs, clip, frames_out)
     runtime = runtime or Runtime()
     stages = settings.steps if stream_batch is not False else 1  # rows of one stream-batch call
+    if motion is not None:
+        stages = motion.context  # one window of frames per UNet call
 
     check_size = size_flag_check(settings, runtime, size, style, stages=stages)
     run = LazySession(
@@ -443,6 +525,7 @@ def stylize_video(
         announce=size_notice(clip.sizing, "frames written") if tiled is None else tiled_notice,
         task="video",
         before=check_size,
+        check=None if motion is None else lambda session: motion_fits(session, motion),
     )
 
     find_control, _ = control_image_finder(settings)
@@ -478,6 +561,7 @@ def stylize_video(
             info=info,
             tiled=tiled,
             given=given,
+            motion=motion,
         )
 
     return run_jobs(
