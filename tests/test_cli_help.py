@@ -10,8 +10,8 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from stylekit.cli import SETTINGS_FIELD, app
-from stylekit.presets import COMMAND_DEFAULTS, DEFAULT_PRESET, load_preset
+from stylekit.cli import app
+from stylekit.presets import COMMAND_DEFAULTS, DEFAULT_PRESET, SETTINGS_FIELD, load_preset
 
 RUNNER = CliRunner()
 GROUP = typer.main.get_command(app)

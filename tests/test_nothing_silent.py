@@ -16,8 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stylekit.cli import app
+from stylekit.media.ffmpeg import ffmetadata_tags, ffmpeg_exe
 from stylekit.media.metadata import read_metadata, read_parameters
-from stylekit.media.video import ffmetadata_tags, ffmpeg_exe, probe
+from stylekit.media.video import probe
 
 RUNNER = CliRunner()
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from stylekit import __version__
 from stylekit.clihelp import App
 from stylekit.errors import StylekitError, UsageError, one_line
+from stylekit.presets import SETTINGS_FIELD
 
 app = App(  # typer.Typer with help laid out for 80 columns (stylekit.clihelp)
     name="stylekit",
@@ -785,7 +786,6 @@ DepthModel = Annotated[
         rich_help_panel=CONTROL,
     ),
 ]
-CONTROL_FLAGS = {"control": "controls", "controlnet": "controlnets"}  # flag → Settings field
 
 
 # --- many machines: --engine ray and --shard (stylekit.distributed, stylekit.shards) --------------
@@ -2080,9 +2080,6 @@ class CommonOptions:
             kind = PlanEvents
         kind = kind or ConsoleEvents
         return kind(err, as_json=self.as_json, quiet=self.quiet, debug=debug_mode())
-
-
-SETTINGS_FIELD = {"lora": "loras", "adain": "ad_adain", **CONTROL_FLAGS}  # flag → Settings field
 
 
 def given_settings(**flags) -> dict[str, Any]:

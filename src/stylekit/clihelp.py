@@ -261,7 +261,7 @@ def effective_default(param, command: str | None) -> str:
 
 def settings_field(param_name: str | None) -> str:
     """The Settings field a flag sets (`--adain` sets `ad_adain`)."""
-    from stylekit.cli import SETTINGS_FIELD
+    from stylekit.presets import SETTINGS_FIELD
 
     return SETTINGS_FIELD.get(param_name or "", param_name or "")
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from stylekit.errors import UsageError
+from stylekit.media.batch import stem_finder
 from stylekit.media.images import open_rgb, resized
 from stylekit.presets import Settings
 
@@ -187,9 +188,7 @@ def control_image_finder(settings: Settings):
     inpaint masks), and every such file; (None, set()) without one."""
     if settings.control_image is None:
         return None, set()
-    from stylekit.tasks.inpaint import mask_finder
-
-    return mask_finder(settings.control_image, flag="--control-image", what="control image")
+    return stem_finder(settings.control_image, flag="--control-image", what="control image")
 
 
 def read_control_image(path: Path, size: tuple[int, int] | None) -> ControlImage:

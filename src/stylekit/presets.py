@@ -15,6 +15,13 @@ from stylekit.errors import PresetError
 
 DEFAULT_PRESET = "std-sdxl"
 STYLE_MODES = ("ipadapter", "ad", "both", "none")
+# The Settings field of each command-line flag whose name differs (`--lora` sets `loras`).
+SETTINGS_FIELD = {
+    "lora": "loras",
+    "adain": "ad_adain",
+    "control": "controls",
+    "controlnet": "controlnets",
+}
 # Settings a command fixes over any preset, unless a flag gives them: t2i-styled guides by AD;
 # the texture commands use the AD release's texture settings (empty prompt, CFG 1, lr 0.05, AdaIN;
 # see tasks/textures.py). `--help` shows these as the defaults of those commands.

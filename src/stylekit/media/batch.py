@@ -32,13 +32,13 @@ import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
-from stylekit.errors import StylekitError, UsageError
+from stylekit.errors import InputError, StylekitError, UsageError
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 FORMAT_EXTS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -492,3 +492,36 @@ class BatchReport:
     def exit_code(self) -> int:
         """Return 0 when nothing failed (skips are fine), else 1."""
         return 1 if self.failed else 0
+
+
+def stem_finder(
+    mask: str | Path, *, flag: str, what: str
+) -> tuple[Callable[[Job], Path], set[Path]]:
+    """Return (job → its file, every such file) for one file (every job's) or a folder matched to
+    the jobs by relative path, else by file stem: inpaint masks and control images. `flag` and
+    `what` name them in errors."""
+    path = Path(mask).expanduser()
+    if path.is_file():
+        return (lambda job: path), {Path(os.path.realpath(path))}
+    if not path.is_dir():
+        raise UsageError(f"{flag} {mask}: no such file or folder")
+    try:
+        items = collect_inputs([str(path)])
+    except UsageError as exc:
+        raise UsageError(f"{flag} {mask}: folder holds no {what} images") from exc
+    by_rel: dict[str, list[Path]] = {}
+    by_stem: dict[str, list[Path]] = {}
+    for item in items:
+        by_rel.setdefault(item.rel.with_suffix("").as_posix(), []).append(item.path)
+        by_stem.setdefault(item.rel.stem, []).append(item.path)
+
+    def find(job: Job) -> Path:
+        found = by_rel.get(job.rel.with_suffix("").as_posix()) or by_stem.get(job.rel.stem, [])
+        if not found:
+            raise InputError(f"{job.input}: no {what} named {job.rel.stem}.* in {path}")
+        if len(found) > 1:
+            names = ", ".join(str(p) for p in found)
+            raise InputError(f"{job.input}: more than one {what} matches ({names})")
+        return found[0]
+
+    return find, {Path(os.path.realpath(item.path)) for item in items}

@@ -123,7 +123,7 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")
 def read_metadata(path: Path) -> dict[str, Any]:
     """Read the stylekit settings back from a png, jpg, webp or video file; {} when it has none."""
     if Path(path).suffix.lower() in VIDEO_SUFFIXES:
-        from stylekit.media.video import read_video_settings
+        from stylekit.media.ffmpeg import read_video_settings
 
         return read_video_settings(path)
     text = _read_fields(path)[1]

@@ -22,7 +22,6 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from stylekit.errors import InputError, StylekitError, UsageError
+from stylekit.media.ffmpeg import ffmpeg_exe, ffmpeg_reason
 from stylekit.media.metadata import VIDEO_SUFFIXES, save_options, settings_json
 
 # Encoders with a constant-quality -crf option, and the default each gets (visually lossless-ish).
@@ -105,10 +105,6 @@ class FrameSelection:
         return len(self.indices)
 
 
-def ffmpeg_exe() -> str:
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
 # ---------------------------------------------------------------------------------------- probe
 
 
@@ -127,7 +123,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     header = _input_header(stderr)
     stream = _video_stream_line(header)
     if proc.returncode != 0 or stream is None:
-        reason = "no video stream" if stream is None and header else _ffmpeg_reason(stderr)
+        reason = "no video stream" if stream is None and header else ffmpeg_reason(stderr)
         raise InputError(f"{path}: not a readable video ({reason})")
     time_base, pts, last_duration = _parse_framecrc(proc.stdout.decode("ascii", "replace"))
     if not pts:
@@ -280,15 +276,6 @@ def _grid_error(pts, time_base, rate: Fraction) -> float:
     return max(abs((stamp - first) * tb - i * step) for i, stamp in enumerate(pts))
 
 
-def _ffmpeg_reason(stderr: str) -> str:
-    """ffmpeg's last error line without its `[ctx @ 0x..]` prefix."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    if not lines:
-        return "ffmpeg failed"
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[-1])
-    return re.sub(r"^Error opening (input|output) files?:\s*", "", reason) or "ffmpeg failed"
-
-
 # ----------------------------------------------------------------------------------------- read
 
 
@@ -383,7 +370,7 @@ def _decode(path: Path, selection: FrameSelection, size: tuple[int, int]) -> Ite
             proc.kill()  # the rest is not wanted (a no-op when ffmpeg has finished)
         elif proc.wait() != 0:
             log.seek(0)
-            reason = _ffmpeg_reason(log.read().decode("utf-8", "replace"))
+            reason = ffmpeg_reason(log.read().decode("utf-8", "replace"))
             raise InputError(f"{path}: decoding failed after {done} frames ({reason})")
 
 
@@ -553,7 +540,7 @@ class VideoWriter:
         cmd += self._container_args()
         proc = subprocess.run([*cmd, str(self._part)], capture_output=True)
         if proc.returncode != 0:
-            reason = _ffmpeg_reason(proc.stderr.decode("utf-8", "replace"))
+            reason = ffmpeg_reason(proc.stderr.decode("utf-8", "replace"))
             raise StylekitError(f"could not add the audio of {audio.path} to {self.path}: {reason}")
         self._video_part.unlink()
 
@@ -655,50 +642,3 @@ def write_frame_png(
 
 
 # ------------------------------------------------------------------------------------- settings
-
-
-def read_video_settings(path: str | os.PathLike) -> dict:
-    """The stylekit settings a video carries in its `comment` tag; {} when it has none."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
-    proc = subprocess.run([*cmd, "-f", "ffmetadata", "-"], capture_output=True)
-    if proc.returncode != 0:
-        reason = _ffmpeg_reason(proc.stderr.decode("utf-8", "replace"))
-        raise InputError(f"{path}: cannot read metadata ({reason})")
-    text = ffmetadata_tags(proc.stdout.decode("utf-8", "replace")).get("comment")
-    try:
-        settings = json.loads(text) if text else {}
-    except json.JSONDecodeError:
-        return {}
-    return settings if isinstance(settings, dict) else {}
-
-
-def ffmetadata_tags(text: str) -> dict[str, str]:
-    """The global tags of ffmpeg's `ffmetadata` text, keys lowercased: `key=value` lines, where
-    a backslash escapes the next character (a newline too) and `;`/`#` lines are comments."""
-    tags: dict[str, str] = {}
-    for line in _ffmetadata_lines(text):
-        if not line or line[0] in (";", "#"):
-            continue
-        if line[0] == "[":
-            break  # a [STREAM] or [CHAPTER] section: the global tags are over
-        if "=" in line:
-            cut = line.index("=")
-            key = "".join(ch[-1] for ch in line[:cut]).lower()
-            tags[key] = "".join(ch[-1] for ch in line[cut + 1 :])
-    return tags
-
-
-def _ffmetadata_lines(text: str) -> Iterator[list[str]]:
-    """Lines as lists of characters; an escaped one is kept as backslash + it, so that it never
-    counts as a separator."""
-    line: list[str] = []
-    chars = iter(text)
-    for c in chars:
-        if c == "\\":
-            line.append(c + next(chars, ""))
-        elif c == "\n":
-            yield line
-            line = []
-        else:
-            line.append(c)
-    yield line

@@ -36,7 +36,12 @@ from stylekit.engine import inpaint as engine
 from stylekit.engine import models
 from stylekit.engine.latents import to_pil
 from stylekit.errors import InputError, StylekitError, UsageError
-from stylekit.media.batch import BatchReport, Job, collect_inputs, refuse_overwriting_files
+from stylekit.media.batch import (
+    BatchReport,
+    Job,
+    refuse_overwriting_files,
+    stem_finder,
+)
 from stylekit.media.images import Sizing, image_size, open_rgb, read_image, resized, with_alpha
 from stylekit.presets import Settings
 from stylekit.runner import Events, Output, plan_files, run_jobs
@@ -71,38 +76,6 @@ def check_mask_padding(padding: int) -> int:
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise UsageError(f"--mask-padding must be a whole number of px ≥ 0, got {padding!r}")
     return padding
-
-
-def mask_finder(
-    mask: str | Path, *, flag: str = "--mask", what: str = "mask"
-) -> tuple[Callable[[Job], Path], set[Path]]:
-    """Return (job → its mask file, every mask file) for a mask file or a folder of masks
-    (`flag` and `what` name them in errors: control images are matched the same way)."""
-    path = Path(mask).expanduser()
-    if path.is_file():
-        return (lambda job: path), {Path(os.path.realpath(path))}
-    if not path.is_dir():
-        raise UsageError(f"{flag} {mask}: no such file or folder")
-    try:
-        items = collect_inputs([str(path)])
-    except UsageError as exc:
-        raise UsageError(f"{flag} {mask}: folder holds no {what} images") from exc
-    by_rel: dict[str, list[Path]] = {}
-    by_stem: dict[str, list[Path]] = {}
-    for item in items:
-        by_rel.setdefault(item.rel.with_suffix("").as_posix(), []).append(item.path)
-        by_stem.setdefault(item.rel.stem, []).append(item.path)
-
-    def find(job: Job) -> Path:
-        found = by_rel.get(job.rel.with_suffix("").as_posix()) or by_stem.get(job.rel.stem, [])
-        if not found:
-            raise InputError(f"{job.input}: no {what} named {job.rel.stem}.* in {path}")
-        if len(found) > 1:
-            names = ", ".join(str(p) for p in found)
-            raise InputError(f"{job.input}: more than one {what} matches ({names})")
-        return found[0]
-
-    return find, {Path(os.path.realpath(item.path)) for item in items}
 
 
 def load_mask(path: Path, size: tuple[int, int], *, invert: bool) -> tuple[Image.Image, str | None]:
@@ -176,7 +149,7 @@ def inpaint(
     output = with_seed(output or Output())
     check_mask_blur(mask_blur)
     check_mask_padding(mask_padding)
-    find_mask, mask_files = mask_finder(mask)
+    find_mask, mask_files = stem_finder(mask, flag="--mask", what="mask")
     jobs = [
         job
         for job in plan_files(list(inputs), output)
