@@ -499,7 +499,7 @@ BankEvery = Annotated[
     int,
     typer.Option(
         "--bank-every",
-        help="--consistency bank: one frame in N stores its features; 0 only the first.",
+        help="--consistency bank: one frame (motion: window) in N stores its features; 0 only the first.",
         rich_help_panel=VIDEO,
     ),
 ]

@@ -21,6 +21,13 @@ temporal transformers attend across the frames of one call, so frames are denois
   re-noising step's noise drawn as (1, C, F, h, w). A frame takes the noise of its position in
   the first window that holds it. With fixed noise (`consistency="noise"`) every window draws
   from the same seed, so the noise repeats with the window; `"none"` draws on for every window.
+- Residual CFG (`cfg_mode`, `predict.residual_uncond`): the window is one video, so `full` runs
+  2F frame rows a step, `self` and `none` F, `initialize` 2F on the window's first step (each
+  frame keeps the clean estimate of the first window that holds it as its reference).
+- Feature bank (`consistency="bank"`, fixed noise too): the bank processors on the spatial
+  self-attention layers, where each of the R·F UNet rows is one frame; a frame reads and writes
+  the bank of its window position (the noise repeats with the window), at its stage and CFG row
+  kind; the first window stores, then one in `bank_every` windows.
 - One window with the whole clip equals `AnimateDiffVideoToVideoPipeline` with explicit
   height and width (tests/test_motion.py).
 """
