@@ -167,7 +167,7 @@ def test_list_shows_complete_and_missing_presets_and_disk_used(tmp_path):
     result = models("list", "--cache-dir", str(tmp_path), "--json")
     assert result.exit_code == 0, result.stderr
     rows = {r["preset"]: r for r in map(json.loads, result.stdout.splitlines())}
-    assert set(rows) == {"lcm-sd15", "sd-turbo", "std-sdxl"}
+    assert set(rows) == {"animatediff-sd15", "animatelcm-sd15", "lcm-sd15", "sd-turbo", "std-sdxl"}
     assert rows["lcm-sd15"]["complete"] and rows["lcm-sd15"]["missing"] == []
     # fp16 unet 20 + vae 20 + text encoder 15 + LoRA 1 + adapter 3 + encoder 5, and the configs
     configs = sum(
@@ -235,6 +235,49 @@ def test_turbo_preset_needs_no_accelerator_or_adapter(tmp_path):
         load_preset("sd-turbo"), listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path)
     )
     assert [r.need.what for r in plan.resolved] == ["model"]
+
+
+def test_a_motion_preset_needs_its_motion_adapter_and_lora_for_video_only(tmp_path):
+    """animatelcm-sd15: the AnimateLCM adapter folder (config and weights) and its LoRA file
+    for `video`; an image command loads no motion adapter, so does not need it."""
+    fill_lcm_sd15(tmp_path)
+
+    def plan(commands):
+        return hubfiles.resolve_all(
+            load_preset("animatelcm-sd15"),
+            commands=commands,
+            listing=lambda r, rev: hubfiles.cached_listing(r, rev, tmp_path),
+        )
+
+    lora = "wangfuyun/AnimateLCM/AnimateLCM_sd15_t2v_lora.safetensors"
+    video = plan(["video"])
+    assert [r.need.what for r in video.resolved] == [
+        "model",
+        "LoRA",
+        "IP-Adapter",
+        "image encoder",
+        "motion adapter",
+    ]
+    assert "wangfuyun/AnimateLCM/config.json" in video.missing and lora in video.missing
+    assert "motion adapter" not in [r.need.what for r in plan(["stylize"]).resolved]
+    put(
+        tmp_path,
+        "wangfuyun/AnimateLCM",
+        {
+            "config.json": "{}",
+            "diffusion_pytorch_model.safetensors": b"m",
+            "AnimateLCM_sd15_t2v_lora.safetensors": b"l",
+            "AnimateLCM_sd15_t2v.ckpt": b"unused",
+        },
+    )
+    again = plan(["video"])
+    assert again.missing == []
+    got = {path for repo, _, path in again.files() if repo == "wangfuyun/AnimateLCM"}
+    assert got == {
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "AnimateLCM_sd15_t2v_lora.safetensors",
+    }
 
 
 def test_tiny_vae_and_lora_flags_add_their_repos(tmp_path):

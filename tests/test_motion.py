@@ -479,3 +479,168 @@ def test_windows_longer_than_the_adapter_or_a_missing_adapter_stop_the_batch(
     result = CliRunner().invoke(cli.app, ["video", *base, *missing])
     assert result.exit_code == 2 and "motion adapter" in result.output
     assert not (tmp_path / "x.mp4").exists()
+
+
+# --- residual CFG and the feature bank in windows -------------------------------------------------
+
+
+def test_motion_residual_cfg_formulas_against_a_hand_computation(motion_model):
+    """One window of 4 frames under CFG 2: `self` is e_u + g (e_c − e_u) with e_u the residual
+    noise (z − √ā ref) / √(1 − ā) of each frame's reference latent (ε prediction, δ = 1);
+    `initialize` on the window's first step is full CFG and leaves each frame's real clean
+    estimate as its reference; `none` is the conditional output."""
+    from stylekit.engine.conditioning import encode_text
+    from stylekit.engine.motion import motion_predictor
+    from stylekit.engine.predict import Residual
+    from stylekit.engine.sampling import make_sampler
+
+    model = motion_model
+    cond = encode_text(model, "a cat", None, cfg=2.0)
+    sampler = make_sampler("lcm", dict(model.pipe.scheduler.config))
+    assert cond.do_cfg and sampler.prediction == "epsilon"
+    gen = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(4, 4, 2, 2, generator=gen), torch.randn(4, 4, 2, 2, generator=gen)
+    t = 499
+
+    def unet(kind):  # the motion UNet on the window as one video with conditioning row `kind`
+        video = z.permute(1, 0, 2, 3)[None]
+        hidden = cond.prompt_embeds[kind : kind + 1].repeat_interleave(4, dim=0)
+        with torch.no_grad():
+            out = model.unet(video, torch.tensor(t), encoder_hidden_states=hidden).sample
+        return out[0].permute(1, 0, 2, 3)  # (F, C, h, w)
+
+    e_u_real, e_c = unet(0), unet(1)
+    a = sampler.ac[t]
+    stock = (z - a.sqrt() * ref) / (1 - a).sqrt()
+    with torch.no_grad():
+        eps = {
+            m: motion_predictor(model, cond, 16, 16, cfg_mode=m, sampler=sampler)
+            for m in ("self", "initialize", "none", "full")
+        }
+        got_self = eps["self"](z, t, Residual(ref.clone()))
+        residual = Residual(ref.clone(), (True,) * 4)
+        got_init = eps["initialize"](z, t, residual)
+        got_none, got_full = eps["none"](z, t), eps["full"](z, t)
+    # 2 video rows vs 1 round differently (~1e-5), and guidance scales that by up to 2g − 1 = 3
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_self, stock + 2.0 * (e_c - stock), **close)
+    torch.testing.assert_close(got_full, e_u_real + 2.0 * (e_c - e_u_real), **close)
+    torch.testing.assert_close(got_init, got_full, **close)
+    x0_u = (z - (1 - a).sqrt() * e_u_real) / a.sqrt()
+    torch.testing.assert_close(residual.ref, x0_u, **close)
+    torch.testing.assert_close(got_none, e_c, **close)
+
+
+@pytest.mark.parametrize(
+    "mode, per_call",
+    [
+        ("full", [8, 8, 8, 8]),
+        ("self", [4, 4, 4, 4]),
+        ("initialize", [8, 8, 4, 4]),
+        ("none", [4, 4, 4, 4]),
+    ],
+)
+def test_motion_unet_rows_per_window(motion_model, mode, per_call):
+    """Windows of F = 4 frames under CFG: full runs 2F frame rows a call, self and none F,
+    initialize 2F on a window's first step and F after; `MotionStats.unet_rows` counts them."""
+    calls = []
+    hook = motion_model.unet.register_forward_pre_hook(
+        lambda m, args: calls.append((args[0].shape[2], args[0].shape[0] * args[0].shape[2]))
+    )
+    try:
+        s = stream(motion_model, cfg=2.0, motion=MotionOptions(4, 1), cfg_mode=mode)
+        outs = list(s.run(frames_of(7, size=(16, 16))))
+    finally:
+        hook.remove()
+    assert len(outs) == 7 and s.stats.windows == [(0, 4), (3, 7)]
+    assert sorted(rows for _, rows in calls) == sorted(per_call)  # 2 windows × 2 steps
+    assert s.stats.unet_rows == sum(per_call) and s.residual == (mode in ("self", "initialize"))
+    if mode != "full":  # residual and unguided windows differ from full CFG, reproducibly
+        full = list(
+            stream(motion_model, cfg=2.0, motion=MotionOptions(4, 1)).run(
+                frames_of(7, size=(16, 16))
+            )
+        )
+        again = list(
+            stream(motion_model, cfg=2.0, motion=MotionOptions(4, 1), cfg_mode=mode).run(
+                frames_of(7, size=(16, 16))
+            )
+        )
+        assert any(not np.array_equal(a, b) for a, b in zip(outs, full, strict=True))
+        assert all(np.array_equal(a, b) for a, b in zip(outs, again, strict=True))
+
+
+def test_motion_bank_never_exceeds_its_bound_over_a_long_clip(motion_model):
+    """40 random frames in windows of 4 (overlap 1), every window storing into a 2-frame bank with
+    merging off (the tiny model's keys are near-identical, see test_video_bank): after every
+    output each slot (stage, CFG row, window position, layer) holds at most its bound, and ends
+    full. Only the spatial layers bank: the motion modules' temporal attention keeps its own."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(40)]
+    opts = dict(consistency="bank", bank_size=2, bank_every=1, bank_merge=None)
+    s = stream(motion_model, motion=MotionOptions(4, 1), **opts)
+    outputs = 0
+    for _ in s.run(frames):
+        outputs += 1
+        slots = [sl for layers in s._bank.slots.values() for sl in layers.values()]
+        assert all(sl.tokens <= sl.bound for sl in slots)
+    assert outputs == 40 and len(s.stats.windows) == 13 and s.stats.banked == 13 * 4
+    assert all(sl.tokens == sl.bound for sl in slots)
+    assert {sl.bound for sl in slots} == {2 * 4, 2 * 1}  # 2x2 and 1x1 latent tokens per frame
+    assert s.stats.bank_peak == 2 * 4
+    assert {key for key in s._bank.slots} == {(j, 0, p) for j in range(2) for p in range(4)}
+    assert not any("motion_modules" in name for name in s._processors)
+    assert len(s._processors) == len(
+        [
+            n
+            for n in motion_model.unet.attn_processors
+            if n.endswith("attn1.processor") and "motion" not in n
+        ]
+    )
+
+
+def test_motion_bank_keeps_a_static_clip_identical_across_windows(motion_model):
+    """A still clip in windows of 4 with the bank (fixed noise, repeating per window): window 0
+    reads an empty bank, windows 1 and 2 read window 0's k/v at their own positions, which equal
+    their own, so the attention output is the same weighted mean. Mathematically the same frames;
+    softmax over 2N tokens instead of N rounds differently, hence 1 grey level. A random clip
+    shows the bank is read: its later windows differ from fixed noise alone."""
+    still = frames_of(1, size=(16, 16))[0]
+    outs = list(
+        stream(motion_model, motion=MotionOptions(4, 0), consistency="bank").run([still] * 12)
+    )
+    for i in range(4, 12):
+        assert np.abs(outs[i].astype(int) - outs[i % 4]).max() <= 1
+    moving = frames_of(8, size=(16, 16))
+    noise = list(stream(motion_model, motion=MotionOptions(4, 0)).run(moving))
+    bank = list(stream(motion_model, motion=MotionOptions(4, 0), consistency="bank").run(moving))
+    assert all(
+        np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(noise[:4], bank[:4], strict=True)
+    )
+    assert any(not np.array_equal(a, b) for a, b in zip(noise[4:], bank[4:], strict=True))
+
+
+def test_motion_bank_and_self_cfg_through_the_cli_keep_timestamps_and_audio(
+    clip, sd15_path, adapters, tmp_path
+):
+    """The issue's combination, end to end: motion windows, the feature bank and residual CFG
+    (`self`: F frame rows a window step instead of 2F), with size, rate, timestamps and audio."""
+    from stylekit import cli
+
+    out = tmp_path / "banked.mp4"
+    args = [str(clip), "--model", str(sd15_path), "--motion-adapter", str(adapters["noisy"])]
+    args += ["--context-frames", "4", "--context-overlap", "1", "--accelerator", "none"]
+    args += ["--scheduler", "lcm", "--steps", "2", "--strength", "0.5", "--cfg", "2"]
+    args += ["--consistency", "bank", "--bank-size", "2", "--cfg-mode", "self"]
+    args += ["--device", "cpu", "--dtype", "fp32", "--seed", "1", "--json", "-q", "-o", str(out)]
+    result = CliRunner().invoke(cli.app, ["video", *args])
+    assert result.exit_code == 0, result.output
+    record = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][0])
+    src, got = probe(clip), probe(out)
+    assert (got.size, got.frame_count, got.fps) == ((33, 25), 11, Fraction(30000, 1001))
+    assert got.audio_codec == "aac" and got.pts == src.pts
+    meta = record["settings"]
+    assert meta["consistency"] == "bank" and meta["bank_size"] == 2
+    assert meta["cfg_mode"] == "self" and meta["residual_cfg"] is True
+    assert meta["windows"] == 4 and meta["unet_calls"] == 4 * 2
+    assert meta["unet_rows"] == 4 * 2 * 4  # F rows per window step: no unconditional video

@@ -18,7 +18,7 @@ from stylekit.media.metadata import read_metadata
 from stylekit.presets import DEFAULT_PRESET, Settings, builtin_names, load_preset
 from stylekit.session import resolve_settings
 
-BUILTIN = ["lcm-sd15", "sd-turbo", "std-sdxl"]
+BUILTIN = ["animatediff-sd15", "animatelcm-sd15", "lcm-sd15", "sd-turbo", "std-sdxl"]
 
 
 def write_preset(tmp_path: Path, text: str) -> Path:
@@ -41,7 +41,8 @@ def test_each_builtin_preset_loads_and_validates(name):
     assert settings.description and "\n" not in settings.description
     assert settings.purpose and "\n" not in settings.purpose
     assert settings.model.count("/") == 1  # a hub id: presets never point at local files
-    assert settings.accelerator == "auto"
+    # AnimateLCM's own LCM LoRA (a `loras` entry) is its accelerator
+    assert settings.accelerator == ("none" if name == "animatelcm-sd15" else "auto")
     assert settings.with_overrides() == settings  # passes the same checks as command-line values
 
 
@@ -145,7 +146,10 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_preset(str(write_preset(tmp_path, "steps = = 4\n")))
     with pytest.raises(PresetError, match="no such file"):
         load_preset(str(tmp_path / "absent.toml"))
-    with pytest.raises(PresetError, match="unknown preset 'nope'; built-in: lcm-sd15"):
+    with pytest.raises(
+        PresetError,
+        match="unknown preset 'nope'; built-in: animatediff-sd15, animatelcm-sd15, lcm-sd15",
+    ):
         load_preset("nope")
 
 

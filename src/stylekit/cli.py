@@ -500,7 +500,7 @@ BankEvery = Annotated[
     int,
     typer.Option(
         "--bank-every",
-        help="--consistency bank: one frame in N stores its features; 0 only the first.",
+        help="--consistency bank: one frame (motion: window) in N stores its features; 0 only the first.",
         rich_help_panel=VIDEO,
     ),
 ]
@@ -1470,14 +1470,17 @@ def presets(
             for row in rows:
                 print(json.dumps(row))
             return
-        print(f"  {'NAME':<10} {'MODEL':<44} {'STEPS':>5} {'STRENGTH':>8}")
+        n = max(10, *(len(row["name"]) for row in rows))  # the name column fits every name
+        print(f"  {'NAME':<{n}} {'MODEL':<44} {'STEPS':>5} {'STRENGTH':>8}")
         for row in rows:
             mark = "*" if row["default"] else " "
             print(
-                f"{mark} {row['name']:<10} {row['model']:<44} {row['steps']:>5} {row['strength']:>8}"
+                f"{mark} {row['name']:<{n}} {row['model']:<44} {row['steps']:>5} "
+                f"{row['strength']:>8}"
             )
-            for line in textwrap.wrap(row["purpose"] or row["description"], 66):
-                print(f"{'':13}{line}")
+            text = row["purpose"] or row["description"]
+            for line in textwrap.wrap(text, 76 - n, break_on_hyphens=False):
+                print(f"{'':{n + 3}}{line}")
         print("* the default, used without --preset")
 
 

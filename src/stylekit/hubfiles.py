@@ -254,8 +254,23 @@ def control_needs(settings: Settings, family: str | None, turbo: bool, commands)
     return out
 
 
+def motion_needs(settings: Settings, family: str | None, turbo: bool, commands) -> list[Need]:
+    """The AnimateDiff motion adapter (`--motion-adapter`, a diffusers folder), for `video`."""
+    if "video" not in commands or not hub_source(settings.motion_adapter):
+        return []
+    return [Need(settings.motion_adapter, "motion adapter", "diffusers")]
+
+
 # One function per part of a run; a new part is one more.
-NEEDS = (model_needs, accelerator_needs, lora_needs, adapter_needs, vae_needs, control_needs)
+NEEDS = (
+    model_needs,
+    accelerator_needs,
+    lora_needs,
+    adapter_needs,
+    vae_needs,
+    control_needs,
+    motion_needs,
+)
 
 
 def needs(

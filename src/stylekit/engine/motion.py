@@ -21,12 +21,20 @@ temporal transformers attend across the frames of one call, so frames are denois
   re-noising step's noise drawn as (1, C, F, h, w). A frame takes the noise of its position in
   the first window that holds it. With fixed noise (`consistency="noise"`) every window draws
   from the same seed, so the noise repeats with the window; `"none"` draws on for every window.
+- Residual CFG (`cfg_mode`, `predict.residual_uncond`): the window is one video, so `full` runs
+  2F frame rows a step, `self` and `none` F, `initialize` 2F on the window's first step (each
+  frame keeps the clean estimate of the first window that holds it as its reference).
+- Feature bank (`consistency="bank"`, fixed noise too): the bank processors on the spatial
+  self-attention layers, where each of the R·F UNet rows is one frame; a frame reads and writes
+  the bank of its window position (the noise repeats with the window), at its stage and CFG row
+  kind; the first window stores, then one in `bank_every` windows.
 - One window with the whole clip equals `AnimateDiffVideoToVideoPipeline` with explicit
   height and width (tests/test_motion.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -34,10 +42,24 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from stylekit.engine.attention import (
+    BankAttnProcessor,
+    installed,
+    select_layers,
+    self_attention_layers,
+)
+from stylekit.engine.bank import FeatureBank, Row
 from stylekit.engine.conditioning import Conditioning, added_kwargs
 from stylekit.engine.latents import decode, scale_latents, upcast_needed, vae_dtype
 from stylekit.engine.models import LoadedModel
-from stylekit.engine.predict import expand
+from stylekit.engine.predict import (
+    CFG_MODES,
+    Residual,
+    cfg_rows,
+    expand,
+    pick_added,
+    residual_uncond,
+)
 from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, trajectory
 from stylekit.engine.stream import MULTIPLE, StreamOptions, StreamStats, pad_frame, to_uint8
 from stylekit.errors import UsageError
@@ -46,33 +68,53 @@ CONTEXT_FRAMES = 16  # AnimateDiff's training length and FreeNoise's default con
 CONTEXT_OVERLAP = 4  # FreeNoise's default context stride of 4 frames, as an overlap
 WEIGHTINGS = ("pyramid", "flat")
 
-WindowEps = Callable[[torch.Tensor, int], torch.Tensor]  # (F, C, h, w), t → (F, C, h, w)
 
+def motion_predictor(
+    model: LoadedModel,
+    cond: Conditioning,
+    height: int,
+    width: int,
+    *,
+    cfg_mode: str = "full",
+    sampler: Sampler | None = None,
+    delta: float = 1.0,
+) -> Callable[..., torch.Tensor]:
+    """Return eps(z, t, residual=None) for one window's frames z (F, C, h, w): one motion-UNet
+    call under CFG.
 
-def motion_predictor(model: LoadedModel, cond: Conditioning, height: int, width: int) -> WindowEps:
-    """Return eps(z, t) for one window's frames z (F, C, h, w): one motion-UNet call under CFG.
-
-    The motion UNet takes (rows, C, F, h, w) with text embeddings repeated per frame (as the
-    AnimateDiff pipelines pass them); time, SDXL and IP-Adapter embeddings it repeats itself.
+    The motion UNet takes (R, C, F, h, w), R videos of the window (`predict.cfg_rows` for one
+    latent: the window is one video), with text embeddings repeated per frame (as the AnimateDiff
+    pipelines pass them); time, SDXL and IP-Adapter embeddings it repeats itself. `cfg_mode` as in
+    `predict.noise_predictor`: `self` and `initialize` take e_u from `residual` (one reference
+    clean latent per frame), `initialize` runs the unconditional video for real when
+    `residual.real` marks the frames.
     """
+    if cfg_mode not in CFG_MODES:
+        raise UsageError(f"unknown cfg mode {cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
     added = added_kwargs(model, cond, height, width)
     unet = model.unet
 
-    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
+    def eps(z: torch.Tensor, t: int, residual: Residual | None = None) -> torch.Tensor:
         frames = z.shape[0]
+        real = (all(residual.real),) if residual is not None and residual.real else ()
+        kind = torch.tensor([k for _, k in cfg_rows(1, cond, cfg_mode, real)], device=z.device)
         video = z.permute(1, 0, 2, 3)[None]  # (1, C, F, h, w)
-        rows = torch.cat([video, video]) if cond.do_cfg else video  # (R, C, F, h, w)
         out = unet(
-            rows,
+            torch.cat([video] * len(kind)),  # (R, C, F, h, w), uncond first
             torch.as_tensor(t, device=z.device),
-            encoder_hidden_states=expand(cond.prompt_embeds, frames),  # (R·F, 77, D)
+            encoder_hidden_states=expand(cond.prompt_embeds[kind], frames),  # (R·F, 77, D)
             timestep_cond=cond.timestep_cond,
-            added_cond_kwargs=added,
+            added_cond_kwargs=pick_added(added, kind),
             return_dict=False,
         )[0].permute(0, 2, 1, 3, 4)  # (R, F, C, h, w)
-        if not cond.do_cfg:
-            return out[0]
-        return out[0] + cond.cfg * (out[1] - out[0])
+        e_c = out[-1]
+        if not cond.do_cfg or cfg_mode == "none":
+            return e_c
+        e_u = out[0]
+        if cfg_mode != "full":
+            real_u = out[:-1].reshape(-1, *e_c.shape[1:])  # (F or 0, C, h, w)
+            e_u = residual_uncond(z, t, real_u, residual, sampler, delta)
+        return e_u + cond.cfg * (e_c - e_u)
 
     return eps
 
@@ -148,6 +190,8 @@ class _Frame:
     weight: float = 0.0
     votes: int = 0  # windows that gave their output at this step
     z: torch.Tensor | None = None  # the final latent
+    ref: torch.Tensor | None = None  # residual CFG: the reference clean latent (`Residual.ref`)
+    initialized: bool = False  # `initialize`: ref is the first window's real uncond estimate
 
     def gather(self, out: torch.Tensor, weight: float) -> None:
         self.total = weight * out if self.total is None else self.total + weight * out
@@ -171,6 +215,7 @@ class _Window:
     start: int
     frames: list[_Frame]
     step: int = 0
+    writes: bool = False  # its frames store their k/v into the bank
 
     def ready(self) -> bool:
         return all(f.pending is not None and f.step == self.step for f in self.frames)
@@ -181,7 +226,6 @@ class MotionStream:
     uint8 frame per input, in order, a few windows late. Build one per video."""
 
     batched = False  # the windows are the batch (`video_settings` reads this)
-    residual = False  # no residual CFG: every window's unconditional rows run for real
 
     def __init__(
         self,
@@ -191,12 +235,11 @@ class MotionStream:
         options: StreamOptions,
         motion: MotionOptions = MotionOptions(),
     ):
-        if options.consistency not in ("none", "noise"):
+        if options.consistency == "anchor":
             raise UsageError(
-                f"--consistency {options.consistency} has no motion mode; use noise or none"
+                "--consistency anchor has no motion mode (the motion module mixes frames "
+                "itself); use bank, noise or none"
             )
-        if options.cfg_mode != "full" and cond.do_cfg:
-            raise UsageError(f"--cfg-mode {options.cfg_mode} has no motion mode yet; use full")
         self.model, self.cond, self.sampler, self.options = model, cond, sampler, options.check()
         positions = getattr(model.unet.config, "motion_max_seq_length", None)
         if positions is None:
@@ -206,9 +249,19 @@ class MotionStream:
         self.weights = window_weights(motion.context, motion.weighting)
         self.stats = MotionStats()
         self._generator = torch.Generator("cpu").manual_seed(options.seed)
-        self._eps: WindowEps | None = None
+        self._eps: Callable[..., torch.Tensor] | None = None
         self._size: tuple[int, int] | None = None
         self._emitted = 0  # frames yielded so far
+        self.residual = options.cfg_mode in ("self", "initialize") and cond.do_cfg
+        self._bank: FeatureBank | None = None
+        self._processors: dict[str, BankAttnProcessor] = {}
+        self._opened = 0  # windows opened so far
+        self._writer: int | None = None  # the index of the last window that stored into the bank
+        if options.consistency == "bank":
+            self._bank = FeatureBank(size=options.bank_size, merge=options.bank_merge)
+            unet = model.unet
+            layers = select_layers(unet, options.anchor_layers or len(self_attention_layers(unet)))
+            self._processors = {name: BankAttnProcessor(name, self._bank) for name in layers}
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Yield one (H, W, 3) uint8 output per (H, W, 3) uint8 input, in order, streaming."""
@@ -245,7 +298,20 @@ class MotionStream:
             frame.windows += 1
         self.stats.windows.append((start, end))
         self.stats.peak_frames = max(self.stats.peak_frames, len(alive))
-        return _Window(start, frames)
+        window = _Window(start, frames, writes=self._writes(self._opened))
+        self._opened += 1
+        return window
+
+    def _writes(self, index: int) -> bool:
+        """Bank mode: the first window stores into the bank, then one every `bank_every` windows
+        (0: the first only)."""
+        if self._bank is None:
+            return False
+        every = self.options.bank_every
+        if self._writer is None or (every and index - self._writer >= every):
+            self._writer = index
+            return True
+        return False
 
     @staticmethod
     def _finalise(frames: Iterable[_Frame]) -> None:
@@ -272,19 +338,59 @@ class MotionStream:
     @torch.no_grad()
     def _run(self, window: _Window) -> None:
         """One UNet call on the window's frames; each frame gathers its weighted output."""
-        z = torch.cat([f.pending[0] for f in window.frames])  # (F, C, h, w), all at step j
-        t = window.frames[0].pending[1]
+        frames = window.frames
+        z = torch.cat([f.pending[0] for f in frames])  # (F, C, h, w), all at step j
+        t = frames[0].pending[1]
+        o = self.options
         if self._eps is None:
             h, w = self._padded
-            self._eps = motion_predictor(self.model, self.cond, h, w)
-        out = self._eps(z, t)
-        rows = len(window.frames) * (2 if self.cond.do_cfg else 1)
+            self._eps = motion_predictor(
+                self.model,
+                self.cond,
+                h,
+                w,
+                cfg_mode=o.cfg_mode,
+                sampler=self.sampler,
+                delta=o.cfg_delta,
+            )
+        first = o.cfg_mode == "initialize" and window.step == 0  # the window's first step
+        plan = cfg_rows(1, self.cond, o.cfg_mode, (first,))  # (0, kind) per video row
+        residual = None
+        if self.residual:
+            residual = Residual(torch.cat([f.ref for f in frames]), (first,) * len(frames))
+        with self._attention(window, plan):
+            out = self._eps(z, t) if residual is None else self._eps(z, t, residual)
+        if residual is not None and first:  # a frame keeps its first window's estimate
+            for position, frame in enumerate(frames):
+                if not frame.initialized:
+                    frame.ref, frame.initialized = residual.ref[position : position + 1], True
+        rows = len(frames) * len(plan)
         self.stats.unet_calls += 1
         self.stats.unet_rows += rows
         self.stats.peak_window = max(self.stats.peak_window, len(window.frames))
         window.step += 1
         for position, frame in enumerate(window.frames):
             frame.gather(out[position : position + 1], float(self.weights[position]))
+
+    @contextlib.contextmanager
+    def _attention(self, window: _Window, plan) -> Iterator[None]:
+        """Bank mode: the bank processors for one call, told each UNet row's slot. The spatial
+        layers see the window's R videos as R·F frame rows (video-major); a frame reads and
+        writes the bank of its window position (whose noise it shares, the noise repeating with
+        the window), at its stage and CFG row kind."""
+        if self._bank is None:
+            yield
+            return
+        self._bank.set_rows(
+            Row((window.step, kind, position), frame.index, window.writes)
+            for _, kind in plan
+            for position, frame in enumerate(window.frames)
+        )
+        with installed(self.model.unet, self._processors):
+            yield
+        self.stats.bank_peak = self._bank.peak
+        if window.writes and window.step == 0:
+            self.stats.banked += len(window.frames)
 
     # --- frames in -----------------------------------------------------------------------------
 
@@ -322,12 +428,14 @@ class MotionStream:
                 noise=lambda i, eps, p=p, steps=steps: steps[i][p : p + 1],
             )
             started[index] = _Frame(index, run, next(run))
+            if self.residual:  # `self`: the frame's own encoded latent
+                started[index].ref = z0[row : row + 1]
         return started
 
     def _window_noise(self, length: int, pixels: torch.Tensor) -> WindowNoise:
         """One window's noise in the video pipeline's order (fixed noise: the same every window)."""
         generator = self._generator
-        if self.options.consistency == "noise":
+        if self.options.consistency != "none":  # fixed noise (noise, bank)
             generator = torch.Generator("cpu").manual_seed(self.options.seed)
         h, w = pixels.shape[-2] // MULTIPLE, pixels.shape[-1] // MULTIPLE
         channels = self.model.vae.config.latent_channels

@@ -24,8 +24,8 @@ stream batch) in memory bounded by the window batch; anchor and bank consistency
 
 With a motion adapter (`settings.motion_adapter`, `--motion-adapter`) the UNet is AnimateDiff's
 motion UNet and frames are denoised jointly in windows of `context_frames` overlapping by
-`context_overlap` (`stylekit.engine.motion.MotionStream`); anchor, the similarity filter, stream
-batch, `tiled` and AD guidance are refused there.
+`context_overlap` (`stylekit.engine.motion.MotionStream`; the bank and residual CFG work per
+window); anchor, the similarity filter, stream batch, `tiled` and AD guidance are refused there.
 
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
