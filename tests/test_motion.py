@@ -137,6 +137,101 @@ def test_one_window_matches_animatediff_video_to_video(motion_model, kind, cfg, 
     assert np.abs(ours / 255.0 - ref).max() <= 1 / 255
 
 
+def inverted_map(net, scale=0.8, end=0.7):
+    """A frame → its `Control`: the inverted frame as the map (a map computed per frame), the last
+    of 3 steps dropped by `end` (a keep factor of 0)."""
+    from PIL import ImageOps
+
+    from stylekit.engine.controlnet import Control, image_tensor
+
+    return lambda image: Control(
+        (net,), (image_tensor([ImageOps.invert(image)]),), (scale,), end=end
+    )
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_one_window_with_controlnet_matches_animatediff_video_to_video_controlnet(
+    motion_model, sd15_controlnet, cfg
+):
+    """With a ControlNet (non-zero zero-convs) and a map per frame, a clip within one window
+    equals diffusers' AnimateDiffVideoToVideoControlNetPipeline (2-D net on the frames' rows,
+    text repeated per frame, keep factors per step); the control changes the frames."""
+    from diffusers import AnimateDiffVideoToVideoControlNetPipeline, ControlNetModel, LCMScheduler
+    from PIL import ImageOps
+
+    from stylekit.engine.sampling import img2img_schedule
+
+    net = ControlNetModel.from_pretrained(sd15_controlnet)
+    frames = frames_of(6)
+    s = stream(motion_model, cfg=cfg, steps=3)
+    s.control = inverted_map(net)
+    ours = np.stack(list(s.run(frames)))
+    plain = np.stack(list(stream(motion_model, cfg=cfg, steps=3).run(frames)))
+    n, _ = img2img_schedule(3, 0.5)
+    pipe_model = motion_model.pipe
+    pipe = AnimateDiffVideoToVideoControlNetPipeline(
+        vae=pipe_model.vae,
+        text_encoder=pipe_model.text_encoder,
+        tokenizer=pipe_model.tokenizer,
+        unet=motion_model.unet,
+        motion_adapter=None,
+        controlnet=net,
+        scheduler=LCMScheduler.from_config(pipe_model.scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        video=[Image.fromarray(f) for f in frames],
+        conditioning_frames=[ImageOps.invert(Image.fromarray(f)) for f in frames],
+        prompt="a cat",
+        num_inference_steps=n,
+        strength=0.5,
+        guidance_scale=cfg,
+        controlnet_conditioning_scale=0.8,
+        control_guidance_end=0.7,
+        height=48,
+        width=64,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).frames[0]
+    assert ours.shape == ref.shape == (6, 48, 64, 3)
+    assert np.abs(ours / 255.0 - ref).mean() <= 1 / 255  # uint8 rounding: max 0.5/255
+    assert np.abs(ours / 255.0 - ref).max() <= 1 / 255
+    assert np.abs(ours.astype(int) - plain).mean() > 2  # the residuals reach the motion UNet
+
+
+def test_windows_read_their_frames_maps(motion_model, sd15_controlnet, monkeypatch):
+    """Over several windows each call stacks its own frames' maps in window order, every map is
+    computed once per frame, and keep factors follow the window's step."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_pretrained(sd15_controlnet)
+    seen, calls = [], []
+    s = stream(motion_model, steps=3, motion=MotionOptions(4, 1))
+    make = inverted_map(net)
+
+    def counting(image):
+        seen.append(np.asarray(image).copy())
+        return make(image)
+
+    s.control = counting
+    real = s._window_control
+
+    def recording(frames):
+        control = real(frames)
+        calls.append(([f.index for f in frames], control))
+        return control
+
+    monkeypatch.setattr(s, "_window_control", recording)
+    frames = frames_of(9)
+    assert len(list(s.run(frames))) == 9
+    assert len(seen) == 9 and all(np.array_equal(a, b) for a, b in zip(seen, frames, strict=True))
+    assert len(calls) == len(window_spans(9, 4, 1)) * 3
+    for index, control in calls:
+        expected = torch.cat([make(Image.fromarray(frames[i])).images[0] for i in index])
+        assert torch.equal(control.images[0], expected)
+        assert [control.factor(t) for t in s.ts] == [1.0, 1.0, 0.0]
+
+
 # --- windows -------------------------------------------------------------------------------------
 
 
@@ -357,6 +452,33 @@ def test_motion_video_through_the_cli_keeps_size_rate_timestamps_and_audio(
     assert styled.shape == unstyled.shape and np.abs(styled - unstyled.astype(int)).mean() > 2
 
 
+def test_motion_video_with_canny_control_through_the_cli(
+    clip, sd15_path, sd15_controlnet, adapters, tmp_path
+):
+    """`--motion-adapter … --control canny`: every frame's canny map steers its window's calls;
+    size, rate, timestamps and audio are kept and the record names the control."""
+    pytest.importorskip("cv2")
+    from stylekit import cli
+
+    out, plain = tmp_path / "canny.mp4", tmp_path / "plain.mp4"
+    args = [str(clip), "--model", str(sd15_path), "--motion-adapter", str(adapters["noisy"])]
+    args += ["--context-frames", "4", "--context-overlap", "1", "--accelerator", "none"]
+    args += ["--scheduler", "lcm", "--steps", "2", "--strength", "0.5", "--cfg", "1"]
+    args += ["--device", "cpu", "--dtype", "fp32", "--seed", "1", "--json", "-q"]
+    control = ["--control", "canny:0.9", "--controlnet", str(sd15_controlnet)]
+    result = CliRunner().invoke(cli.app, ["video", *args, *control, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][0])
+    src, got = probe(clip), probe(out)
+    assert (got.size, got.frame_count, got.fps) == ((33, 25), 11, Fraction(30000, 1001))
+    assert got.audio_codec == "aac" and got.pts == src.pts
+    meta = record["settings"]
+    assert meta["windows"] == 4 and meta["controls"][0]["type"] == "canny"
+    assert CliRunner().invoke(cli.app, ["video", *args, "-o", str(plain)]).exit_code == 0
+    steered, unsteered = np.stack(list(read_frames(out))), np.stack(list(read_frames(plain)))
+    assert steered.shape == unsteered.shape and np.abs(steered - unsteered.astype(int)).mean() > 2
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -406,15 +528,23 @@ def test_api_records_the_motion_settings(clip, sd15_path, adapters, tmp_path):
     assert probe(tmp_path / "moving.mp4").frame_count == 7
 
 
-def test_sdxl_motion_unet_streams_with_its_size_ids(sdxl_path, models_dir):
+def test_sdxl_motion_unet_streams_with_its_size_ids(sdxl_path, sdxl_controlnet, models_dir):
     """The SDXL layout (3-block adapters without a mid block, like AnimateDiff's SDXL beta):
-    its added text/time embeddings reach the motion UNet, and frames come out."""
+    its added text/time embeddings reach the motion UNet, and frames come out; an SDXL ControlNet
+    gets them repeated per frame row and steers the frames."""
+    from diffusers import ControlNetModel
+
     from stylekit.testing import build_motion_adapter
 
     adapter = build_motion_adapter(models_dir / "motion-sdxl", family="sdxl")
     model = load(sdxl_path, adapter)
-    outs = list(stream(model, cfg=2.0, motion=MotionOptions(4, 1)).run(frames_of(5, (32, 32))))
+    frames = frames_of(5, (32, 32))
+    outs = list(stream(model, cfg=2.0, motion=MotionOptions(4, 1)).run(frames))
     assert len(outs) == 5 and outs[0].shape == (32, 32, 3)
+    s = stream(model, cfg=2.0, motion=MotionOptions(4, 1))
+    s.control = inverted_map(ControlNetModel.from_pretrained(sdxl_controlnet), end=1.0)
+    steered = list(s.run(frames))
+    assert np.abs(np.stack(steered).astype(int) - np.stack(outs)).mean() > 1
 
 
 def test_peft_adapter_folder_loads_with_its_alpha(sd15_path, sd15_lora, adapters, tmp_path):

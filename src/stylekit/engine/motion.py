@@ -28,19 +28,25 @@ temporal transformers attend across the frames of one call, so frames are denois
   self-attention layers, where each of the R·F UNet rows is one frame; a frame reads and writes
   the bank of its window position (the noise repeats with the window), at its stage and CFG row
   kind; the first window stores, then one in `bank_every` windows.
+- ControlNet (`control`): each frame's maps are computed once, when the frame is encoded, and
+  travel with it; a window's call runs the 2-D ControlNet on its R·F frame rows (4-channel
+  latents, each frame's maps, the text repeated per frame, as AnimateDiff's ControlNet pipelines
+  do) and adds the residuals to the motion UNet's skips, times the step's keep factor.
 - One window with the whole clip equals `AnimateDiffVideoToVideoPipeline` with explicit
-  height and width (tests/test_motion.py).
+  height and width, and with a ControlNet `AnimateDiffVideoToVideoControlNetPipeline`
+  (tests/test_motion.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from stylekit.engine.attention import (
     BankAttnProcessor,
@@ -50,6 +56,7 @@ from stylekit.engine.attention import (
 )
 from stylekit.engine.bank import FeatureBank, Row
 from stylekit.engine.conditioning import Conditioning, added_kwargs
+from stylekit.engine.controlnet import Control
 from stylekit.engine.latents import decode, scale_latents, upcast_needed, vae_dtype
 from stylekit.engine.models import LoadedModel
 from stylekit.engine.predict import (
@@ -57,6 +64,7 @@ from stylekit.engine.predict import (
     Residual,
     cfg_rows,
     expand,
+    expand_added,
     pick_added,
     residual_uncond,
 )
@@ -79,33 +87,46 @@ def motion_predictor(
     sampler: Sampler | None = None,
     delta: float = 1.0,
 ) -> Callable[..., torch.Tensor]:
-    """Return eps(z, t, residual=None) for one window's frames z (F, C, h, w): one motion-UNet
-    call under CFG.
+    """Return eps(z, t, residual=None, control=None) for one window's frames z (F, C, h, w): one
+    motion-UNet call under CFG.
 
     The motion UNet takes (R, C, F, h, w), R videos of the window (`predict.cfg_rows` for one
     latent: the window is one video), with text embeddings repeated per frame (as the AnimateDiff
     pipelines pass them); time, SDXL and IP-Adapter embeddings it repeats itself. `cfg_mode` as in
     `predict.noise_predictor`: `self` and `initialize` take e_u from `residual` (one reference
     clean latent per frame), `initialize` runs the unconditional video for real when
-    `residual.real` marks the frames.
+    `residual.real` marks the frames. `control` (the window's ControlNets, one map per frame or
+    one for all, `Control.scheduled`) runs on the R·F frame rows, video-major as the motion UNet
+    flattens them, and its residuals go to the UNet's skips.
     """
     if cfg_mode not in CFG_MODES:
         raise UsageError(f"unknown cfg mode {cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
     added = added_kwargs(model, cond, height, width)
     unet = model.unet
 
-    def eps(z: torch.Tensor, t: int, residual: Residual | None = None) -> torch.Tensor:
+    def eps(
+        z: torch.Tensor, t: int, residual: Residual | None = None, control: Control | None = None
+    ) -> torch.Tensor:
         frames = z.shape[0]
         real = (all(residual.real),) if residual is not None and residual.real else ()
         kind = torch.tensor([k for _, k in cfg_rows(1, cond, cfg_mode, real)], device=z.device)
         video = z.permute(1, 0, 2, 3)[None]  # (1, C, F, h, w)
+        hidden = expand(cond.prompt_embeds[kind], frames)  # (R·F, 77, D)
+        more = pick_added(added, kind)
+        residuals = {}
+        if control is not None:  # the 2-D nets on the R·F frame rows: row r·F + f is frame f
+            position = torch.arange(frames, device=z.device).repeat(len(kind))
+            residuals = control.for_rows(position).residuals(
+                z[position], t, hidden, expand_added(more, frames)
+            )
         out = unet(
             torch.cat([video] * len(kind)),  # (R, C, F, h, w), uncond first
             torch.as_tensor(t, device=z.device),
-            encoder_hidden_states=expand(cond.prompt_embeds[kind], frames),  # (R·F, 77, D)
+            encoder_hidden_states=hidden,
             timestep_cond=cond.timestep_cond,
-            added_cond_kwargs=pick_added(added, kind),
+            added_cond_kwargs=more,
             return_dict=False,
+            **residuals,
         )[0].permute(0, 2, 1, 3, 4)  # (R, F, C, h, w)
         e_c = out[-1]
         if not cond.do_cfg or cfg_mode == "none":
@@ -192,6 +213,7 @@ class _Frame:
     z: torch.Tensor | None = None  # the final latent
     ref: torch.Tensor | None = None  # residual CFG: the reference clean latent (`Residual.ref`)
     initialized: bool = False  # `initialize`: ref is the first window's real uncond estimate
+    control: Control | None = None  # its ControlNet maps, scheduled over the trajectory
 
     def gather(self, out: torch.Tensor, weight: float) -> None:
         self.total = weight * out if self.total is None else self.total + weight * out
@@ -234,6 +256,8 @@ class MotionStream:
         sampler: Sampler,
         options: StreamOptions,
         motion: MotionOptions = MotionOptions(),
+        *,
+        control: Callable[[Image.Image], Control] | None = None,
     ):
         if options.consistency == "anchor":
             raise UsageError(
@@ -247,6 +271,7 @@ class MotionStream:
         self.motion = motion.check(positions)
         _, self.ts = img2img_schedule(options.steps, options.strength, turbo=model.turbo)
         self.weights = window_weights(motion.context, motion.weighting)
+        self.control = control  # a frame's ControlNet maps, computed once per frame
         self.stats = MotionStats()
         self._generator = torch.Generator("cpu").manual_seed(options.seed)
         self._eps: Callable[..., torch.Tensor] | None = None
@@ -359,7 +384,10 @@ class MotionStream:
         if self.residual:
             residual = Residual(torch.cat([f.ref for f in frames]), (first,) * len(frames))
         with self._attention(window, plan):
-            out = self._eps(z, t) if residual is None else self._eps(z, t, residual)
+            more = {} if residual is None else {"residual": residual}
+            control = self._window_control(frames)
+            more |= {} if control is None else {"control": control}
+            out = self._eps(z, t, **more)
         if residual is not None and first:  # a frame keeps its first window's estimate
             for position, frame in enumerate(frames):
                 if not frame.initialized:
@@ -371,6 +399,14 @@ class MotionStream:
         window.step += 1
         for position, frame in enumerate(window.frames):
             frame.gather(out[position : position + 1], float(self.weights[position]))
+
+    @staticmethod
+    def _window_control(frames: list[_Frame]) -> Control | None:
+        """The window's ControlNet maps: each net's frame maps stacked in window order."""
+        if frames[0].control is None:
+            return None
+        stacked = zip(*[f.control.images for f in frames], strict=True)  # per net: each frame's
+        return replace(frames[0].control, images=tuple(torch.cat(ims) for ims in stacked))
 
     @contextlib.contextmanager
     def _attention(self, window: _Window, plan) -> Iterator[None]:
@@ -419,7 +455,7 @@ class MotionStream:
         posterior = None if noise.posterior is None else noise.posterior[positions]
         z0 = encode_frames(self.model, pixels, posterior)
         started = {}
-        for row, ((index, _), p) in enumerate(zip(new, positions, strict=True)):
+        for row, ((index, frame), p) in enumerate(zip(new, positions, strict=True)):
             steps = noise.steps
             run = trajectory(
                 add_noise(z0[row : row + 1], noise.start[p : p + 1], self.ts[0], self.sampler.ac),
@@ -428,6 +464,9 @@ class MotionStream:
                 noise=lambda i, eps, p=p, steps=steps: steps[i][p : p + 1],
             )
             started[index] = _Frame(index, run, next(run))
+            if self.control is not None:  # its maps, from the padded frame as it is encoded
+                image = Image.fromarray(pad_frame(frame))
+                started[index].control = self.control(image).scheduled(self.ts)
             if self.residual:  # `self`: the frame's own encoded latent
                 started[index].ref = z0[row : row + 1]
         return started

@@ -24,8 +24,8 @@ stream batch) in memory bounded by the window batch; anchor and bank consistency
 
 With a motion adapter (`settings.motion_adapter`, `--motion-adapter`) the UNet is AnimateDiff's
 motion UNet and frames are denoised jointly in windows of `context_frames` overlapping by
-`context_overlap` (`stylekit.engine.motion.MotionStream`; the bank and residual CFG work per
-window); anchor, the similarity filter, stream batch, `tiled` and AD guidance are refused there.
+`context_overlap` (`stylekit.engine.motion.MotionStream`; the bank, residual CFG and
+ControlNet maps, computed per frame, work per window); anchor, the similarity filter, stream batch, `tiled` and AD guidance are refused there.
 
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
@@ -289,9 +289,15 @@ def stylize_one(
         plan = tiled.plan(padded, session.native)
         windows = Windows.of(plan)
         extra = {k: v for k, v in tiled.settings(plan).items() if k != "upscale"}
+    control = session.frame_control(given and given.image) if session.controls else None
     if motion is not None:  # frames denoised jointly in context windows (engine/motion.py)
         stream = MotionStream(
-            session.model, session.cond, session.sampler, replace(options, seed=seed), motion
+            session.model,
+            session.cond,
+            session.sampler,
+            replace(options, seed=seed),
+            motion,
+            control=control,
         )
         extra = motion_settings(session, motion)
     else:
@@ -302,7 +308,7 @@ def stylize_one(
             replace(options, seed=seed),
             guidance=session.guided,
             windows=windows,
-            control=session.frame_control(given and given.image) if session.controls else None,
+            control=control,
         )
     size = info.size if clip.keep_size else working
     settings = session.metadata(seed=seed, size=size, source=job.input.name)
@@ -409,10 +415,6 @@ def refuse_with_motion(
         raise UsageError("--skip-similar has no --motion-adapter (every frame is in a window)")
     if stream_batch:
         raise UsageError("--stream-batch has no --motion-adapter (the windows are the batch)")
-    if settings.controls:
-        raise UsageError(
-            "--control has no --motion-adapter yet (ControlNet residuals are per frame)"
-        )
     if style and settings.style_mode in ("ad", "both"):
         raise UsageError(
             f"--style-mode {settings.style_mode} has no --motion-adapter yet (AD refines "
