@@ -124,7 +124,12 @@ def controlled_call(net, unet, family: str, latent: int, dtype: torch.dtype, net
         down, mid = None, None
         for _ in range(nets):
             d, m = net(
-                x, 500, encoder_hidden_states=text, controlnet_cond=image, return_dict=False, **extra
+                x,
+                500,
+                encoder_hidden_states=text,
+                controlnet_cond=image,
+                return_dict=False,
+                **extra,
             )
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
