@@ -796,6 +796,7 @@ def test_the_size_check_counts_every_controlnet(
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "--size 64x64 with ControlNets canny, tile: needs about" in lines[0]
     assert "--no-size-check" in lines[0] and not (tmp_path / "d").exists()
+    assert run("--size", "64x64", *two, "--dry-run", out="d")[0].exit_code == 2  # as planned
 
     free[0] = (input0.peak + input2.peak) // 2  # an input at its own size, after the load
     assert run(out="e")[0].exit_code == 0
