@@ -15,6 +15,8 @@ MALLOC_MMAP_THRESHOLD_=65536, so every block of 64 KiB or more is mapped and unm
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_memory.py --json /tmp/bench_memory.json
     .venv/bin/python benchmarks/bench_memory.py --families sd15 --unet-sizes 32 48 --vae-sizes 256
+    .venv/bin/python benchmarks/bench_memory.py --unet-sizes --grad-sizes --vae-sizes \\
+        --control-sizes 64 128   # ControlNets: the UNet call alone, after one and two nets
 
 Linux only (VmHWM). CPU, like every benchmark here; on a GPU the same script would need
 torch.cuda.max_memory_allocated instead.
@@ -103,6 +105,80 @@ def unet_call(unet, family: str, latent: int, dtype: torch.dtype, *, grad: bool)
             out.float().square().mean().backward()
 
 
+def controlled_call(net, unet, family: str, latent: int, dtype: torch.dtype, nets: int = 1):
+    """`nets` ControlNet calls at latent `latent`², batch 1, then the UNet with their summed
+    residuals: the control phase of one sampling step (`engine.controlnet.Control.residuals`)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, latent, latent, generator=g).to(dtype)
+    text = torch.randn(1, *TEXT[family], generator=g).to(dtype)
+    image = torch.rand(1, 3, latent * 8, latent * 8, generator=g).to(dtype)
+    extra = {}
+    if family == "sdxl":
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, 1280, generator=g).to(dtype),
+            "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]]).to(
+                dtype
+            ),
+        }
+    with torch.no_grad():
+        down, mid = None, None
+        for _ in range(nets):
+            d, m = net(
+                x,
+                500,
+                encoder_hidden_states=text,
+                controlnet_cond=image,
+                return_dict=False,
+                **extra,
+            )
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        unet(
+            x,
+            500,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+            **extra,
+        )
+
+
+def measure_controlnet(family: str, sizes: list[int], dtype) -> list[dict]:
+    """The UNet call alone, then after one and two ControlNet calls (a control phase), per size:
+    the difference is what each control adds to the UNet phase."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    config = SD15_UNET if family == "sd15" else SDXL_UNET
+    unet = build(UNet2DConditionModel, config, dtype)
+    net = build(ControlNetModel, {k: v for k, v in config.items() if k != "up_block_types"}, dtype)
+    params = sum(p.numel() for p in net.parameters())
+    print(f"{family} ControlNet: {params / 1e9:.3f} G parameters", flush=True)
+    rows = []
+    for latent in sizes:
+        for nets in (0, 1, 2):
+            if nets:
+                fn = partial(controlled_call, net, unet, family, latent, dtype, nets)
+            else:
+                fn = partial(unet_call, unet, family, latent, dtype, grad=False)
+            mib, s = peak_of(fn)
+            rows.append(
+                {
+                    "part": f"{family} UNet fwd + {nets} ControlNet",
+                    "params": params,
+                    "px": latent * 8,
+                    "latent": latent,
+                    "peak_mib": round(mib, 1),
+                    "kib_per_latent_px": round(mib * 1024 / latent**2, 1),
+                    "seconds": round(s, 2),
+                }
+            )
+            print(rows[-1], flush=True)
+    del unet, net
+    gc.collect()
+    return rows
+
+
 def vae_decode(vae, z: torch.Tensor) -> None:
     with torch.no_grad():
         vae.decode(z, return_dict=False)
@@ -177,6 +253,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--unet-sizes", nargs="*", type=int, default=[32, 64], help="latent sides")
     p.add_argument("--grad-sizes", nargs="*", type=int, default=[32], help="latent sides")
     p.add_argument("--vae-sizes", nargs="*", type=int, default=[256, 512], help="pixel sides")
+    p.add_argument(
+        "--control-sizes", nargs="*", type=int, default=[], help="latent sides, with ControlNets"
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", help="also write the rows here")
     return p.parse_args(argv)
@@ -191,6 +270,8 @@ def main(argv=None) -> None:
     rows = []
     for family in args.families:
         rows += measure_unet(family, args.unet_sizes, args.grad_sizes, dtype)
+    for family in args.families if args.control_sizes else ():
+        rows += measure_controlnet(family, args.control_sizes, dtype)
     rows += measure_vae(
         args.vae_sizes, [dtype, torch.float32] if dtype != torch.float32 else [dtype]
     )

@@ -747,3 +747,74 @@ def test_cli_tiled_stylize_and_inpaint_take_controls(tmp_path, sd15_path, sd15_c
     assert result.exit_code == 0, result.output
     meta = read_metadata(tmp_path / "c.png")
     assert meta["control_image"] == "edges.png" and meta["controls"][0]["map"] == "control image"
+
+
+def test_the_size_check_counts_every_controlnet(
+    tmp_path, sd15_path, sd15_controlnet, sd15_controlnet2, monkeypatch
+):
+    """Two controls add their nets' weights (before the load) and activations (per UNet row) by
+    `engine.memory`'s figures at the nets' own width; a size that fits without them but not with
+    them is refused in one line naming the controls: exit 2 for `--size`, the input alone for an
+    oversized input."""
+    from stylekit.engine import memory
+
+    seen, free = [], [2**50]
+    real = memory.estimate
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(memory, "estimate", spy)
+    monkeypatch.setattr(memory, "available", lambda device: free[0])
+    image = write_image(tmp_path / "in.png", size=(64, 64))
+    two = ["--control", "canny", "--control", "tile"]
+    two += ["--controlnet", str(sd15_controlnet), "--controlnet", str(sd15_controlnet2)]
+
+    def run(*flags, out):
+        seen.clear()
+        result = cli("stylize", image, "--cfg", "2", *flags, "-o", tmp_path / out, model=sd15_path)
+        return result, list(seen)
+
+    result, (plan0, input0) = run("--size", "64x64", out="a")  # before the load, then the input
+    assert result.exit_code == 0, result.output
+    result, (plan2, input2) = run("--size", "64x64", *two, out="b")
+    assert result.exit_code == 0, result.output
+    scale = 32 / 320  # the tiny nets' first block width, read off their config.json
+    net_weights = int(memory.CONTROL_PARAMS["sd15"] * scale**2 * 4)  # fp32
+    net_rows = memory.CONTROL_FORWARD["sd15"] * 8 * 8 * scale * 4 / 2 * 2  # latent 8², 2 CFG rows
+    assert plan2.weights - plan0.weights == pytest.approx(2 * net_weights, abs=2)
+    assert plan2.control == int(2 * net_rows) and plan0.control == 0
+    assert plan2.unet - plan0.unet == pytest.approx(2 * net_rows, abs=1)
+    assert input2.weights == input0.weights == 0 and input2.control == plan2.control
+
+    free[0] = (plan0.peak + plan2.peak) // 2  # fits without the controls, not with them
+    assert run("--size", "64x64", out="c")[0].exit_code == 0
+    result, _ = run("--size", "64x64", *two, out="d")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "--size 64x64 with ControlNets canny, tile: needs about" in lines[0]
+    assert "--no-size-check" in lines[0] and not (tmp_path / "d").exists()
+    assert run("--size", "64x64", *two, "--dry-run", out="d")[0].exit_code == 2  # as planned
+
+    free[0] = (input0.peak + input2.peak) // 2  # an input at its own size, after the load
+    assert run(out="e")[0].exit_code == 0
+    result, _ = run(*two, out="f")
+    assert result.exit_code == 1, result.output
+    assert "in.png: 64x64 with ControlNets canny, tile: needs about" in result.stderr
+    assert not (tmp_path / "f" / "in.png").exists()
+
+
+def test_the_depth_estimator_counts_until_it_is_loaded():
+    from stylekit.session import control_nets
+
+    nets, depth = control_nets(Settings(controls=("depth", "canny")), "sdxl")
+    assert [(n.name, n.family, n.width) for n in nets] == [
+        ("depth", "sdxl", None),
+        ("canny", "sdxl", None),
+    ]
+    assert depth  # the depth map is computed: its estimator loads
+    given = Settings(controls=("depth",), control_image="maps", controlnets=("some/net",))
+    assert control_nets(given, "sd15") == ([control_nets(given, "sd15")[0][0]], False)
+    assert control_nets(Settings(), "sd15") == ([], False)

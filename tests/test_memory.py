@@ -99,3 +99,45 @@ def test_a_cgroup_limit_lowers_what_is_free(tmp_path, limit, current, expected):
         (tmp_path / "memory.max").write_text(limit)
         (tmp_path / "memory.current").write_text(current)
     assert memory.cgroup_room(tmp_path) == expected
+
+
+def test_each_control_adds_its_net_weights_and_activations():
+    """A ControlNet adds its parameters and, per UNet row (AD's refined rows too), its
+    activations per latent pixel; two add twice that; a loaded net's weights are not counted."""
+    work, latent = Work((1024, 768), rows=2), 128 * 96
+    plain = estimate(work, "sd15")
+    canny = memory.ControlNet("canny", "sd15")
+    one = estimate(work, "sd15", controls=[canny])
+    two = estimate(work, "sd15", controls=[canny, memory.ControlNet("tile", "sd15")])
+    net_weights = int(memory.CONTROL_PARAMS["sd15"] * 2)
+    net_unet = memory.CONTROL_FORWARD["sd15"] * latent * 2
+    assert one.weights == plain.weights + net_weights
+    assert one.unet == int(plain.unet + net_unet) and one.control == int(net_unet)
+    assert two.weights == plain.weights + 2 * net_weights
+    assert two.unet == int(plain.unet + 2 * net_unet)
+    assert two.peak > one.peak > plain.peak
+    assert memory.Estimate(0, 10, 1, control=5).largest == ("UNet + ControlNet activations", 10)
+    # SDXL's nets are larger; a net of width 32 (the tests') scales like the UNet
+    xl = estimate(work, "sdxl", controls=[memory.ControlNet("depth", "sdxl")])
+    assert xl.weights - estimate(work, "sdxl").weights == int(memory.CONTROL_PARAMS["sdxl"] * 2)
+    tiny = estimate(work, "sd15", widths=(32, 32), controls=[memory.ControlNet("c", "sd15", 32)])
+    base = estimate(work, "sd15", widths=(32, 32))
+    assert tiny.weights - base.weights == int(memory.CONTROL_PARAMS["sd15"] * 0.01 * 2)
+    # loaded: only the activations; AD's backward rows hold the residuals too
+    loaded = estimate(work, "sd15", weights=False, controls=[canny])
+    assert loaded.weights == 0 and loaded.unet == one.unet
+    ad = Work((1024, 768), rows=1, grad_rows=1)
+    assert estimate(ad, "sd15", controls=[canny]).unet == int(
+        estimate(ad, "sd15").unet + memory.CONTROL_FORWARD["sd15"] * latent
+    )
+    # the depth control's estimator: its weights, once
+    assert estimate(work, "sd15", depth=True).weights == plain.weights + memory.DEPTH_BYTES
+
+
+def test_controlnet_figures_against_the_known_nets():
+    """SD1.5's ControlNet has 361 M parameters (0.7 GB in 16 bits), SDXL's full one 1.25 G (its
+    fp16 file is 2.5 GB): about a third of each family's pipeline weights."""
+    assert 0.3e9 < memory.CONTROL_PARAMS["sd15"] < 0.4e9
+    assert 1.2e9 < memory.CONTROL_PARAMS["sdxl"] < 1.3e9
+    for family in ("sd15", "sdxl"):  # a net adds less than the UNet's own forward
+        assert 0 < memory.CONTROL_FORWARD[family] < memory.UNET_FORWARD[family]

@@ -234,13 +234,19 @@ def check_fits(
     hint: str,
     model: models.LoadedModel | None = None,
     error: type[StylekitError] = UsageError,
+    controls: Sequence[control.LoadedControl] | None = None,
+    depth_loaded: bool = False,
 ) -> None:
     """Refuse `work` (or `work(family)`) when `engine.memory` estimates it will not fit, unless
     --no-size-check.
 
     Before the model loads (`model` None) the estimate counts its weights, from the family read
     off the model's config; a model whose config cannot be read is left to the load, which says
-    why. After the load it uses the loaded model and what is still free."""
+    why. After the load it uses the loaded model and what is still free.
+
+    Every control's ControlNet counts too (`control_nets`): the loaded `controls`' configs, else
+    the flags' (a local net's config, or the family's default), and the depth estimator's
+    weights while it is not loaded (`depth_loaded`); the message names the controls."""
     if not runtime.size_check:
         return
     if model is None:
@@ -256,6 +262,7 @@ def check_fits(
         widths = first_width(model.unet.config), first_width(model.vae.config)
     work = work(family) if callable(work) else work
     vae_bytes = 4 if family == "sdxl" and dtype == torch.float16 else dtype.itemsize  # upcast
+    nets, depth = control_nets(settings, family, controls)
     est = memory.estimate(
         work,
         family,
@@ -263,10 +270,50 @@ def check_fits(
         vae_bytes=vae_bytes,
         widths=widths,
         weights=model is None,
+        controls=nets,
+        depth=depth and not depth_loaded,
     )
     reason = memory.too_big(est, memory.available(device))
     if reason:
+        if nets:
+            what += f" with ControlNet{'s' if len(nets) > 1 else ''} "
+            what += ", ".join(n.name for n in nets)
         raise error(f"{what}: {reason} on {device.type}; {hint}, or pass --no-size-check")
+
+
+def control_nets(
+    settings: Settings, family: str, loaded: Sequence[control.LoadedControl] | None = None
+) -> tuple[list[memory.ControlNet], bool]:
+    """The run's ControlNets as `memory.estimate` counts them, and whether the depth estimator
+    will run (a depth control whose map is not a `--control-image`).
+
+    Loaded nets give their own config; before the load a `--controlnet` folder gives its
+    config.json, anything else (the family's default, a hub id, a file) is taken as the
+    family's layout at the UNet's width."""
+    if loaded is not None:
+        specs = [c.spec for c in loaded]
+        configs = [dict(c.net.config) for c in loaded]
+    else:
+        specs = control.control_specs(settings, check_tools=False)
+        configs = [net_config(s.controlnet) for s in specs]
+    nets = [
+        memory.ControlNet(s.kind, family, None)
+        if config is None
+        else memory.ControlNet(s.kind, models.family_of_unet(config), first_width(config))
+        for s, config in zip(specs, configs, strict=True)
+    ]
+    given = control.image_type(settings, [s.kind for s in specs]) if specs else None
+    return nets, any(s.kind == "depth" and s.kind != given for s in specs)
+
+
+def net_config(source: str | None) -> dict | None:
+    """A local ControlNet folder's config.json, read before loading (None: not at hand)."""
+    if source is None:
+        return None
+    try:
+        return json.loads((Path(source).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def wants_ip_adapter(settings: Settings, style: Sequence) -> bool:
@@ -857,4 +904,6 @@ class LazySession:
             hint=hint,
             model=self.session.model,
             error=InputError,
+            controls=self.session.controls,
+            depth_loaded=self.session._depth is not None,
         )

@@ -1,10 +1,13 @@
 """Will a job fit? A deliberately simple estimate of a run's peak memory, checked before it starts.
 
-A job's peak is the model's weights plus the larger of two phases:
+A job's peak is the model's weights (with each control's ControlNet, and the depth estimator
+for a depth control) plus the larger of two phases:
 
 - the UNet phase: activations of one UNet call, linear in the latent pixels it sees at once
   (rows × (W/8)(H/8)), plus a fixed overhead; an AD refinement keeps a forward pass's
-  activations alive for its backward pass, which costs far more per row (`UNET_GRAD`);
+  activations alive for its backward pass, which costs far more per row (`UNET_GRAD`); each
+  ControlNet runs on the same rows before the UNet and its residuals stay alive through the
+  UNet's call (AD's backward too), which adds `CONTROL_FORWARD` per latent pixel per row;
 - the VAE phase: a full decode (or encode) of one image, linear in its pixels; a texture decodes
   in tiles instead, so its VAE phase is one tile plus the canvas held as float arrays
   (`CANVAS_BYTES_PER_PX`, from benchmarks/README.md).
@@ -25,6 +28,7 @@ lowered to a cgroup v2 limit when the process has one (containers); unknown (no 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,27 @@ VAE_BYTES_PER_PX = 2048  # KL VAE decode of one image, per output pixel, 16-bit 
 CANVAS_BYTES_PER_PX = 31  # texture canvas: blend buffers 16 + float image 12 + 8-bit image 3
 FULL_WIDTHS = (320, 128)  # first block widths of every family's UNet and KL VAE
 NATIVE_LATENT = {"sd15": 64, "sd2": 96, "sdxl": 128}  # UNet sample_size, before it is loaded
+# A ControlNet (engine.controlnet) is a copy of its UNet's encoder and middle block plus zero
+# convolutions and a small conditioning embedding. Parameters of a net with the family's full
+# layout (counted by bench_memory.py --control-sizes: SD1.5 361 M, SDXL 1.25 G; SD 2.x as SD1.5);
+# what one net adds to a UNet call per latent pixel per row, 16-bit: the net's own activations and
+# its residuals, alive through the UNet's call (measured at 1024² against the UNet call alone:
+# SD1.5 4.2 KiB, SDXL 4.5 KiB; two nets 7.4 / 7.7 KiB), rounded up to 6 KiB per net.
+CONTROL_PARAMS = {"sd15": 0.362e9, "sd2": 0.362e9, "sdxl": 1.26e9}
+CONTROL_FORWARD = {"sd15": 6 * KIB, "sd2": 6 * KIB, "sdxl": 6 * KIB}
+# The depth control's estimator (Depth-Anything-V2-Small: 24.8 M parameters, loaded in fp32 by
+# transformers' pipeline: 99 MB) and its activations at its own 518² input, rounded up.
+DEPTH_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class ControlNet:
+    """One control's ControlNet as the estimate sees it: its name for the message (the control
+    type), its family's layout, and its first block width when known (None: the family's 320)."""
+
+    name: str
+    family: str
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,7 @@ class Estimate:
     unet: int
     vae: int
     canvas: int = 0
+    control: int = 0  # the ControlNets' part of the UNet phase (`unet` includes it)
 
     @property
     def peak(self) -> int:
@@ -76,8 +102,9 @@ class Estimate:
     @property
     def largest(self) -> tuple[str, int]:
         """The part that dominates and its bytes, for the message."""
+        unet = "UNet + ControlNet activations" if self.control else "UNet activations"
         parts = {
-            "UNet activations": self.unet,
+            unet: self.unet,
             "VAE decode": self.vae,
             "texture canvas": self.canvas,
             "weights": self.weights,
@@ -94,6 +121,8 @@ def estimate(
     vae_bytes: int | None = None,
     widths: tuple[int | None, int | None] = (None, None),
     weights: bool = True,
+    controls: Sequence[ControlNet] = (),
+    depth: bool = False,
 ) -> Estimate:
     """The peak memory of `work` on a model of `family` (sd15, sd2, sdxl; others as sdxl).
 
@@ -111,12 +140,33 @@ def estimate(
     latent = (w // 8) * (h // 8) * unet_scale * dtype_bytes / 2
     forward = UNET_FORWARD[family] * latent * work.rows
     backward = UNET_GRAD[family] * latent * work.grad_rows
-    unet = UNET_OVERHEAD + max(forward, backward)
+    control = 0.0
+    for net in controls:  # a net mirrors the UNet's encoder: its width scales it the same way
+        scale = net.width / FULL_WIDTHS[0] if net.width else unet_scale
+        per_px = CONTROL_FORWARD[control_family(net.family)] * (w // 8) * (h // 8) * scale
+        control += per_px * dtype_bytes / 2 * max(work.rows, work.grad_rows)
+    unet = UNET_OVERHEAD + max(forward, backward) + control
     dw, dh = work.decode or work.size
     vae = VAE_BYTES_PER_PX * vae_scale * dw * dh * (vae_bytes or dtype_bytes) / 2
     cw, ch = work.canvas or (0, 0)
     params = PARAMS[family] * unet_scale**2 if weights else 0  # parameters grow with width²
-    return Estimate(int(params * dtype_bytes), int(unet), int(vae), CANVAS_BYTES_PER_PX * cw * ch)
+    net_bytes = 0.0
+    for net in controls if weights else ():
+        scale = net.width / FULL_WIDTHS[0] if net.width else unet_scale
+        net_bytes += CONTROL_PARAMS[control_family(net.family)] * scale**2 * dtype_bytes
+    extra = DEPTH_BYTES if depth else 0
+    return Estimate(
+        int(params * dtype_bytes + net_bytes + extra),
+        int(unet),
+        int(vae),
+        CANVAS_BYTES_PER_PX * cw * ch,
+        int(control),
+    )
+
+
+def control_family(family: str) -> str:
+    """The family whose ControlNet figures apply (others as sdxl, as `estimate` does)."""
+    return family if family in CONTROL_PARAMS else "sdxl"
 
 
 def available(device: torch.device) -> int | None:
