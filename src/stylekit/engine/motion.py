@@ -32,6 +32,13 @@ temporal transformers attend across the frames of one call, so frames are denois
   travel with it; a window's call runs the 2-D ControlNet on its R·F frame rows (4-channel
   latents, each frame's maps, the text repeated per frame, as AnimateDiff's ControlNet pipelines
   do) and adds the residuals to the motion UNet's skips, times the step's keep factor.
+- AD guidance (`guidance`, `motion_ad.window_guidance`): before a window's step j > 0 its
+  frames, all just stepped to t = ts[j], are refined jointly by the motion UNet (AD loss over
+  the window's frame rows, the run's iterations and learning rate); a frame that an earlier
+  window already refined at this step keeps that result (it takes part in the joint pass but
+  its new value is dropped), so each frame is refined once per step, as a per-frame run does,
+  except after the last step (no window runs at t = 0). The refined latent is written into the
+  tensor the frame's trajectory holds, which the next sampler step reads.
 - One window with the whole clip equals `AnimateDiffVideoToVideoPipeline` with explicit
   height and width, and with a ControlNet `AnimateDiffVideoToVideoControlNetPipeline`
   (tests/test_motion.py).
@@ -214,6 +221,8 @@ class _Frame:
     ref: torch.Tensor | None = None  # residual CFG: the reference clean latent (`Residual.ref`)
     initialized: bool = False  # `initialize`: ref is the first window's real uncond estimate
     control: Control | None = None  # its ControlNet maps, scheduled over the trajectory
+    content: tuple[torch.Tensor, torch.Tensor] | None = None  # AD: (z0, start noise)
+    refined: int = 0  # AD: the last step at which a window refined it
 
     def gather(self, out: torch.Tensor, weight: float) -> None:
         self.total = weight * out if self.total is None else self.total + weight * out
@@ -258,6 +267,7 @@ class MotionStream:
         motion: MotionOptions = MotionOptions(),
         *,
         control: Callable[[Image.Image], Control] | None = None,
+        guidance: Callable[..., torch.Tensor] | None = None,
     ):
         if options.consistency == "anchor":
             raise UsageError(
@@ -272,6 +282,7 @@ class MotionStream:
         _, self.ts = img2img_schedule(options.steps, options.strength, turbo=model.turbo)
         self.weights = window_weights(motion.context, motion.weighting)
         self.control = control  # a frame's ControlNet maps, computed once per frame
+        self.guidance = guidance  # AD: refine(z (F, C, h, w), t, (z0, noise)) for a window
         self.stats = MotionStats()
         self._generator = torch.Generator("cpu").manual_seed(options.seed)
         self._eps: Callable[..., torch.Tensor] | None = None
@@ -364,8 +375,10 @@ class MotionStream:
     def _run(self, window: _Window) -> None:
         """One UNet call on the window's frames; each frame gathers its weighted output."""
         frames = window.frames
-        z = torch.cat([f.pending[0] for f in frames])  # (F, C, h, w), all at step j
         t = frames[0].pending[1]
+        if self.guidance is not None and window.step > 0:
+            self._refine(window, t)
+        z = torch.cat([f.pending[0] for f in frames])  # (F, C, h, w), all at step j
         o = self.options
         if self._eps is None:
             h, w = self._padded
@@ -399,6 +412,23 @@ class MotionStream:
         window.step += 1
         for position, frame in enumerate(window.frames):
             frame.gather(out[position : position + 1], float(self.weights[position]))
+
+    def _refine(self, window: _Window, t: int) -> None:
+        """AD: refine the window's frames jointly at t; write each frame not yet refined at this
+        step into the latent its trajectory holds (the pending tensor is that latent)."""
+        frames = window.frames
+        z = torch.cat([f.pending[0] for f in frames])
+        content = None
+        if frames[0].content is not None:
+            content = tuple(
+                torch.cat(parts) for parts in zip(*[f.content for f in frames], strict=True)
+            )
+        with torch.inference_mode(False):
+            refined = self.guidance(z, t, content)
+        for position, frame in enumerate(frames):
+            if frame.refined < window.step:
+                frame.pending[0].copy_(refined[position : position + 1])
+                frame.refined = window.step
 
     @staticmethod
     def _window_control(frames: list[_Frame]) -> Control | None:
@@ -469,6 +499,8 @@ class MotionStream:
                 started[index].control = self.control(image).scheduled(self.ts)
             if self.residual:  # `self`: the frame's own encoded latent
                 started[index].ref = z0[row : row + 1]
+            if self.guidance is not None:  # AD's content term: z0 noised with its start noise
+                started[index].content = (z0[row : row + 1], noise.start[p : p + 1])
         return started
 
     def _window_noise(self, length: int, pixels: torch.Tensor) -> WindowNoise:

@@ -25,7 +25,9 @@ stream batch) in memory bounded by the window batch; anchor and bank consistency
 With a motion adapter (`settings.motion_adapter`, `--motion-adapter`) the UNet is AnimateDiff's
 motion UNet and frames are denoised jointly in windows of `context_frames` overlapping by
 `context_overlap` (`stylekit.engine.motion.MotionStream`; the bank, residual CFG and
-ControlNet maps, computed per frame, work per window); anchor, the similarity filter, stream batch, `tiled` and AD guidance are refused there.
+ControlNet maps, computed per frame, and AD guidance, refining a window's frames jointly
+(`engine/motion_ad.py`), work per window); anchor, the similarity filter, stream batch and
+`tiled` are refused there.
 
 The model loads once per batch and the prompt/style conditioning is computed once; video i gets
 seed base + i, which fixes its noise (see `stylekit.engine.stream`). Progress is reported in
@@ -298,6 +300,7 @@ def stylize_one(
             replace(options, seed=seed),
             motion,
             control=control,
+            guidance=motion_guidance(session),
         )
         extra = motion_settings(session, motion)
     else:
@@ -400,8 +403,6 @@ def refuse_with_motion(
     tiled: Tiled | None,
     skip_similar: float | None,
     stream_batch: bool | None,
-    settings: Settings,
-    style: Sequence[str],
 ) -> None:
     """What motion-module mode cannot combine with, as one usage error each."""
     if tiled is not None:
@@ -415,11 +416,15 @@ def refuse_with_motion(
         raise UsageError("--skip-similar has no --motion-adapter (every frame is in a window)")
     if stream_batch:
         raise UsageError("--stream-batch has no --motion-adapter (the windows are the batch)")
-    if style and settings.style_mode in ("ad", "both"):
-        raise UsageError(
-            f"--style-mode {settings.style_mode} has no --motion-adapter yet (AD refines "
-            "frames one by one); use --style-mode ipadapter"
-        )
+
+
+def motion_guidance(session: Session):
+    """AD guidance per window (`motion_ad.window_guidance`) when the run has references."""
+    if session.references is None:
+        return None
+    from stylekit.engine.motion_ad import window_guidance
+
+    return window_guidance(session.model, session.references, session.features, session.sampler.ac)
 
 
 def warn(events: Events, message: str) -> None:
@@ -493,7 +498,7 @@ def stylize_video(
         raise UsageError(f"mode {settings.mode!r} is for images; videos are sampled (mode sample)")
     motion = None
     if settings.motion_adapter:
-        refuse_with_motion(consistency, tiled, skip_similar, stream_batch, settings, style)
+        refuse_with_motion(consistency, tiled, skip_similar, stream_batch)
         motion = MotionOptions(context_frames, context_overlap).check()
     output, events = with_seed(output or Output()), events or Events()
     frames_out = Path(frames_out) if frames_out is not None else None
