@@ -76,7 +76,14 @@ from stylekit.engine.predict import (
     residual_uncond,
 )
 from stylekit.engine.sampling import Sampler, add_noise, img2img_schedule, trajectory
-from stylekit.engine.stream import MULTIPLE, StreamOptions, StreamStats, pad_frame, to_uint8
+from stylekit.engine.stream import (
+    MULTIPLE,
+    StreamOptions,
+    StreamStats,
+    checked_frame,
+    pad_frame,
+    to_uint8,
+)
 from stylekit.errors import UsageError
 
 CONTEXT_FRAMES = 16  # AnimateDiff's training length and FreeNoise's default context
@@ -461,13 +468,7 @@ class MotionStream:
     # --- frames in -----------------------------------------------------------------------------
 
     def _check(self, frame: np.ndarray) -> np.ndarray:
-        frame = np.asarray(frame)
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise ValueError(f"frames must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
-        if self._size is None:
-            self._size = frame.shape[:2]
-        elif frame.shape[:2] != self._size:
-            raise ValueError(f"frame size {frame.shape[:2]} differs from the first {self._size}")
+        frame, self._size = checked_frame(frame, self._size)
         self.stats.frames += 1
         self.stats.processed += 1
         return frame

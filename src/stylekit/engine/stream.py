@@ -165,6 +165,17 @@ class SimilarityFilter:
         return False
 
 
+def checked_frame(frame, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The frame as an (H, W, 3) uint8 array, and the stream's frame size (the first frame's);
+    anything else, or a frame of another size, is a ValueError."""
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frames must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+    if size is not None and frame.shape[:2] != size:
+        raise ValueError(f"frame size {frame.shape[:2]} differs from the first {size}")
+    return frame, frame.shape[:2]
+
+
 def pad_frame(frame: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
     """Reflect-pad an (H, W, 3) frame at the bottom and right to multiples of `multiple`."""
     h, w = frame.shape[:2]
@@ -304,13 +315,7 @@ class FrameStream:
         return item
 
     def _check(self, frame: np.ndarray) -> np.ndarray:
-        frame = np.asarray(frame)
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise ValueError(f"frames must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
-        if self._size is None:
-            self._size = frame.shape[:2]
-        elif frame.shape[:2] != self._size:
-            raise ValueError(f"frame size {frame.shape[:2]} differs from the first {self._size}")
+        frame, self._size = checked_frame(frame, self._size)
         return frame
 
     def _predictor(self, image: Image.Image):
