@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +157,13 @@ class ControlImage:
     name: str
     resized_from: str | None = None
 
+    def at(self, size: tuple[int, int]) -> ControlImage:
+        """This map at `size` (W, H), Lanczos-resized when it differs (the read once, reused)."""
+        if self.image.size == tuple(size):
+            return self
+        before = self.resized_from or f"{self.image.width}x{self.image.height}"
+        return replace(self, image=resized(self.image, tuple(size)), resized_from=before)
+
     def settings(self) -> dict:
         note = {"control_image": self.name}
         if self.resized_from:
@@ -194,10 +201,8 @@ def control_image_finder(settings: Settings):
 def read_control_image(path: Path, size: tuple[int, int] | None) -> ControlImage:
     """Read a map as RGB at `size` (W, H; None: its own), Lanczos-resized when it differs; a
     file that cannot be read fails its input (InputError naming it)."""
-    image = open_rgb(Path(path))
-    size = image.size if size is None else tuple(size)
-    before = f"{image.size[0]}x{image.size[1]}" if image.size != size else None
-    return ControlImage(resized(image, size), Path(path).name, before)
+    read = ControlImage(open_rgb(Path(path)), Path(path).name)
+    return read if size is None else read.at(size)
 
 
 def describe(spec: ControlSpec, source: str, settings: Settings, given: str | None) -> dict:

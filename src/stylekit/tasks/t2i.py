@@ -99,9 +99,7 @@ def t2i_styled(
     def process(job: Job, seed: int):
         session = run()
         width, height = size or (session.native * 8, session.native * 8)
-        control = (
-            read_control_image(Path(settings.control_image), (width, height)) if given else None
-        )
+        control = given.at((width, height)) if given else None  # the map read once per run
         image = session.generate(
             width, height, seed=seed, callback=events.step, given=control and control.image
         )
