@@ -170,7 +170,8 @@ def run_naive(
     return outs
 
 
-def stylizer(model: Path, vae: Path, args):
+def stylizer(model: Path, vae: Path, args, adapter: Path | None = None):
+    """The benchmark's session: LCM, no CFG, no style; with `adapter`, a motion UNet for video."""
     from stylekit.session import Runtime, open_session, resolve_settings
 
     settings = resolve_settings(
@@ -178,6 +179,7 @@ def stylizer(model: Path, vae: Path, args):
         None,
         dict(
             model=str(model),
+            motion_adapter=str(adapter) if adapter is not None else None,
             tiny_vae=True,
             tiny_vae_model=str(vae),
             accelerator="none",
@@ -189,7 +191,8 @@ def stylizer(model: Path, vae: Path, args):
             style_mode="none",
         ),
     )
-    return open_session(settings, Runtime(device=args.device, dtype=args.dtype))
+    runtime = Runtime(device=args.device, dtype=args.dtype)
+    return open_session(settings, runtime, task="video" if adapter is not None else "img2img")
 
 
 def run_stylekit(s, frames, *, args, stream_batch: bool | None):
@@ -216,29 +219,6 @@ def motion_adapter(root: Path, tiny: bool) -> Path:
         size = "tiny" if tiny else "full"
         build_motion_adapter(path, size=size, dtype=torch.bfloat16)
     return path
-
-
-def motion_stylizer(model: Path, vae: Path, adapter: Path, args):
-    from stylekit.session import Runtime, open_session, resolve_settings
-
-    settings = resolve_settings(
-        None,
-        None,
-        dict(
-            model=str(model),
-            motion_adapter=str(adapter),
-            tiny_vae=True,
-            tiny_vae_model=str(vae),
-            accelerator="none",
-            scheduler="lcm",
-            steps=args.steps,
-            strength=args.strength,
-            cfg=1.0,
-            prompt=PROMPT,
-            style_mode="none",
-        ),
-    )
-    return open_session(settings, Runtime(device=args.device, dtype=args.dtype), task="video")
 
 
 def run_motion(s, frames, *, args):
@@ -476,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     s = stylizer(model, vae, args)
     motion = None
     if args.motion:
-        motion = motion_stylizer(model, vae, motion_adapter(args.model_dir, args.tiny), args)
+        motion = stylizer(model, vae, args, motion_adapter(args.model_dir, args.tiny))
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.clips.split(","):
