@@ -295,7 +295,7 @@ class MotionStream:
         self._eps: Callable[..., torch.Tensor] | None = None
         self._size: tuple[int, int] | None = None
         self._emitted = 0  # frames yielded so far
-        self.residual = options.cfg_mode in ("self", "initialize") and cond.do_cfg
+        self.residual = options.residual_cfg(cond)
         self._bank: FeatureBank | None = None
         self._processors: dict[str, BankAttnProcessor] = {}
         self._opened = 0  # windows opened so far

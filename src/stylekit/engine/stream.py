@@ -100,6 +100,11 @@ class StreamOptions:
     stream_batch: bool | None = None  # None: on for CPU and CUDA, off on MPS (untested there)
     seed: int = 0
 
+    def residual_cfg(self, cond: Conditioning) -> bool:
+        """Whether the unconditional prediction comes from the residual noise (`self`,
+        `initialize`): only under CFG, where there is an unconditional prediction to make."""
+        return self.cfg_mode in ("self", "initialize") and cond.do_cfg
+
     def check(self) -> StreamOptions:
         """Raise a UsageError naming the bad option and the allowed values."""
         if self.consistency not in CONSISTENCY:
@@ -261,7 +266,7 @@ class FrameStream:
         self._bank: FeatureBank | None = None  # anchor and bank modes
         self._processors: dict[str, BankAttnProcessor] = {}
         self._writer: int | None = None  # the index of the last frame that stored into the bank
-        self.residual = options.cfg_mode in ("self", "initialize") and cond.do_cfg
+        self.residual = options.residual_cfg(cond)
         self._size: tuple[int, int] | None = None  # (H, W) of the input frames
         self._eps = None
         self._last: np.ndarray | None = None
