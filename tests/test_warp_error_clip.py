@@ -17,23 +17,9 @@ import warp_error  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random `CLIPVisionModelWithProjection` (32 px, 16-d embeddings) and its processor."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from stylekit.testing import build_clip_vision
 
-    path = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(path)
-    size = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPImageProcessor(**size).save_pretrained(path)
-    return path
+    return build_clip_vision(tmp_path_factory.mktemp("clip"), projection_dim=16, processor=True)
 
 
 def frames(count: int, seed: int) -> list[np.ndarray]:

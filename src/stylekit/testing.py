@@ -562,8 +562,6 @@ def build_ip_adapter(
     `pipe.load_ip_adapter(out_dir, subfolder="", weight_name="ip-adapter.safetensors")`; the
     pipeline then builds its own `CLIPImageProcessor` at the encoder's 32 px input size.
     """
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     out_dir = Path(out_dir)
     unet = _meta_unet(model_path)
     cross_dim = unet.config.cross_attention_dim
@@ -583,6 +581,19 @@ def build_ip_adapter(
             weights[key] = _randn((hidden, cross_dim), generator)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, out_dir / IP_ADAPTER_WEIGHTS)
+    build_clip_vision(out_dir / "image_encoder", projection_dim=image_embed_dim, seed=seed)
+    return out_dir
+
+
+def build_clip_vision(
+    out_dir: str | Path, *, projection_dim: int = 32, seed: int = 0, processor: bool = False
+) -> Path:
+    """Write a tiny random `CLIPVisionModelWithProjection` (32 px input, 2 layers) into `out_dir`,
+    with its `CLIPImageProcessor` at that size when `processor`; return it. An IP-Adapter's image
+    encoder, or the CLIP model of `warp_error.py --clip`."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out_dir = Path(out_dir)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -590,11 +601,14 @@ def build_ip_adapter(
         num_attention_heads=4,
         image_size=32,
         patch_size=8,
-        projection_dim=image_embed_dim,
+        projection_dim=projection_dim,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        CLIPVisionModelWithProjection(vision).save_pretrained(out_dir / "image_encoder")
+        CLIPVisionModelWithProjection(vision).save_pretrained(out_dir)
+    if processor:
+        size = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        CLIPImageProcessor(**size).save_pretrained(out_dir)
     return out_dir
 
 
